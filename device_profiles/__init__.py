@@ -1,0 +1,1 @@
+"""Data-only package: the shipped device profile YAML files."""

@@ -1,0 +1,124 @@
+"""``edge-alast`` command line. Exit codes: 0 done, 2 usage/configuration error, 3 data error, 1 unexpected."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .cli_profiles import profiles
+from .errors import ConfigError, EdgeAlastError
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_DATA = 0, 1, 2, 3
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edge-alast")
+def main() -> None:
+    """Fine-tune timm Vision Transformers on edge devices with ALaST adaptive layer selection."""
+
+
+main.add_command(profiles)
+
+
+def _load_run_file(path: str | None) -> dict:
+    if path is None:
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"--config: cannot read {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping of option names to values")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+class _Printer:
+    """JSON lines on stdout (for journald and daemons) or a one-line progress display on a terminal."""
+
+    def __init__(self, as_json: bool):
+        self.as_json = as_json
+
+    def __call__(self, event: dict) -> None:
+        if self.as_json:
+            click.echo(json.dumps(event, default=str))
+            return
+        kind = event.get("event")
+        if kind == "start":
+            click.echo(f"training {event['model']} ({event['method']}, {event['precision']} on {event['device']}) "
+                       f"for {event['steps']} steps, batch {event['batch_size']}, "
+                       f"{event['train_images']} train / {event['val_images']} val images -> {event['run_dir']}")
+        elif kind == "step":
+            tokens = event["tokens/per_block"]
+            click.echo(f"\rstep {event['step']}  loss {event['loss']:.4f}  tokens {tokens[0]}->{tokens[-1]}  "
+                       f"{event['time/step_seconds']:.2f}s/step", nl=False)
+        elif kind == "warning":
+            click.echo(f"\nwarning: {event['message']}", err=True)
+        elif kind == "eval":
+            acc = event["val_accuracy"]
+            click.echo(f"\nval accuracy {acc:.4f}" if acc is not None else "\nno validation images")
+        elif kind == "done":
+            click.echo(f"done: {event['steps']} steps, {event['mean_step_seconds']:.3f} s/step, "
+                       f"peak RSS {event['peak_rss_bytes'] / 2**20:.0f} MiB")
+
+
+@main.command(context_settings={"show_default": True})
+@click.option("--data", type=str, help="Training images: ImageFolder root (one sub-folder per class).")
+@click.option("--val-data", type=str, help="Validation ImageFolder; default: a seeded split of --data.")
+@click.option("--model", type=str, help="timm model name.  [default: vit_small_patch14_dinov2]")
+@click.option("--weights", type=str, help="Local weights file (.safetensors or a torch state_dict).")
+@click.option("--img-size", type=int, help="Input side in pixels.  [default: 224]")
+@click.option("--profile", type=str, help="Device profile: shipped name, 'auto', or a YAML path.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Override the profile's device.")
+@click.option("--method", type=click.Choice(["alast", "full", "head"]), help="Fine-tuning method.  [default: alast]")
+@click.option("--epochs", type=float, help="Epochs to train (alternative to --steps).")
+@click.option("--steps", type=int, help="Optimizer steps to train.")
+@click.option("--batch-size", type=int, help="Batch size; default: the profile's (16 without one).")
+@click.option("--lr", type=float, help="Learning rate.  [default: 3e-05]")
+@click.option("--schedule", type=click.Choice(["constant", "cosine"]), help="LR schedule.  [default: constant]")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16", "auto"]),
+              help="Autocast precision; default: the profile's (fp32 without one).")
+@click.option("--seed", type=int, help="Seed for data order, splits, init and layer sampling.  [default: 0]")
+@click.option("--out", type=str, help="Run folder to write (metrics.jsonl, summary.json, ...).")
+@click.option("--config", "config_file", type=str, help="YAML run file whose keys mirror these options.")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines on stdout (default when stdout is not a terminal).")
+def train(config_file, as_json, **options):
+    """Fine-tune a timm ViT on an image folder.
+
+    \b
+    Example:
+      edge-alast train --data imgs/train --val-data imgs/val \\
+        --weights vit_small_patch14_dinov2.safetensors --profile laptop_cpu --steps 80 --out runs/a
+    """
+    from .config import TrainConfig
+    from .trainer import train as run_training
+
+    as_json = as_json or not sys.stdout.isatty()
+    printer = _Printer(as_json)
+    try:
+        values = _load_run_file(config_file)
+        values.update({k: v for k, v in options.items() if v is not None})
+        for required in ("data", "out"):
+            if not values.get(required):
+                raise ConfigError(f"--{required} is required (on the command line or in --config)")
+        config = TrainConfig.from_dict(values, source=config_file or "options")
+        run_training(config, on_event=printer)
+    except EdgeAlastError as e:
+        _fail(printer, e, e.exit_code)
+    except ValueError as e:  # a bad value found by a validator below the CLI
+        _fail(printer, e, EXIT_USAGE)
+    sys.exit(EXIT_OK)
+
+
+def _fail(printer: _Printer, error: Exception, code: int) -> None:
+    if printer.as_json:
+        click.echo(json.dumps({"event": "error", "exit_code": code, "message": str(error)}))
+    click.echo(f"error: {error}", err=True)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Typed run configuration: the single source of truth the CLI and the Python API both fill."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+from .policy import AlastConfig
+
+METHODS = ("alast", "full", "head")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = ("adamw", "adam")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. Field names mirror the ``edge-alast train`` options.
+
+    ``steps`` and ``epochs`` are alternatives: with neither, one epoch is run. ``batch_size`` and ``precision``
+    default to the device profile's.
+    """
+
+    data: str
+    out: str
+    model: str = "vit_small_patch14_dinov2"
+    weights: str | None = None
+    val_data: str | None = None
+    val_fraction: float = 0.2
+    img_size: int = 224
+    profile: str | None = None
+    device: str | None = None
+    method: str = "alast"
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int | None = None
+    eval_batch_size: int = 64
+    lr: float = 3e-5
+    weight_decay: float = 0.05
+    optimizer: str = "adamw"
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    precision: str | None = None
+    seed: int = 0
+    train_embeddings: bool = False
+    token_multiple: int = 1
+    trim_memory: bool = True
+    max_bad_fraction: float = 0.5
+    alast: AlastConfig = field(default_factory=AlastConfig)
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first bad field."""
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"--{name.replace('_', '-')}: {why}")
+
+        if self.method not in METHODS:
+            raise bad("method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise bad("precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.schedule not in SCHEDULES:
+            raise bad("schedule", f"must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise bad("optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.device is not None and self.device not in ("cpu", "cuda"):
+            raise bad("device", f"must be cpu or cuda, got {self.device!r}")
+        if self.steps is not None and self.epochs is not None:
+            raise bad("steps", "give --steps or --epochs, not both")
+        if self.steps is not None and self.steps < 1:
+            raise bad("steps", f"must be >= 1, got {self.steps}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise bad("epochs", f"must be > 0, got {self.epochs}")
+        for name in ("img_size", "eval_batch_size", "token_multiple"):
+            if getattr(self, name) < 1:
+                raise bad(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise bad("batch_size", f"must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise bad("lr", f"must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise bad("weight_decay", f"must be >= 0, got {self.weight_decay}")
+        if self.warmup_steps < 0:
+            raise bad("warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise bad("val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise bad("max_bad_fraction", f"must be in [0, 1], got {self.max_bad_fraction}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "TrainConfig":
+        """Build from a mapping (a YAML run file); unknown keys are an error naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"{source}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+        data = dict(data)
+        alast = data.pop("alast", None) or {}
+        if isinstance(alast, AlastConfig):
+            alast = dataclasses.asdict(alast)
+        alast_names = {f.name for f in dataclasses.fields(AlastConfig)}
+        unknown = sorted(set(alast) - alast_names)
+        if unknown:
+            raise ConfigError(f"{source}: unknown alast keys {', '.join(unknown)} (known: {', '.join(sorted(alast_names))})")
+        missing = [n for n in ("data", "out") if n not in data]
+        if missing:
+            raise ConfigError(f"{source}: missing required keys {', '.join(missing)}")
+        return cls(alast=AlastConfig(**alast), **data)

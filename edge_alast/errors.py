@@ -1,0 +1,20 @@
+"""Typed errors the CLI maps to documented exit codes (see README, "Exit codes")."""
+from __future__ import annotations
+
+
+class EdgeAlastError(Exception):
+    """Base class for errors a user can act on; the message names the file, field or option at fault."""
+
+    exit_code = 1
+
+
+class ConfigError(EdgeAlastError, ValueError):
+    """Bad option, configuration, profile or weights file (exit code 2)."""
+
+    exit_code = 2
+
+
+class DataError(EdgeAlastError):
+    """No usable training data (exit code 3)."""
+
+    exit_code = 3

@@ -1,0 +1,132 @@
+"""FLOP accounting for a training step, from ``torch.utils.flop_counter.FlopCounterMode``.
+
+A step's FLOPs depend on the batch size, the tokens each block sees and which parameters need gradients. Instead
+of running the counter over every training step (it slows the step and nearly every ALaST step has a new shape),
+each block is counted once per (tokens, backward kind) on a ``meta``-device copy -- no memory, no compute -- and a
+step's total is the sum over its blocks. Matmul and attention FLOPs are exactly linear in the batch size, so
+counts are taken at batch 1 and scaled.
+
+Backward kinds of a block in a step (autograd only computes what is needed):
+  ``fwd``      below the lowest trainable block: forward only.
+  ``weight``   the lowest trainable block: weight grads, no input grad (nothing below needs one).
+  ``input``    a frozen block above a trainable one: input grads only, to reach the blocks below.
+  ``both``     a trainable block above another trainable block: weight and input grads.
+
+torch 2.13's counter has no formula for the CPU flash-attention kernel that timm's fused attention runs on CPU;
+``register_cpu_attention_formulas`` adds it (same formula as the CUDA flash kernel).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.utils import flop_counter
+from torch.utils.flop_counter import FlopCounterMode
+
+KINDS = ("fwd", "weight", "input", "both")
+
+
+def register_cpu_attention_formulas() -> None:
+    """Teach ``FlopCounterMode`` the CPU flash-attention forward and backward ops (idempotent)."""
+    aten = torch.ops.aten
+    pairs = (
+        (getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None), flop_counter.sdpa_flop),
+        (getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None), flop_counter.sdpa_backward_flop),
+    )
+    for op, formula in pairs:
+        if op is not None and op not in flop_counter.flop_registry:
+            flop_counter.register_flop_formula(op)(formula)
+
+
+register_cpu_attention_formulas()
+
+
+def block_kinds(trainable: Sequence[bool], train_below: bool = False) -> list[str]:
+    """Backward kind of each block for a step (see module docstring).
+
+    Args:
+        trainable: Per block, whether its parameters train this step.
+        train_below: Whether something below block 0 (the embeddings) trains, so every block must pass grads down.
+    """
+    kinds = []
+    grad_below = train_below  # does anything at or below this point need gradients?
+    for t in trainable:
+        if t:
+            kinds.append("both" if grad_below else "weight")
+            grad_below = True
+        else:
+            kinds.append("input" if grad_below else "fwd")
+    # A block above every trainable block still runs backward (the loss depends on it) iff anything below trains.
+    return kinds
+
+
+def count_flops(module: nn.Module, inputs: Sequence[torch.Tensor], kind: str) -> int:
+    """FLOPs of one forward (+ backward of the given kind) of ``module`` on ``inputs``."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    need_weight = kind in ("weight", "both")
+    need_input = kind in ("input", "both")
+    for p in module.parameters():
+        p.requires_grad_(need_weight)
+    inputs = [x.detach().requires_grad_(need_input) if x.is_floating_point() else x for x in inputs]
+    with FlopCounterMode(display=False) as counter:
+        out = module(*inputs)
+        if out.requires_grad:
+            out.float().sum().backward()
+    return int(counter.get_total_flops())
+
+
+class StepFlopCounter:
+    """Counts forward+backward FLOPs of a training step of a timm ViT for the step's actual shapes."""
+
+    def __init__(self, model: nn.Module):
+        # Meta copies hold no storage, so keeping them costs no memory and counting on them costs no compute.
+        self._blocks = [copy.deepcopy(b).to("meta") for b in model.blocks]
+        self._stem = copy.deepcopy(model.patch_embed).to("meta")
+        self._head = copy.deepcopy(model.head).to("meta")
+        self._dim = model.num_features if hasattr(model, "num_features") else model.embed_dim
+        self._cache: dict[tuple, int] = {}
+
+    def _cached(self, key: tuple, fn) -> int:
+        if key not in self._cache:
+            self._cache[key] = fn()
+        return self._cache[key]
+
+    def block_flops(self, index: int, tokens: int, kind: str) -> int:
+        """FLOPs of block ``index`` at batch 1 with ``tokens`` input tokens."""
+        x = torch.empty(1, tokens, self._blocks[index].norm1.normalized_shape[0], device="meta")
+        return self._cached(("block", index, tokens, kind), lambda: count_flops(self._blocks[index], [x], kind))
+
+    def step_flops(
+        self,
+        batch_size: int,
+        img_size: int,
+        tokens_per_block: Sequence[int],
+        trainable: Sequence[bool],
+        train_embeddings: bool = False,
+        train_head: bool = True,
+    ) -> int:
+        """Forward+backward FLOPs of one step.
+
+        Args:
+            batch_size: Images in the step.
+            img_size: Input side in pixels.
+            tokens_per_block: Tokens (prefix included) entering each block.
+            trainable: Per block, whether its parameters train.
+            train_embeddings: Whether the patch embedding trains.
+            train_head: Whether the classifier head trains.
+        """
+        kinds = block_kinds(trainable, train_below=train_embeddings)
+        total = 0
+        for i, (n, kind) in enumerate(zip(tokens_per_block, kinds)):
+            total += self.block_flops(i, int(n), kind)
+        img = torch.empty(1, 3, img_size, img_size, device="meta")
+        stem_kind = "weight" if train_embeddings else "fwd"
+        total += self._cached(("stem", img_size, stem_kind), lambda: count_flops(self._stem, [img], stem_kind))
+        head_kind = ("both" if kinds and kinds[-1] != "fwd" else "weight") if train_head else (
+            "input" if kinds and kinds[-1] != "fwd" else "fwd")
+        feat = torch.empty(1, self._dim, device="meta")
+        total += self._cached(("head", head_kind), lambda: count_flops(self._head, [feat], head_kind))
+        return total * int(batch_size)

@@ -1,0 +1,285 @@
+"""The training loop: policy decides the step plan -> mechanism applies it -> forward/backward/step -> policy
+observes. One function, sectioned top to bottom; no callbacks do the real work.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .atomic import atomic_write_json
+from .config import TrainConfig
+from .data import BatchOrder, Preprocess, iter_batches, load_batch, scan_image_folder, split_samples, warn_skipped
+from .errors import ConfigError, DataError
+from .flops import StepFlopCounter
+from .memory import peak_rss_bytes, rss_bytes, trim_heap
+from .models import create_model, data_config, load_weights
+from .patch import apply_patch
+from .policy import AlastPolicy, StaticPolicy
+
+EMBEDDING_PARAMS = ("patch_embed.", "cls_token", "pos_embed", "reg_token", "dist_token", "pos_embed_")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainResult:
+    """What a run produced."""
+
+    summary: dict[str, Any]
+    run_dir: Path
+
+
+def host_cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def resolve_precision(requested: str, device: str, fast: tuple[str, ...] = ()) -> str:
+    """``auto``: bf16 where the hardware runs it fast (CPU: avx512_bf16/AMX; CUDA: compute capability >= 8),
+    else fp16 where that is fast (CUDA), else fp32."""
+    if requested != "auto":
+        return requested
+    if device == "cuda":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return "bf16"
+        return "fp16" if "fp16" in fast else "fp32"
+    if "bf16" in fast or host_cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+        return "bf16"
+    return "fp32"
+
+
+def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
+          should_stop: Callable[[], bool] | None = None) -> TrainResult:
+    """Fine-tune ``config.model`` on ``config.data`` and write the run folder ``config.out``.
+
+    Args:
+        config: The run configuration.
+        on_event: Called with each event dict (start, step, warning, eval, done); library code never prints.
+        should_stop: Polled after each step; True ends the run early (the summary records ``stopped_early``).
+
+    Returns:
+        The summary (as written to ``summary.json``) and the run folder.
+    """
+    emit = on_event or (lambda event: None)
+    config.validate()
+
+    # ---------------------------------------------------------------- device profile, precision, threads
+    profile = None
+    if config.profile is not None:
+        from .profiles import ProfileError, load_profile
+
+        try:
+            profile = load_profile(config.profile)
+        except ProfileError as e:
+            raise ConfigError(f"--profile: {e}") from e
+    device = config.device or (profile.device if profile else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--profile {profile.name if profile else ''} runs on cuda, and this host has no CUDA device; "
+                          "pass --device cpu to apply the profile's ceilings on this CPU")
+    precision = resolve_precision(config.precision or (profile.default_precision if profile else "fp32"), device,
+                                  tuple(profile.fast_precisions) if profile else ())
+    batch_size = config.batch_size or (profile.default_batch_size if profile else 16)
+    if profile is not None and profile.threads:
+        torch.set_num_threads(int(profile.threads))
+    torch.manual_seed(config.seed)
+
+    # ---------------------------------------------------------------- run folder
+    run_dir = Path(config.out)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--out: cannot write to {run_dir}: {e}") from e
+
+    # ---------------------------------------------------------------- data
+    folder = scan_image_folder(config.data, option="--data", max_bad_fraction=config.max_bad_fraction)
+    warnings = [w for w in [warn_skipped(folder, "--data")] if w]
+    if config.val_data:
+        val_folder = scan_image_folder(config.val_data, classes=folder.classes, option="--val-data",
+                                       max_bad_fraction=config.max_bad_fraction)
+        warnings += [w for w in [warn_skipped(val_folder, "--val-data")] if w]
+        train_samples, val_samples = folder.samples, val_folder.samples
+    else:
+        train_samples, val_samples = split_samples(folder, config.val_fraction, config.seed)
+    if len(folder.classes) < 2:
+        warnings.append(f"--data: only one class ({folder.classes[0]}): the classifier learns nothing useful")
+    for w in warnings:
+        emit({"event": "warning", "message": w})
+    order = BatchOrder(len(train_samples), batch_size, config.seed)
+    if config.steps is not None:
+        total_steps = config.steps
+    else:
+        total_steps = max(1, math.ceil((config.epochs or 1.0) * order.batches_per_epoch))
+
+    # ---------------------------------------------------------------- model and weights
+    model = create_model(config.model, num_classes=len(folder.classes), img_size=config.img_size)
+    if config.weights:
+        load_weights(model, config.weights)
+    preprocess = Preprocess(config.img_size, **data_config(model))
+    flop_counter = StepFlopCounter(model)  # before patching: it copies the blocks to the meta device
+    model.to(device)
+    depth = len(model.blocks)
+
+    # ---------------------------------------------------------------- what trains
+    train_embeddings = config.train_embeddings or config.method == "full"
+    for name, p in model.named_parameters():
+        if name.startswith("blocks."):
+            continue  # the mechanism sets these per step
+        is_embedding = name.startswith(EMBEDDING_PARAMS)
+        is_head = name.startswith(("head.", "head_dist."))
+        p.requires_grad_(is_head if config.method == "head" else (train_embeddings if is_embedding else True))
+    if config.method == "alast":
+        policy = AlastPolicy(depth, config.alast, lr=config.lr)
+    else:
+        policy = StaticPolicy(depth, train_blocks=config.method == "full")
+    handle = apply_patch(model, token_multiple=config.token_multiple)
+
+    # One optimizer over every parameter that can ever train, created once: freezing leaves grads None so the
+    # optimizer skips those parameters and keeps their state (never edits param groups).
+    trainable_ever = [(n, p) for n, p in model.named_parameters()
+                      if p.requires_grad or (n.startswith("blocks.") and config.method != "head")]
+    decay = [p for n, p in trainable_ever if p.ndim > 1 and not n.startswith(EMBEDDING_PARAMS)]
+    no_decay = [p for n, p in trainable_ever if not (p.ndim > 1 and not n.startswith(EMBEDDING_PARAMS))]
+    opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_cls([{"params": decay, "weight_decay": config.weight_decay},
+                         {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total_steps))
+    autocast = (torch.autocast(device_type=device, dtype=AUTOCAST_DTYPES[precision])
+                if precision in AUTOCAST_DTYPES else nullcontext())
+
+    start = {"event": "start", "method": config.method, "model": config.model, "steps": total_steps,
+             "batch_size": order.batch_size, "precision": precision, "device": device,
+             "profile": profile.name if profile else None, "train_images": len(train_samples),
+             "val_images": len(val_samples), "classes": folder.classes, "run_dir": str(run_dir)}
+    atomic_write_json(run_dir / "config.json", {"config": config.to_dict(), "resolved": start})
+    emit(start)
+
+    # ---------------------------------------------------------------- training loop
+    metrics_path = run_dir / "metrics.jsonl"
+    step_seconds, step_flops, losses = [], [], []
+    stopped_early = False
+    model.train()
+    with open(metrics_path, "w") as metrics:
+        for step in range(total_steps):
+            t0 = time.perf_counter()
+            plan = policy.decide()
+            handle.set_plan(plan)
+            x, y = load_batch(train_samples, order.indices(step), preprocess)
+            x, y = x.to(device), y.to(device)
+            with autocast:
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            policy.observe(handle.step_deltas())
+            if config.trim_memory:
+                trim_heap()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
+
+            flops = flop_counter.step_flops(len(y), config.img_size, handle.tokens_in, plan.trainable,
+                                            train_embeddings=train_embeddings)
+            step_seconds.append(seconds)
+            step_flops.append(flops)
+            losses.append(float(loss))
+            record = {
+                "event": "step", "step": step + 1, "loss": losses[-1], "lr": scheduler.get_last_lr()[0],
+                "time/step_seconds": seconds, "flops/step": flops,
+                "tokens/per_block": list(handle.tokens_in),
+                "blocks/trainable": [i for i, t in enumerate(plan.trainable) if t],
+                "budget/keep_ratio": [round(r, 6) for r in plan.keep_ratios],
+                "mem/rss_bytes": rss_bytes(), "mem/peak_rss_bytes": peak_rss_bytes(),
+            }
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            emit(record)
+            if should_stop is not None and should_stop():
+                stopped_early = step + 1 < total_steps
+                break
+
+    # ---------------------------------------------------------------- evaluation (all tokens, no budgets)
+    handle.set_plan(None)
+    val_accuracy, val_loss = evaluate(model, val_samples, preprocess, config.eval_batch_size, device, autocast)
+    emit({"event": "eval", "val_accuracy": val_accuracy, "val_loss": val_loss, "val_images": len(val_samples)})
+    handle.remove()
+
+    # ---------------------------------------------------------------- summary
+    warm = min(5, len(step_seconds) // 5)  # the first steps pay for allocator growth and first-touch pages
+    steady = step_seconds[warm:] or step_seconds
+    summary = {
+        "edge_alast_version": __version__,
+        "method": config.method,
+        "model": config.model,
+        "profile": profile.name if profile else None,
+        "device": device,
+        "precision": precision,
+        "batch_size": order.batch_size,
+        "img_size": config.img_size,
+        "steps": len(step_seconds),
+        "stopped_early": stopped_early,
+        "final_loss": losses[-1] if losses else None,
+        "val_accuracy": val_accuracy,
+        "val_loss": val_loss,
+        "mean_step_seconds": sum(steady) / len(steady),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "train_flops_per_step": sum(step_flops) / len(step_flops),
+        "total_train_flops": int(sum(step_flops)),
+        "budgets": list(getattr(policy, "budgets", [1.0] * depth)),
+        "classes": folder.classes,
+        "warnings": warnings,
+    }
+    if device == "cuda":
+        summary["cuda_max_memory_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
+    atomic_write_json(run_dir / "summary.json", summary)
+    emit({"event": "done", **{k: summary[k] for k in ("steps", "val_accuracy", "mean_step_seconds",
+                                                        "peak_rss_bytes", "train_flops_per_step")}})
+    return TrainResult(summary=summary, run_dir=run_dir)
+
+
+def _lr_lambda(config: TrainConfig, total_steps: int):
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        if config.schedule == "cosine":
+            t = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+        return 1.0
+    return factor
+
+
+@torch.no_grad()
+def evaluate(model, samples, preprocess, batch_size: int, device: str, autocast=None) -> tuple[float | None, float | None]:
+    """Accuracy and mean loss over ``samples`` with every token (eval mode)."""
+    if not samples:
+        return None, None
+    was_training = model.training
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    for x, y in iter_batches(samples, batch_size, preprocess):
+        x, y = x.to(device), y.to(device)
+        with autocast or nullcontext():
+            logits = model(x)
+        loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
+        correct += int((logits.argmax(-1) == y).sum())
+    model.train(was_training)
+    return correct / len(samples), loss_sum / len(samples)
