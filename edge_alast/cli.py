@@ -113,6 +113,25 @@ def train(config_file, as_json, **options):
     sys.exit(EXIT_OK)
 
 
+@main.command("demo-data")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--per-class", type=int, default=48, show_default=True, help="Training images per class.")
+@click.option("--size", type=int, default=64, show_default=True, help="Image side in pixels.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def demo_data(out, per_class, size, seed):
+    """Write the built-in demo dataset (synthetic shapes) to OUT/train and OUT/val.
+
+    \b
+    Example:
+      edge-alast demo-data runs/demo-data && edge-alast train --data runs/demo-data/train \\
+        --val-data runs/demo-data/val --profile laptop_cpu --steps 40 --out runs/demo
+    """
+    from .demo import write_demo_dataset
+
+    root = write_demo_dataset(out, per_class=per_class, size=size, seed=seed)
+    click.echo(f"wrote {root}/train and {root}/val")
+
+
 def _fail(printer: _Printer, error: Exception, code: int) -> None:
     if printer.as_json:
         click.echo(json.dumps({"event": "error", "exit_code": code, "message": str(error)}))

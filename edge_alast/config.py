@@ -25,6 +25,7 @@ class TrainConfig:
     data: str
     out: str
     model: str = "vit_small_patch14_dinov2"
+    model_args: dict = field(default_factory=dict)
     weights: str | None = None
     val_data: str | None = None
     val_fraction: float = 0.2

@@ -13,14 +13,18 @@ Backward kinds of a block in a step (autograd only computes what is needed):
   ``both``     a trainable block above another trainable block: weight and input grads.
 
 torch 2.13's counter has no formula for the CPU flash-attention kernel that timm's fused attention runs on CPU;
-``register_cpu_attention_formulas`` adds it (same formula as the CUDA flash kernel).
+``register_cpu_attention_formulas`` adds it (same formula as the CUDA flash kernel). On the meta device SDPA
+takes the math path (plain bmm, no score recomputation in backward), so while counting, SDPA is routed to the
+CPU flash op, which has meta kernels: the meta count then equals what a CPU training step runs.
 """
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
@@ -28,12 +32,22 @@ from torch.utils.flop_counter import FlopCounterMode
 KINDS = ("fwd", "weight", "input", "both")
 
 
+def _cpu_flash_attention_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_flash_attention_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args,
+                                       out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
 def register_cpu_attention_formulas() -> None:
     """Teach ``FlopCounterMode`` the CPU flash-attention forward and backward ops (idempotent)."""
     aten = torch.ops.aten
     pairs = (
-        (getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None), flop_counter.sdpa_flop),
-        (getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None), flop_counter.sdpa_backward_flop),
+        (getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None), _cpu_flash_attention_flop),
+        (getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None),
+         _cpu_flash_attention_backward_flop),
     )
     for op, formula in pairs:
         if op is not None and op not in flop_counter.flop_registry:
@@ -62,6 +76,24 @@ def block_kinds(trainable: Sequence[bool], train_below: bool = False) -> list[st
     return kinds
 
 
+@contextmanager
+def _sdpa_as_cpu_flash():
+    original = F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        if attn_mask is not None or kwargs:
+            return original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                            **kwargs)
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, dropout_p, is_causal, scale=scale)[0]
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
 def count_flops(module: nn.Module, inputs: Sequence[torch.Tensor], kind: str) -> int:
     """FLOPs of one forward (+ backward of the given kind) of ``module`` on ``inputs``."""
     if kind not in KINDS:
@@ -71,7 +103,7 @@ def count_flops(module: nn.Module, inputs: Sequence[torch.Tensor], kind: str) ->
     for p in module.parameters():
         p.requires_grad_(need_weight)
     inputs = [x.detach().requires_grad_(need_input) if x.is_floating_point() else x for x in inputs]
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, _sdpa_as_cpu_flash():
         out = module(*inputs)
         if out.requires_grad:
             out.float().sum().backward()
@@ -85,7 +117,9 @@ class StepFlopCounter:
         # Meta copies hold no storage, so keeping them costs no memory and counting on them costs no compute.
         self._blocks = [copy.deepcopy(b).to("meta") for b in model.blocks]
         self._stem = copy.deepcopy(model.patch_embed).to("meta")
-        self._head = copy.deepcopy(model.head).to("meta")
+        # DeiT's distilled models have a second head on the distillation token.
+        self._heads = [copy.deepcopy(h).to("meta") for h in (model.head, getattr(model, "head_dist", None))
+                       if h is not None]
         self._dim = model.num_features if hasattr(model, "num_features") else model.embed_dim
         self._cache: dict[tuple, int] = {}
 
@@ -107,6 +141,8 @@ class StepFlopCounter:
         trainable: Sequence[bool],
         train_embeddings: bool = False,
         train_head: bool = True,
+        train_final_norm: bool = True,
+        keep_ratios: Sequence[float] | None = None,
     ) -> int:
         """Forward+backward FLOPs of one step.
 
@@ -117,16 +153,26 @@ class StepFlopCounter:
             trainable: Per block, whether its parameters train.
             train_embeddings: Whether the patch embedding trains.
             train_head: Whether the classifier head trains.
+            train_final_norm: Whether the norm before the head trains (then the head passes input grads).
+            keep_ratios: Per block keep ratio; blocks below 1 also pay for the class-token attention row that
+                ranks their tokens (one [1, hd] x [hd, N] product per head).
         """
         kinds = block_kinds(trainable, train_below=train_embeddings)
         total = 0
         for i, (n, kind) in enumerate(zip(tokens_per_block, kinds)):
             total += self.block_flops(i, int(n), kind)
+            if keep_ratios is not None and keep_ratios[i] < 1.0:
+                attn = self._blocks[i].attn
+                total += 2 * attn.num_heads * (attn.qkv.out_features // (3 * attn.num_heads)) * int(n)
         img = torch.empty(1, 3, img_size, img_size, device="meta")
         stem_kind = "weight" if train_embeddings else "fwd"
         total += self._cached(("stem", img_size, stem_kind), lambda: count_flops(self._stem, [img], stem_kind))
-        head_kind = ("both" if kinds and kinds[-1] != "fwd" else "weight") if train_head else (
-            "input" if kinds and kinds[-1] != "fwd" else "fwd")
+        grads_below_head = train_final_norm or (bool(kinds) and kinds[-1] != "fwd")
+        if train_head:
+            head_kind = "both" if grads_below_head else "weight"
+        else:
+            head_kind = "input" if grads_below_head else "fwd"
         feat = torch.empty(1, self._dim, device="meta")
-        total += self._cached(("head", head_kind), lambda: count_flops(self._head, [feat], head_kind))
+        for j, head in enumerate(self._heads):
+            total += self._cached(("head", j, head_kind), lambda: count_flops(head, [feat], head_kind))
         return total * int(batch_size)

@@ -61,7 +61,7 @@ class AlastHandle:
             return
         attn = self.blocks[i].attn
         with torch.no_grad():
-            self._scores[i] = cls_attention(out, attn.num_heads, attn.scale, attn.q_norm, attn.k_norm)
+            self._scores[i] = cls_attention(out.detach(), attn.num_heads, attn.scale, attn.q_norm, attn.k_norm)
 
     def _on_block(self, i: int, module: nn.Module, args, out: torch.Tensor):
         if not self._active():

@@ -129,7 +129,8 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
         total_steps = max(1, math.ceil((config.epochs or 1.0) * order.batches_per_epoch))
 
     # ---------------------------------------------------------------- model and weights
-    model = create_model(config.model, num_classes=len(folder.classes), img_size=config.img_size)
+    model = create_model(config.model, num_classes=len(folder.classes), img_size=config.img_size,
+                         **config.model_args)
     if config.weights:
         load_weights(model, config.weights)
     preprocess = Preprocess(config.img_size, **data_config(model))
@@ -198,10 +199,11 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
             seconds = time.perf_counter() - t0
 
             flops = flop_counter.step_flops(len(y), config.img_size, handle.tokens_in, plan.trainable,
-                                            train_embeddings=train_embeddings)
+                                            train_embeddings=train_embeddings, keep_ratios=plan.keep_ratios,
+                                            train_final_norm=config.method != "head")
             step_seconds.append(seconds)
             step_flops.append(flops)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             record = {
                 "event": "step", "step": step + 1, "loss": losses[-1], "lr": scheduler.get_last_lr()[0],
                 "time/step_seconds": seconds, "flops/step": flops,

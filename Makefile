@@ -1,0 +1,48 @@
+# Two commands do all the set-up on a fresh machine (see README):
+#   make demo   builds .venv and fine-tunes on the built-in demo dataset with the laptop_cpu profile
+#   make test   builds .venv and runs the whole test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CONSTRAINTS := requirements/constraints.txt
+SHARED_WEIGHTS := ../shared/assets/vit_small_patch14_dinov2.imgfocus.safetensors
+WEIGHTS ?= $(wildcard $(SHARED_WEIGHTS))
+DEMO_DIR ?= runs/demo
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: demo test bench assets clean
+
+# torch is installed first and alone, pinned: an unpinned resolve pulls a CUDA build with GBs of nvidia-* wheels.
+# Every later install runs under the same constraints file, so nothing swaps torch or onnxruntime-training.
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade-strategy only-if-needed -c $(CONSTRAINTS) torch
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e '.[test]'
+	@if $(BIN)/pip list 2>/dev/null | grep -qi '^nvidia-'; then echo "error: a CUDA build of torch slipped in"; exit 1; fi
+	@if $(BIN)/pip list 2>/dev/null | grep -qi '^onnxruntime '; then echo "error: plain onnxruntime would overwrite onnxruntime-training"; exit 1; fi
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/edge-alast demo-data $(DEMO_DIR)/data
+	$(BIN)/edge-alast train --data $(DEMO_DIR)/data/train --val-data $(DEMO_DIR)/data/val \
+		--profile laptop_cpu --img-size 112 --steps 40 --batch-size 16 --lr 1e-4 \
+		$(if $(WEIGHTS),--weights $(WEIGHTS)) --out $(DEMO_DIR)/run
+	@echo "run folder: $(DEMO_DIR)/run (summary.json, metrics.jsonl)"
+
+# Real images for the tests marked `assets` (Debian package; installed when running as root).
+assets:
+	@if [ ! -f $(FASHION_MNIST) ] && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null; fi
+	@[ -f $(FASHION_MNIST) ] || echo "note: Fashion-MNIST missing (apt-get install dataset-fashion-mnist): real-image tests skip"
+
+test: $(STAMP) assets
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP) assets
+	$(BIN)/python tools/make_fashion_mnist.py runs/fmnist --train 1000 --val 1000
+	$(BIN)/python tools/benchmark.py --data runs/fmnist/train --val-data runs/fmnist/val \
+		--weights $(SHARED_WEIGHTS) --steps 80 --batch-size 16 --lr 3e-5 --precision fp32
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

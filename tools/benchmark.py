@@ -1,0 +1,121 @@
+"""Benchmark ALaST against full and head-only fine-tuning on the same data, model and seed.
+
+Each method runs in its own ``edge-alast train`` process, so each peak RSS is that method's alone. Prints a table
+with every figure and its ratio to ``full``; ``--json-out`` also writes the raw summaries.
+
+    python tools/benchmark.py --data /tmp/fm/train --val-data /tmp/fm/val \\
+        --weights ../shared/assets/vit_small_patch14_dinov2.imgfocus.safetensors --steps 80
+
+Extra ``--set key=value`` pairs go into every method's run file (``--set alast.k_trainable=6``); ``--variant
+NAME:key=value,key=value`` adds another ALaST row with those settings.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+
+def parse_value(text: str):
+    return yaml.safe_load(text)
+
+
+def set_key(config: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    node = config
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[leaf] = value
+
+
+def run_method(name: str, config: dict, workdir: Path) -> dict:
+    run_dir = workdir / name
+    cfg_path = workdir / f"{name}.yaml"
+    cfg_path.write_text(yaml.safe_dump({**config, "out": str(run_dir)}))
+    cmd = [sys.executable, "-m", "edge_alast.cli", "train", "--config", str(cfg_path), "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def fmt_table(rows: list[tuple[str, dict]], reference: dict | None) -> str:
+    cols = [("val acc", "val_accuracy", "{:.3f}", 1.0), ("step s", "mean_step_seconds", "{:.2f}", 1.0),
+            ("peak RSS MiB", "peak_rss_bytes", "{:.0f}", 2**20), ("GFLOPs/step", "train_flops_per_step", "{:.0f}", 1e9)]
+    head = "| method | " + " | ".join(f"{c} | × full" if c != "val acc" else "val acc | Δ full (pts)" for c, *_ in cols) + " |"
+    lines = [head, "|" + "---|" * (1 + 2 * len(cols))]
+    for name, s in rows:
+        cells = [name]
+        for _, key, fmt, scale in cols:
+            v = s[key]
+            cells.append(fmt.format(v / scale) if v is not None else "-")
+            if reference is None or v is None or reference.get(key) in (None, 0):
+                cells.append("-")
+            elif key == "val_accuracy":
+                cells.append(f"{100 * (v - reference[key]):+.1f}")
+            else:
+                cells.append(f"{v / reference[key]:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--val-data", required=True)
+    ap.add_argument("--weights")
+    ap.add_argument("--model", default="vit_small_patch14_dinov2")
+    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=3e-5)
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--methods", default="full,alast,head")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run-file key for every method")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:K=V,K=V", help="extra ALaST row")
+    ap.add_argument("--workdir", type=Path)
+    ap.add_argument("--json-out", type=Path)
+    args = ap.parse_args(argv)
+
+    base = {"data": args.data, "val_data": args.val_data, "model": args.model, "img_size": args.img_size,
+            "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "precision": args.precision,
+            "seed": args.seed}
+    if args.weights:
+        base["weights"] = args.weights
+    for item in args.set:
+        key, _, value = item.partition("=")
+        set_key(base, key, parse_value(value))
+    runs = [(m, {**base, "method": m}) for m in args.methods.split(",") if m]
+    for spec in args.variant:
+        name, _, pairs = spec.partition(":")
+        cfg = json.loads(json.dumps({**base, "method": "alast"}))
+        for pair in filter(None, pairs.split(",")):
+            key, _, value = pair.partition("=")
+            set_key(cfg, key, parse_value(value))
+        runs.append((name, cfg))
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="edge-alast-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name, cfg in runs:
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        results.append((name, run_method(name, cfg, workdir)))
+        print(f"  {name}: acc {results[-1][1]['val_accuracy']:.3f}, {results[-1][1]['mean_step_seconds']:.2f} s/step",
+              file=sys.stderr, flush=True)
+    reference = dict(results).get("full")
+    print(f"\n{args.model} @ {args.img_size}px, batch {args.batch_size}, {args.steps} steps, lr {args.lr}, "
+          f"{args.precision}, seed {args.seed}; settings: {json.dumps(args.set)}\n")
+    print(fmt_table(results, reference))
+    if args.json_out:
+        args.json_out.write_text(json.dumps({n: s for n, s in results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
