@@ -1,8 +1,16 @@
-"""``edge-alast`` command line. Exit codes: 0 done, 2 usage/configuration error, 3 data error, 1 unexpected."""
+"""``edge-alast`` command line.
+
+Exit codes: 0 done, 1 unexpected failure, 2 usage/configuration error, 3 data error, 75 interrupted and
+resumable (SIGTERM/SIGINT: the current step finishes, a checkpoint is written, running the same command resumes).
+"""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -10,7 +18,7 @@ import click
 from .cli_profiles import profiles
 from .errors import ConfigError, EdgeAlastError
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_DATA = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_DATA, EXIT_INTERRUPTED = 0, 1, 2, 3, 75
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -36,13 +44,35 @@ def _load_run_file(path: str | None) -> dict:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
+def sd_notify(message: str) -> bool:
+    """Send a status line to systemd when run as a ``Type=notify`` service (``NOTIFY_SOCKET`` set).
+
+    The protocol is one datagram to a Unix socket (a leading ``@`` means the abstract namespace).
+    """
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+        return True
+    except OSError:
+        return False
+
+
 class _Printer:
-    """JSON lines on stdout (for journald and daemons) or a one-line progress display on a terminal."""
+    """JSON lines on stdout (for journald and daemons) or a one-line progress display on a terminal; a status
+    line to systemd when ``NOTIFY_SOCKET`` is set."""
 
     def __init__(self, as_json: bool):
         self.as_json = as_json
+        self._t0 = None
 
     def __call__(self, event: dict) -> None:
+        self._notify(event)
         if self.as_json:
             click.echo(json.dumps(event, default=str))
             return
@@ -53,8 +83,17 @@ class _Printer:
                        f"{event['train_images']} train / {event['val_images']} val images -> {event['run_dir']}")
         elif kind == "step":
             tokens = event["tokens/per_block"]
-            click.echo(f"\rstep {event['step']}  loss {event['loss']:.4f}  tokens {tokens[0]}->{tokens[-1]}  "
-                       f"{event['time/step_seconds']:.2f}s/step", nl=False)
+            if self._t0 is None:
+                self._t0 = (time.monotonic(), event["step"] - 1)
+            t_start, s_start = self._t0
+            rate = (time.monotonic() - t_start) / max(1, event["step"] - s_start)
+            eta = rate * (event["steps"] - event["step"])
+            width, done = 24, event["step"] / event["steps"]
+            bar = "#" * int(width * done) + "-" * (width - int(width * done))
+            click.echo(f"\r[{bar}] {event['step']}/{event['steps']}  loss {event['loss']:.4f}  "
+                       f"tokens {tokens[0]}->{tokens[-1]}  ETA {int(eta) // 60}:{int(eta) % 60:02d} ", nl=False)
+        elif kind == "interrupted":
+            click.echo(f"\ninterrupted after step {event['steps']}: checkpoint written; run the same command to resume")
         elif kind == "warning":
             click.echo(f"\nwarning: {event['message']}", err=True)
         elif kind == "eval":
@@ -63,6 +102,40 @@ class _Printer:
         elif kind == "done":
             click.echo(f"done: {event['steps']} steps, {event['mean_step_seconds']:.3f} s/step, "
                        f"peak RSS {event['peak_rss_bytes'] / 2**20:.0f} MiB")
+
+    @staticmethod
+    def _notify(event: dict) -> None:
+        kind = event.get("event")
+        if kind == "start":
+            sd_notify(f"READY=1\nSTATUS=training {event['model']} ({event['method']}), step "
+                      f"{event['resumed_from_step']}/{event['steps']}")
+        elif kind == "step" and (event["step"] % 10 == 0 or event["step"] == event["steps"]):
+            sd_notify(f"STATUS=step {event['step']}/{event['steps']} loss {event['loss']:.4f}")
+        elif kind in ("done", "interrupted"):
+            sd_notify(f"STOPPING=1\nSTATUS={kind}")
+
+
+class _StopOnSignal:
+    """SIGTERM/SIGINT set a flag the trainer polls after each step (the step in flight finishes first)."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 @main.command(context_settings={"show_default": True})
@@ -83,6 +156,12 @@ class _Printer:
               help="Autocast precision; default: the profile's (fp32 without one).")
 @click.option("--seed", type=int, help="Seed for data order, splits, init and layer sampling.  [default: 0]")
 @click.option("--out", type=str, help="Run folder to write (metrics.jsonl, summary.json, ...).")
+@click.option("--resume/--no-resume", default=None,
+              help="Resume from the run folder's checkpoint (default: automatically when it holds one of the same "
+                   "settings); --no-resume starts over, discarding them.")
+@click.option("--checkpoint-every-seconds", type=float, help="Checkpoint interval in seconds.  [default: 300]")
+@click.option("--checkpoint-every-steps", type=int, help="Also checkpoint every N steps.")
+@click.option("--freeze-below", type=int, help="Blocks below this index never train (store no activations).")
 @click.option("--config", "config_file", type=str, help="YAML run file whose keys mirror these options.")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines on stdout (default when stdout is not a terminal).")
 def train(config_file, as_json, **options):
@@ -105,12 +184,18 @@ def train(config_file, as_json, **options):
             if not values.get(required):
                 raise ConfigError(f"--{required} is required (on the command line or in --config)")
         config = TrainConfig.from_dict(values, source=config_file or "options")
-        run_training(config, on_event=printer)
+        with _StopOnSignal() as stop:
+            result = run_training(config, on_event=printer, should_stop=stop)
     except EdgeAlastError as e:
         _fail(printer, e, e.exit_code)
     except ValueError as e:  # a bad value found by a validator below the CLI
         _fail(printer, e, EXIT_USAGE)
-    sys.exit(EXIT_OK)
+    except Exception as e:  # noqa: BLE001 - nobody reads a traceback on a device: one line, exit 1
+        if os.environ.get("EDGE_ALAST_DEBUG"):
+            raise
+        _fail(printer, RuntimeError(f"unexpected {type(e).__name__}: {e} (EDGE_ALAST_DEBUG=1 for a traceback)"),
+              EXIT_FAILURE)
+    sys.exit(EXIT_INTERRUPTED if result.summary.get("interrupted") else EXIT_OK)
 
 
 @main.command("demo-data")

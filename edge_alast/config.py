@@ -45,9 +45,14 @@ class TrainConfig:
     precision: str | None = None
     seed: int = 0
     train_embeddings: bool = False
+    freeze_below: int = 0
+    recompute_blocks: list = field(default_factory=list)
     token_multiple: int = 1
     trim_memory: bool = True
     max_bad_fraction: float = 0.5
+    checkpoint_every_seconds: float | None = 300.0
+    checkpoint_every_steps: int | None = None
+    resume: bool | None = None
     alast: AlastConfig = field(default_factory=AlastConfig)
 
     def validate(self) -> None:
@@ -74,6 +79,10 @@ class TrainConfig:
         for name in ("img_size", "eval_batch_size", "token_multiple"):
             if getattr(self, name) < 1:
                 raise bad(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.freeze_below < 0:
+            raise bad("freeze_below", f"must be >= 0, got {self.freeze_below}")
+        if any(not isinstance(i, int) or i < 0 for i in self.recompute_blocks):
+            raise bad("recompute_blocks", f"must be block indices >= 0, got {self.recompute_blocks}")
         if self.batch_size is not None and self.batch_size < 1:
             raise bad("batch_size", f"must be >= 1, got {self.batch_size}")
         if not self.lr > 0:
@@ -84,8 +93,19 @@ class TrainConfig:
             raise bad("warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         if not 0.0 < self.val_fraction < 1.0:
             raise bad("val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        if self.checkpoint_every_seconds is not None and self.checkpoint_every_seconds <= 0:
+            raise bad("checkpoint_every_seconds", f"must be > 0, got {self.checkpoint_every_seconds}")
+        if self.checkpoint_every_steps is not None and self.checkpoint_every_steps < 1:
+            raise bad("checkpoint_every_steps", f"must be >= 1, got {self.checkpoint_every_steps}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise bad("max_bad_fraction", f"must be in [0, 1], got {self.max_bad_fraction}")
+
+    # Fields that may change between an interrupted run and its resumption without changing the result.
+    RESUME_FREE = ("resume", "checkpoint_every_seconds", "checkpoint_every_steps", "out")
+
+    def resume_key(self) -> dict[str, Any]:
+        """The settings a checkpoint must share with this config to be resumed by it."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.RESUME_FREE}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

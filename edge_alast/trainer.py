@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .atomic import atomic_write_json
+from .atomic import atomic_write, atomic_write_json
+from .checkpoint import checkpoints, load_latest, save_checkpoint
 from .config import TrainConfig
 from .data import BatchOrder, Preprocess, iter_batches, load_batch, scan_image_folder, split_samples, warn_skipped
 from .errors import ConfigError, DataError
@@ -24,7 +25,7 @@ from .flops import StepFlopCounter
 from .memory import peak_rss_bytes, rss_bytes, trim_heap
 from .models import create_model, data_config, load_weights
 from .patch import apply_patch
-from .policy import AlastPolicy, StaticPolicy
+from .policy import AlastPolicy, PolicyCaps, StaticPolicy
 
 EMBEDDING_PARAMS = ("patch_embed.", "cls_token", "pos_embed", "reg_token", "dist_token", "pos_embed_")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -70,7 +71,8 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
     Args:
         config: The run configuration.
         on_event: Called with each event dict (start, step, warning, eval, done); library code never prints.
-        should_stop: Polled after each step; True ends the run early (the summary records ``stopped_early``).
+        should_stop: Polled after each step; True checkpoints and returns at once (summary ``interrupted``;
+            running again with the same config resumes exactly).
 
     Returns:
         The summary (as written to ``summary.json``) and the run folder.
@@ -105,6 +107,8 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
         probe = run_dir / ".write-test"
         probe.write_bytes(b"")
         probe.unlink()
+        for stale in run_dir.glob(".*.tmp"):  # temp files of atomic writes cut short by a power loss
+            stale.unlink()
     except OSError as e:
         raise ConfigError(f"--out: cannot write to {run_dir}: {e}") from e
 
@@ -146,10 +150,14 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
         is_embedding = name.startswith(EMBEDDING_PARAMS)
         is_head = name.startswith(("head.", "head_dist."))
         p.requires_grad_(is_head if config.method == "head" else (train_embeddings if is_embedding else True))
+    if config.freeze_below >= depth or any(i >= depth for i in config.recompute_blocks):
+        raise ConfigError(f"--freeze-below/--recompute-blocks: {config.model} has {depth} blocks (0..{depth - 1})")
+    recompute = tuple(i in config.recompute_blocks for i in range(depth))
+    caps = PolicyCaps(lowest_trainable=config.freeze_below, recompute=recompute)
     if config.method == "alast":
         policy = AlastPolicy(depth, config.alast, lr=config.lr)
     else:
-        policy = StaticPolicy(depth, train_blocks=config.method == "full")
+        policy = StaticPolicy(depth, train_blocks=config.method == "full", recompute=recompute)
     handle = apply_patch(model, token_multiple=config.token_multiple)
 
     # One optimizer over every parameter that can ever train, created once: freezing leaves grads None so the
@@ -165,22 +173,62 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
     autocast = (torch.autocast(device_type=device, dtype=AUTOCAST_DTYPES[precision])
                 if precision in AUTOCAST_DTYPES else nullcontext())
 
+    # ---------------------------------------------------------------- resume
+    metrics_path = run_dir / "metrics.jsonl"
+    history = {"step_seconds": [], "step_flops": [], "losses": []}
+    first_step = 0
+    checkpoint = None
+    if config.resume is not False:
+        checkpoint, notes = load_latest(run_dir)
+        for note in notes:
+            emit({"event": "warning", "message": f"--out: {note}"})
+        if checkpoint is None and config.resume:
+            raise ConfigError(f"--resume: no valid checkpoint in {run_dir}")
+    if checkpoint is not None:
+        differs = sorted(k for k, v in config.resume_key().items() if checkpoint["config"].get(k) != v)
+        if differs:
+            raise ConfigError(f"--out: {run_dir} holds a checkpoint of a run with other settings "
+                              f"({', '.join(differs)}); use another --out, or the same settings to resume")
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        policy.load_state_dict(checkpoint["policy"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        history = {k: list(v) for k, v in checkpoint["history"].items()}
+        first_step = int(checkpoint["step"])
+    elif config.resume is False:
+        for _, path in checkpoints(run_dir):  # starting over: a stale checkpoint must not be resumed later
+            path.with_suffix(".sha256").unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+    _truncate_metrics(metrics_path, first_step)
+
     start = {"event": "start", "method": config.method, "model": config.model, "steps": total_steps,
              "batch_size": order.batch_size, "precision": precision, "device": device,
              "profile": profile.name if profile else None, "train_images": len(train_samples),
-             "val_images": len(val_samples), "classes": folder.classes, "run_dir": str(run_dir)}
+             "val_images": len(val_samples), "classes": folder.classes, "run_dir": str(run_dir),
+             "resumed_from_step": first_step}
     atomic_write_json(run_dir / "config.json", {"config": config.to_dict(), "resolved": start})
     emit(start)
 
+    def save(step: int) -> None:
+        state = {"format": 1, "step": step, "config": config.resume_key(), "model": model.state_dict(),
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "policy": policy.state_dict(), "rng": {"torch": torch.get_rng_state()}, "history": history}
+        try:
+            path = save_checkpoint(run_dir, step, state)
+            emit({"event": "checkpoint", "step": step, "path": str(path)})
+        except OSError as e:  # e.g. disk full: the previous checkpoint is untouched, training goes on
+            emit({"event": "warning", "message": f"checkpoint at step {step} not written ({e}); "
+                                                  "the previous checkpoint is kept"})
+
     # ---------------------------------------------------------------- training loop
-    metrics_path = run_dir / "metrics.jsonl"
-    step_seconds, step_flops, losses = [], [], []
-    stopped_early = False
+    interrupted = False
+    last_save = time.monotonic()
     model.train()
-    with open(metrics_path, "w") as metrics:
-        for step in range(total_steps):
+    with open(metrics_path, "a") as metrics:
+        for step in range(first_step, total_steps):
             t0 = time.perf_counter()
-            plan = policy.decide()
+            plan = policy.decide(caps)
             handle.set_plan(plan)
             x, y = load_batch(train_samples, order.indices(step), preprocess)
             x, y = x.to(device), y.to(device)
@@ -201,12 +249,12 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
             flops = flop_counter.step_flops(len(y), config.img_size, handle.tokens_in, plan.trainable,
                                             train_embeddings=train_embeddings, keep_ratios=plan.keep_ratios,
                                             train_final_norm=config.method != "head")
-            step_seconds.append(seconds)
-            step_flops.append(flops)
-            losses.append(float(loss.detach()))
+            history["step_seconds"].append(seconds)
+            history["step_flops"].append(flops)
+            history["losses"].append(float(loss.detach()))
             record = {
-                "event": "step", "step": step + 1, "loss": losses[-1], "lr": scheduler.get_last_lr()[0],
-                "time/step_seconds": seconds, "flops/step": flops,
+                "event": "step", "step": step + 1, "steps": total_steps, "loss": history["losses"][-1],
+                "lr": scheduler.get_last_lr()[0], "time/step_seconds": seconds, "flops/step": flops,
                 "tokens/per_block": list(handle.tokens_in),
                 "blocks/trainable": [i for i, t in enumerate(plan.trainable) if t],
                 "budget/keep_ratio": [round(r, 6) for r in plan.keep_ratios],
@@ -215,9 +263,25 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
             emit(record)
-            if should_stop is not None and should_stop():
-                stopped_early = step + 1 < total_steps
+            done = step + 1
+            if should_stop is not None and should_stop() and done < total_steps:
+                metrics.flush()
+                save(done)
+                interrupted = True
                 break
+            due_steps = config.checkpoint_every_steps and done % config.checkpoint_every_steps == 0
+            due_time = (config.checkpoint_every_seconds is not None
+                        and time.monotonic() - last_save >= config.checkpoint_every_seconds)
+            if (due_steps or due_time) and done < total_steps:
+                metrics.flush()
+                save(done)
+                last_save = time.monotonic()
+
+    if interrupted:
+        handle.remove()
+        result = {"interrupted": True, "resumable": True, "steps": len(history["losses"]), "total_steps": total_steps}
+        emit({"event": "interrupted", **result})
+        return TrainResult(summary=result, run_dir=run_dir)
 
     # ---------------------------------------------------------------- evaluation (all tokens, no budgets)
     handle.set_plan(None)
@@ -226,6 +290,7 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
     handle.remove()
 
     # ---------------------------------------------------------------- summary
+    step_seconds, step_flops, losses = history["step_seconds"], history["step_flops"], history["losses"]
     warm = min(5, len(step_seconds) // 5)  # the first steps pay for allocator growth and first-touch pages
     steady = step_seconds[warm:] or step_seconds
     summary = {
@@ -238,7 +303,6 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
         "batch_size": order.batch_size,
         "img_size": config.img_size,
         "steps": len(step_seconds),
-        "stopped_early": stopped_early,
         "final_loss": losses[-1] if losses else None,
         "val_accuracy": val_accuracy,
         "val_loss": val_loss,
@@ -256,6 +320,20 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
     emit({"event": "done", **{k: summary[k] for k in ("steps", "val_accuracy", "mean_step_seconds",
                                                         "peak_rss_bytes", "train_flops_per_step")}})
     return TrainResult(summary=summary, run_dir=run_dir)
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop metric lines past the resumed checkpoint (steps that will be run again), atomically."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= last_step:
+                kept.append(line + "\n")
+        except json.JSONDecodeError:
+            continue  # a line cut by power loss
+    atomic_write(path, lambda f: f.write("".join(kept).encode()))
 
 
 def _lr_lambda(config: TrainConfig, total_steps: int):

@@ -56,9 +56,74 @@ def test_same_seed_same_run(image_folder, tmp_path):
     assert a["final_loss"] == b["final_loss"] and a["budgets"] == b["budgets"]
 
 
-def test_should_stop_ends_early(image_folder, tmp_path):
-    summary = train(tiny_config(image_folder, tmp_path / "r", steps=10), should_stop=lambda: True).summary
-    assert summary["steps"] == 1 and summary["stopped_early"]
+def _losses(run_dir):
+    return [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["alast", "full"])
+def test_interrupt_then_resume_equals_uninterrupted_run(image_folder, tmp_path, method):
+    reference = train(tiny_config(image_folder, tmp_path / "ref", steps=6, method=method)).summary
+    calls = iter(range(100))
+    stopped = train(tiny_config(image_folder, tmp_path / "r", steps=6, method=method),
+                    should_stop=lambda: next(calls) == 2).summary  # stop after the third step
+    assert stopped == {"interrupted": True, "resumable": True, "steps": 3, "total_steps": 6}
+    assert not (tmp_path / "r" / "summary.json").exists()
+    assert len(_losses(tmp_path / "r")) == 3
+    resumed = train(tiny_config(image_folder, tmp_path / "r", steps=6, method=method)).summary  # automatic resume
+    assert _losses(tmp_path / "r") == pytest.approx(_losses(tmp_path / "ref"), rel=1e-6)
+    assert resumed["budgets"] == pytest.approx(reference["budgets"], rel=1e-6)
+    assert resumed["val_loss"] == pytest.approx(reference["val_loss"], rel=1e-6)  # same final weights
+    assert resumed["steps"] == 6
+
+
+def test_resume_falls_back_when_newest_checkpoint_is_damaged(image_folder, tmp_path):
+    reference = train(tiny_config(image_folder, tmp_path / "ref", steps=5)).summary
+    calls = iter(range(100))
+    train(tiny_config(image_folder, tmp_path / "r", steps=5, checkpoint_every_steps=1),
+          should_stop=lambda: next(calls) == 2)
+    from edge_alast.checkpoint import checkpoints
+    (newest_step, newest), (older_step, _) = checkpoints(tmp_path / "r")
+    assert (newest_step, older_step) == (3, 2)
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    events = []
+    resumed = train(tiny_config(image_folder, tmp_path / "r", steps=5), on_event=events.append).summary
+    assert any("checksum mismatch" in e.get("message", "") for e in events)
+    assert [e for e in events if e["event"] == "start"][0]["resumed_from_step"] == 2
+    assert resumed["val_loss"] == pytest.approx(reference["val_loss"], rel=1e-6)
+
+
+def test_checkpoint_of_other_settings_is_not_clobbered(image_folder, tmp_path):
+    calls = iter(range(100))
+    train(tiny_config(image_folder, tmp_path / "r", steps=4), should_stop=lambda: next(calls) == 0)
+    with pytest.raises(ConfigError, match=r"other settings \(lr\)"):
+        train(tiny_config(image_folder, tmp_path / "r", steps=4, lr=5e-4))
+    with pytest.raises(ConfigError, match="--resume: no valid checkpoint"):
+        train(tiny_config(image_folder, tmp_path / "fresh", resume=True))
+
+
+def test_disk_full_while_checkpointing_keeps_previous_checkpoint(image_folder, tmp_path, monkeypatch):
+    import edge_alast.checkpoint as ckpt
+
+    real_save, calls = torch.save, []
+
+    def flaky_save(obj, f):
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"partial")
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f)
+
+    monkeypatch.setattr(ckpt.torch, "save", flaky_save)
+    events = []
+    train(tiny_config(image_folder, tmp_path / "r", steps=4, checkpoint_every_steps=1), on_event=events.append)
+    warnings = [e["message"] for e in events if e["event"] == "warning"]
+    assert any("checkpoint at step 2 not written" in w and "No space left" in w for w in warnings)
+    steps = [s for s, _ in ckpt.checkpoints(tmp_path / "r")]
+    assert steps == [3, 1]  # step 2 failed; the one before it stayed valid
+    assert all(ckpt.verify(p) is None for _, p in ckpt.checkpoints(tmp_path / "r"))
+    assert not [p for p in (tmp_path / "r").iterdir() if p.name.endswith(".tmp")]
 
 
 def test_bad_config_and_data_errors(image_folder, tmp_path):

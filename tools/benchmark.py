@@ -7,7 +7,7 @@ with every figure and its ratio to ``full``; ``--json-out`` also writes the raw 
         --weights ../shared/assets/vit_small_patch14_dinov2.imgfocus.safetensors --steps 80
 
 Extra ``--set key=value`` pairs go into every method's run file (``--set alast.k_trainable=6``); ``--variant
-NAME:key=value,key=value`` adds another ALaST row with those settings.
+NAME:key=value;key=value`` adds another ALaST row with those settings.
 """
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", default="full,alast,head")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run-file key for every method")
-    ap.add_argument("--variant", action="append", default=[], metavar="NAME:K=V,K=V", help="extra ALaST row")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:K=V;K=V", help="extra ALaST row")
     ap.add_argument("--workdir", type=Path)
     ap.add_argument("--json-out", type=Path)
     args = ap.parse_args(argv)
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     for spec in args.variant:
         name, _, pairs = spec.partition(":")
         cfg = json.loads(json.dumps({**base, "method": "alast"}))
-        for pair in filter(None, pairs.split(",")):
+        for pair in filter(None, pairs.split(";")):
             key, _, value = pair.partition("=")
             set_key(cfg, key, parse_value(value))
         runs.append((name, cfg))

@@ -1,0 +1,161 @@
+"""The command line: exit codes, JSON lines, run files, and signal/kill behaviour in real subprocesses."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from conftest import TINY, make_image_folder
+from edge_alast.checkpoint import checkpoints, verify
+from edge_alast.cli import main
+
+TINY_ARGS = {k: v for k, v in TINY.items() if k not in ("img_size", "num_classes")}
+
+
+def run_file(tmp_path, data, out, **extra):
+    cfg = dict(data=str(data), out=str(out), model="vit_tiny_patch16_224", model_args=TINY_ARGS, img_size=32,
+               steps=3, batch_size=4, lr=1e-3, val_fraction=0.25)
+    cfg.update(extra)
+    path = tmp_path / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_train_writes_json_lines_and_exits_0(image_folder, tmp_path):
+    result = CliRunner().invoke(main, ["train", "--config", str(run_file(tmp_path, image_folder, tmp_path / "r")),
+                                       "--method", "alast"])
+    assert result.exit_code == 0, result.output
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [e["event"] for e in events][0] == "start" and events[-1]["event"] == "done"
+    assert sum(e["event"] == "step" for e in events) == 3
+    assert (tmp_path / "r" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["--method", "lora"], 2, "Invalid value for '--method'"),
+    (["--steps", "0"], 2, "--steps"),
+    (["--profile", "no_such_board"], 2, "--profile"),
+    (["--weights", "/nonexistent.safetensors"], 2, "--weights: no such file"),
+    (["--data", "/nonexistent"], 3, "--data: /nonexistent is not a folder"),
+])
+def test_errors_have_documented_exit_codes(image_folder, tmp_path, args, code, message):
+    result = CliRunner().invoke(main, ["train", "--config", str(run_file(tmp_path, image_folder, tmp_path / "r")),
+                                       *args])
+    assert result.exit_code == code, result.output
+    assert message in result.output
+
+
+def test_run_file_with_unknown_key_is_a_usage_error(image_folder, tmp_path):
+    path = run_file(tmp_path, image_folder, tmp_path / "r", learning_rate=0.1)
+    result = CliRunner().invoke(main, ["train", "--config", str(path)])
+    assert result.exit_code == 2 and "unknown keys learning_rate" in result.output
+
+
+def test_output_folder_that_cannot_be_created(image_folder, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = CliRunner().invoke(main, ["train", "--config", str(run_file(tmp_path, image_folder, blocker / "run"))])
+    assert result.exit_code == 2 and "--out: cannot write" in result.output
+
+
+def test_no_usable_images_is_exit_3(tmp_path):
+    data = tmp_path / "bad"
+    for cls in ("a", "b"):
+        (data / cls).mkdir(parents=True)
+        (data / cls / "x.png").write_bytes(b"")
+    result = CliRunner().invoke(main, ["train", "--config", str(run_file(tmp_path, data, tmp_path / "r"))])
+    assert result.exit_code == 3 and "no usable images" in result.output
+
+
+# ---------------------------------------------------------------- real processes: SIGTERM and SIGKILL
+
+def _spawn(cfg_path, env_extra=None):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "edge_alast.cli", "train", "--config", str(cfg_path), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _wait_for_steps(run_dir, n, proc, timeout=60):
+    deadline = time.monotonic() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= n:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"trainer exited early ({proc.returncode}): {proc.stderr.read()[-2000:]}")
+        time.sleep(0.02)
+    pytest.fail("trainer made no progress")
+
+
+def _losses(run_dir):
+    return [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def slow_data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("d") / "data", per_class=12)
+
+
+@pytest.fixture(scope="module")
+def reference_run(slow_data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref")
+    cfg = run_file(tmp, slow_data, tmp / "ref", steps=40, checkpoint_every_steps=1)
+    proc = subprocess.run([sys.executable, "-m", "edge_alast.cli", "train", "--config", str(cfg)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return _losses(tmp / "ref"), json.loads((tmp / "ref" / "summary.json").read_text())
+
+
+def test_sigterm_checkpoints_and_exits_75_then_resumes(slow_data, tmp_path, reference_run):
+    cfg = run_file(tmp_path, slow_data, tmp_path / "r", steps=40, checkpoint_every_steps=1000)
+    proc = _spawn(cfg)
+    _wait_for_steps(tmp_path / "r", 3, proc)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 75, err
+    assert time.monotonic() - t0 < 10
+    events = [json.loads(line) for line in out.splitlines()]
+    assert events[-1]["event"] == "interrupted"
+    [(step, path)] = checkpoints(tmp_path / "r")
+    assert verify(path) is None and step == events[-1]["steps"] < 40
+    assert not (tmp_path / "r" / "summary.json").exists()
+    resumed = subprocess.run([sys.executable, "-m", "edge_alast.cli", "train", "--config", str(cfg)],
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _losses(tmp_path / "r") == pytest.approx(reference_run[0], rel=1e-6)
+
+
+KILL_TRIALS = int(os.environ.get("EDGE_ALAST_KILL_TRIALS", "3"))
+
+
+@pytest.mark.parametrize("trial", range(KILL_TRIALS))
+def test_sigkill_at_random_moments_then_resume_reaches_same_result(slow_data, tmp_path, reference_run, trial):
+    rng = random.Random(1000 + trial)
+    cfg = run_file(tmp_path, slow_data, tmp_path / "r", steps=40, checkpoint_every_steps=1)
+    kills = 0
+    while kills < 2:  # two power losses per trial, at random points of the run
+        proc = _spawn(cfg)
+        try:
+            _wait_for_steps(tmp_path / "r", 1, proc)
+        except pytest.fail.Exception:
+            if proc.poll() == 0:
+                break  # the run completed before the kill
+            raise
+        time.sleep(rng.uniform(0.0, 0.6))
+        proc.kill()
+        proc.communicate()
+        kills += 1
+    final = subprocess.run([sys.executable, "-m", "edge_alast.cli", "train", "--config", str(cfg)],
+                           capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr
+    assert _losses(tmp_path / "r") == pytest.approx(reference_run[0], rel=1e-6)
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["val_loss"] == pytest.approx(reference_run[1]["val_loss"], rel=1e-6)
+    assert not [p for p in (tmp_path / "r").iterdir() if p.name.endswith(".tmp")]
