@@ -161,6 +161,8 @@ class _StopOnSignal:
                    "settings); --no-resume starts over, discarding them.")
 @click.option("--checkpoint-every-seconds", type=float, help="Checkpoint interval in seconds.  [default: 300]")
 @click.option("--checkpoint-every-steps", type=int, help="Also checkpoint every N steps.")
+@click.option("--max-bad-fraction", type=float,
+              help="Fail (exit 3) when more than this share of image files is unreadable.  [default: 0.5]")
 @click.option("--freeze-below", type=int, help="Blocks below this index never train (store no activations).")
 @click.option("--config", "config_file", type=str, help="YAML run file whose keys mirror these options.")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines on stdout (default when stdout is not a terminal).")

@@ -29,12 +29,14 @@ class ImageFolder:
         classes: Class names (sub-folder names), sorted.
         samples: (path, class index) pairs of usable images.
         skipped: (path, reason) pairs of files that could not be read as images.
+        empty_classes: Class folders without a usable image (left out of ``classes`` when classes are found).
     """
 
     root: Path
     classes: list[str]
     samples: list[tuple[Path, int]]
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    empty_classes: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -63,27 +65,37 @@ def scan_image_folder(root: str | os.PathLike, classes: Sequence[str] | None = N
         raise DataError(f"{option}: cannot read {root}: {e}") from e
     if not found:
         raise DataError(f"{option}: {root} has no class sub-folders (expected ImageFolder layout: ROOT/CLASS/IMAGE)")
-    names = list(classes) if classes is not None else found
-    index = {c: i for i, c in enumerate(names)}
-    samples, skipped = [], []
+    if classes is not None:
+        unknown = [c for c in found if c not in classes]
+        if unknown:
+            raise DataError(f"{option}: class folder {unknown[0]!r} in {root} is not a training class "
+                            f"({', '.join(classes)})")
+    per_class, skipped = {}, []
     for cls in found:
-        if cls not in index:
-            raise DataError(f"{option}: class folder {cls!r} in {root} is not a training class ({', '.join(names)})")
-        for path in sorted((root / cls).rglob("*")):
+        per_class[cls] = []
+        try:
+            paths = sorted((root / cls).rglob("*"))
+        except OSError as e:
+            raise DataError(f"{option}: cannot read {root / cls}: {e}") from e
+        for path in paths:
             if not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
             reason = _verify(path)
             if reason:
                 skipped.append((path, reason))
             else:
-                samples.append((path, index[cls]))
+                per_class[cls].append(path)
+    empty = [c for c in found if not per_class[c]]
+    names = list(classes) if classes is not None else [c for c in found if per_class[c]]
+    index = {c: i for i, c in enumerate(names)}
+    samples = [(p, index[c]) for c in found for p in per_class[c]]
     total = len(samples) + len(skipped)
     if not samples:
         raise DataError(f"{option}: no usable images in {root} ({len(skipped)} unreadable files)")
     if skipped and len(skipped) / total > max_bad_fraction:
         raise DataError(f"{option}: {len(skipped)} of {total} image files in {root} are unreadable "
                         f"(more than {max_bad_fraction:.0%}); first: {skipped[0][0]}: {skipped[0][1]}")
-    return ImageFolder(root=root, classes=names, samples=samples, skipped=skipped)
+    return ImageFolder(root=root, classes=names, samples=samples, skipped=skipped, empty_classes=empty)
 
 
 def _verify(path: Path) -> str | None:
@@ -177,10 +189,13 @@ def iter_batches(samples: Sequence[tuple[Path, int]], batch_size: int, preproces
         yield load_batch(samples, range(start, min(start + batch_size, len(samples))), preprocess)
 
 
-def warn_skipped(folder: ImageFolder, option: str) -> str | None:
-    """A one-line warning naming the unreadable files of a scan, or None."""
-    if not folder.skipped:
-        return None
-    names = ", ".join(str(p) for p, _ in folder.skipped[:5])
-    more = f" and {len(folder.skipped) - 5} more" if len(folder.skipped) > 5 else ""
-    return f"{option}: skipped {len(folder.skipped)} unreadable image files: {names}{more}"
+def scan_warnings(folder: ImageFolder, option: str) -> list[str]:
+    """One-line warnings naming the unreadable files and the empty class folders of a scan."""
+    warnings = []
+    if folder.skipped:
+        names = ", ".join(str(p) for p, _ in folder.skipped[:5])
+        more = f" and {len(folder.skipped) - 5} more" if len(folder.skipped) > 5 else ""
+        warnings.append(f"{option}: skipped {len(folder.skipped)} unreadable image files: {names}{more}")
+    if folder.empty_classes:
+        warnings.append(f"{option}: class folders without usable images left out: {', '.join(folder.empty_classes)}")
+    return warnings

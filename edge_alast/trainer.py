@@ -19,7 +19,7 @@ from . import __version__
 from .atomic import atomic_write, atomic_write_json
 from .checkpoint import checkpoints, load_latest, save_checkpoint
 from .config import TrainConfig
-from .data import BatchOrder, Preprocess, iter_batches, load_batch, scan_image_folder, split_samples, warn_skipped
+from .data import BatchOrder, Preprocess, iter_batches, load_batch, scan_image_folder, scan_warnings, split_samples
 from .errors import ConfigError, DataError
 from .flops import StepFlopCounter
 from .memory import peak_rss_bytes, rss_bytes, trim_heap
@@ -114,16 +114,17 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
 
     # ---------------------------------------------------------------- data
     folder = scan_image_folder(config.data, option="--data", max_bad_fraction=config.max_bad_fraction)
-    warnings = [w for w in [warn_skipped(folder, "--data")] if w]
+    warnings = scan_warnings(folder, "--data")
+    if len(folder.classes) < 2:
+        raise DataError(f"--data: {config.data} has one usable class ({folder.classes[0]}); a classifier needs "
+                        "at least two class folders with images")
     if config.val_data:
         val_folder = scan_image_folder(config.val_data, classes=folder.classes, option="--val-data",
                                        max_bad_fraction=config.max_bad_fraction)
-        warnings += [w for w in [warn_skipped(val_folder, "--val-data")] if w]
+        warnings += scan_warnings(val_folder, "--val-data")
         train_samples, val_samples = folder.samples, val_folder.samples
     else:
         train_samples, val_samples = split_samples(folder, config.val_fraction, config.seed)
-    if len(folder.classes) < 2:
-        warnings.append(f"--data: only one class ({folder.classes[0]}): the classifier learns nothing useful")
     for w in warnings:
         emit({"event": "warning", "message": w})
     order = BatchOrder(len(train_samples), batch_size, config.seed)

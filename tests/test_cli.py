@@ -159,3 +159,38 @@ def test_sigkill_at_random_moments_then_resume_reaches_same_result(slow_data, tm
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["val_loss"] == pytest.approx(reference_run[1]["val_loss"], rel=1e-6)
     assert not [p for p in (tmp_path / "r").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_single_class_is_exit_3(tmp_path):
+    data = make_image_folder(tmp_path / "one", classes=("only",), per_class=4)
+    result = CliRunner().invoke(main, ["train", "--config", str(run_file(tmp_path, data, tmp_path / "r"))])
+    assert result.exit_code == 3 and "at least two class folders" in result.output
+
+
+def test_invalid_profile_file_is_exit_2(image_folder, tmp_path):
+    bad = tmp_path / "board.yaml"
+    bad.write_text("name: board\ndevice: abacus\n")
+    result = CliRunner().invoke(main, ["train", "--config", str(run_file(tmp_path, image_folder, tmp_path / "r")),
+                                       "--profile", str(bad)])
+    assert result.exit_code == 2 and "board.yaml" in result.output
+
+
+def test_weights_of_another_model_is_exit_2(image_folder, tmp_path):
+    import safetensors.torch
+    import torch
+
+    safetensors.torch.save_file({"fc.weight": torch.zeros(2, 2)}, str(tmp_path / "resnet.safetensors"))
+    result = CliRunner().invoke(main, ["train", "--config", str(run_file(tmp_path, image_folder, tmp_path / "r")),
+                                       "--weights", str(tmp_path / "resnet.safetensors")])
+    assert result.exit_code == 2 and "missing keys" in result.output and "unexpected keys: fc.weight" in result.output
+
+
+def test_bad_images_in_data_are_skipped_and_named(image_folder, tmp_path):
+    (image_folder / "a" / "broken.png").write_bytes(b"\x89PNG\r\n")
+    result = CliRunner().invoke(main, ["train", "--config", str(run_file(tmp_path, image_folder, tmp_path / "r"))])
+    assert result.exit_code == 0
+    warnings = [json.loads(x) for x in result.stdout.splitlines() if '"warning"' in x]
+    assert any("broken.png" in w["message"] for w in warnings)
+    result = CliRunner().invoke(main, ["train", "--config", str(run_file(tmp_path, image_folder, tmp_path / "r2")),
+                                       "--max-bad-fraction", "0.01"])
+    assert result.exit_code == 3 and "unreadable" in result.output

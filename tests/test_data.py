@@ -79,3 +79,15 @@ def test_batch_order_is_a_pure_function_of_step():
     epoch0 = sum(seq[:3], [])
     assert len(set(epoch0)) == 9  # no repeats within an epoch
     assert BatchOrder(10, 3, seed=2).indices(0) != seq[0] or BatchOrder(10, 3, seed=2).indices(1) != seq[1]
+
+
+def test_empty_class_folder_is_left_out_and_named(tmp_path):
+    from edge_alast.data import scan_warnings
+
+    root = make_image_folder(tmp_path / "d", classes=("a", "b", "c"), per_class=2)
+    for p in (root / "b").iterdir():
+        p.unlink()
+    folder = scan_image_folder(root)
+    assert folder.classes == ["a", "c"] and folder.empty_classes == ["b"]
+    assert {c for _, c in folder.samples} == {0, 1}
+    assert any("left out: b" in w for w in scan_warnings(folder, "--data"))
