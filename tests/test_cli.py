@@ -194,3 +194,26 @@ def test_bad_images_in_data_are_skipped_and_named(image_folder, tmp_path):
     result = CliRunner().invoke(main, ["train", "--config", str(run_file(tmp_path, image_folder, tmp_path / "r2")),
                                        "--max-bad-fraction", "0.01"])
     assert result.exit_code == 3 and "unreadable" in result.output
+
+
+def test_sd_notify_sends_status_datagrams(image_folder, tmp_path, monkeypatch):
+    import socket
+
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(5)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    result = CliRunner().invoke(main, ["train", "--config", str(run_file(tmp_path, image_folder, tmp_path / "r"))])
+    assert result.exit_code == 0, result.output
+    messages = []
+    sock.setblocking(False)
+    while True:
+        try:
+            messages.append(sock.recv(4096).decode())
+        except BlockingIOError:
+            break
+    sock.close()
+    assert messages[0].startswith("READY=1\nSTATUS=training vit_tiny_patch16_224 (alast)")
+    assert any(m.startswith("STATUS=step 3/3") for m in messages)
+    assert messages[-1] == "STOPPING=1\nSTATUS=done"
