@@ -12,6 +12,7 @@ Import this module before anything imports timm (``edge_alast/__init__.py`` does
 """
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -47,7 +48,7 @@ def ensure_torchvision_importable() -> bool:
     _fragment = torch.library.Library("torchvision", "FRAGMENT")
     for schema in _TORCHVISION_SCHEMAS:
         _fragment.define(schema)
-    import torchvision  # noqa: F401,F811
+    importlib.import_module("torchvision")
     return True
 
 

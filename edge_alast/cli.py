@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from .cli_export import export, predict, train_ort
 from .cli_profiles import profiles
 from .errors import ConfigError, EdgeAlastError
 
@@ -28,6 +29,9 @@ def main() -> None:
 
 
 main.add_command(profiles)
+main.add_command(export)
+main.add_command(predict)
+main.add_command(train_ort)
 
 
 def _load_run_file(path: str | None) -> dict:
@@ -161,6 +165,8 @@ class _StopOnSignal:
                    "settings); --no-resume starts over, discarding them.")
 @click.option("--checkpoint-every-seconds", type=float, help="Checkpoint interval in seconds.  [default: 300]")
 @click.option("--checkpoint-every-steps", type=int, help="Also checkpoint every N steps.")
+@click.option("--export/--no-export", default=None,
+              help="Export model.onnx + manifest.json at the end (parity-checked in onnxruntime).  [default: on]")
 @click.option("--max-bad-fraction", type=float,
               help="Fail (exit 3) when more than this share of image files is unreadable.  [default: 0.5]")
 @click.option("--freeze-below", type=int, help="Blocks below this index never train (store no activations).")
@@ -198,6 +204,39 @@ def train(config_file, as_json, **options):
         _fail(printer, RuntimeError(f"unexpected {type(e).__name__}: {e} (EDGE_ALAST_DEBUG=1 for a traceback)"),
               EXIT_FAILURE)
     sys.exit(EXIT_INTERRUPTED if result.summary.get("interrupted") else EXIT_OK)
+
+
+@main.command("eval")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--data", required=True, help="ImageFolder to evaluate on (class folders named as in training).")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+def eval_command(run_dir, data, batch_size, as_json):
+    """Evaluate a finished run's model (all tokens) on an image folder.
+
+    \b
+    Example:
+      edge-alast eval runs/a --data imgs/test
+    """
+    try:
+        from .data import Preprocess
+        from .export import load_run_model
+        from .images import scan_image_folder, scan_warnings
+        from .trainer import evaluate
+
+        model, meta = load_run_model(run_dir)
+        folder = scan_image_folder(data, classes=meta["classes"], option="--data")
+        for w in scan_warnings(folder, "--data"):
+            click.echo(f"warning: {w}", err=True)
+        preprocess = Preprocess(meta["img_size"], tuple(meta["mean"]), tuple(meta["std"]), meta["interpolation"])
+        accuracy, loss = evaluate(model, folder.samples, preprocess, batch_size, "cpu")
+    except EdgeAlastError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    result = {"run_dir": str(run_dir), "data": str(data), "images": len(folder.samples), "accuracy": accuracy,
+              "loss": loss}
+    click.echo(json.dumps(result) if as_json else
+               f"accuracy {accuracy:.4f}  loss {loss:.4f}  on {len(folder.samples)} images")
 
 
 @main.command("demo-data")

@@ -53,6 +53,7 @@ class TrainConfig:
     checkpoint_every_seconds: float | None = 300.0
     checkpoint_every_steps: int | None = None
     resume: bool | None = None
+    export: bool = True
     alast: AlastConfig = field(default_factory=AlastConfig)
 
     def validate(self) -> None:

@@ -1,131 +1,24 @@
-"""Image data: ImageFolder trees (one sub-folder per class), preprocessing, and a resumable batch order.
+"""Training data for the PyTorch trainer: preprocessing to tensors and a resumable batch order.
 
 The order of training batches is a pure function of (seed, step): step s reads batch s mod E of epoch s div E
 (E = batches per epoch) from a permutation seeded by (seed, epoch). Resuming at step s needs no loader state.
+File scanning and image decoding live in the torch-free :mod:`edge_alast.images`.
 """
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from .errors import DataError
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
-_INTERPOLATION = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
-
-
-@dataclass
-class ImageFolder:
-    """A scanned ImageFolder tree.
-
-    Attributes:
-        root: The folder.
-        classes: Class names (sub-folder names), sorted.
-        samples: (path, class index) pairs of usable images.
-        skipped: (path, reason) pairs of files that could not be read as images.
-        empty_classes: Class folders without a usable image (left out of ``classes`` when classes are found).
-    """
-
-    root: Path
-    classes: list[str]
-    samples: list[tuple[Path, int]]
-    skipped: list[tuple[Path, str]] = field(default_factory=list)
-    empty_classes: list[str] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-
-def scan_image_folder(root: str | os.PathLike, classes: Sequence[str] | None = None, option: str = "--data",
-                      max_bad_fraction: float = 0.5) -> ImageFolder:
-    """Scan ``root``; every file with an image extension is opened and verified once.
-
-    Args:
-        root: The ImageFolder root.
-        classes: Class names to map to (e.g. the training set's, for a validation set); default: the sub-folders.
-        option: The option the folder came from, for error messages.
-        max_bad_fraction: Fail when more than this share of image files is unreadable.
-
-    Raises:
-        DataError: the folder is missing or unreadable, has no class folders or no usable image, or too many bad
-            files.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"{option}: {root} is not a folder")
-    try:
-        found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    except OSError as e:
-        raise DataError(f"{option}: cannot read {root}: {e}") from e
-    if not found:
-        raise DataError(f"{option}: {root} has no class sub-folders (expected ImageFolder layout: ROOT/CLASS/IMAGE)")
-    if classes is not None:
-        unknown = [c for c in found if c not in classes]
-        if unknown:
-            raise DataError(f"{option}: class folder {unknown[0]!r} in {root} is not a training class "
-                            f"({', '.join(classes)})")
-    per_class, skipped = {}, []
-    for cls in found:
-        per_class[cls] = []
-        try:
-            paths = sorted((root / cls).rglob("*"))
-        except OSError as e:
-            raise DataError(f"{option}: cannot read {root / cls}: {e}") from e
-        for path in paths:
-            if not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            reason = _verify(path)
-            if reason:
-                skipped.append((path, reason))
-            else:
-                per_class[cls].append(path)
-    empty = [c for c in found if not per_class[c]]
-    names = list(classes) if classes is not None else [c for c in found if per_class[c]]
-    index = {c: i for i, c in enumerate(names)}
-    samples = [(p, index[c]) for c in found for p in per_class[c]]
-    total = len(samples) + len(skipped)
-    if not samples:
-        raise DataError(f"{option}: no usable images in {root} ({len(skipped)} unreadable files)")
-    if skipped and len(skipped) / total > max_bad_fraction:
-        raise DataError(f"{option}: {len(skipped)} of {total} image files in {root} are unreadable "
-                        f"(more than {max_bad_fraction:.0%}); first: {skipped[0][0]}: {skipped[0][1]}")
-    return ImageFolder(root=root, classes=names, samples=samples, skipped=skipped, empty_classes=empty)
-
-
-def _verify(path: Path) -> str | None:
-    try:
-        if path.stat().st_size == 0:
-            return "empty file"
-        with Image.open(path) as im:
-            im.load()  # decodes fully: catches truncated files, which verify() alone may miss
-        return None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        return f"{type(e).__name__}: {e}"
-
-
-def to_rgb(im: Image.Image) -> Image.Image:
-    """Grayscale, palette, RGBA, CMYK and 16-bit/float images to 8-bit RGB."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(im, dtype=np.float64)
-        lo, hi = float(a.min()), float(a.max())
-        a = np.zeros_like(a) if hi <= lo else (a - lo) / (hi - lo) * 255.0
-        im = Image.fromarray(a.round().astype(np.uint8), mode="L")
-    if im.mode in ("P", "PA", "LA") or (im.mode == "RGBA"):
-        im = im.convert("RGBA")
-        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))  # transparent pixels on white, not black
-        im = Image.alpha_composite(bg, im)
-    return im.convert("RGB")
+from .images import load_image
 
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Resize to a square ``img_size`` and normalise with the model's mean/std."""
+    """Resize to a square ``img_size`` and normalise with the model's mean/std (see :func:`images.load_image`)."""
 
     img_size: int
     mean: tuple[float, float, float]
@@ -133,27 +26,7 @@ class Preprocess:
     interpolation: str = "bicubic"
 
     def __call__(self, path: Path) -> torch.Tensor:
-        with Image.open(path) as im:
-            im = to_rgb(im).resize((self.img_size, self.img_size), _INTERPOLATION.get(self.interpolation, Image.BICUBIC))
-        x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return (x - mean) / std
-
-
-def split_samples(folder: ImageFolder, val_fraction: float, seed: int) -> tuple[list, list]:
-    """Seeded per-class split into (train, val) sample lists; every class keeps at least one training image."""
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    g = torch.Generator().manual_seed(int(seed))
-    train, val = [], []
-    for c in range(len(folder.classes)):
-        items = [s for s in folder.samples if s[1] == c]
-        order = torch.randperm(len(items), generator=g).tolist()
-        n_val = min(len(items) - 1, int(round(len(items) * val_fraction)))
-        val += [items[j] for j in order[:n_val]]
-        train += [items[j] for j in order[n_val:]]
-    return train, val
+        return torch.from_numpy(load_image(path, self.img_size, self.mean, self.std, self.interpolation))
 
 
 class BatchOrder:
@@ -187,15 +60,3 @@ def iter_batches(samples: Sequence[tuple[Path, int]], batch_size: int, preproces
     """All samples in order, in batches (evaluation)."""
     for start in range(0, len(samples), batch_size):
         yield load_batch(samples, range(start, min(start + batch_size, len(samples))), preprocess)
-
-
-def scan_warnings(folder: ImageFolder, option: str) -> list[str]:
-    """One-line warnings naming the unreadable files and the empty class folders of a scan."""
-    warnings = []
-    if folder.skipped:
-        names = ", ".join(str(p) for p, _ in folder.skipped[:5])
-        more = f" and {len(folder.skipped) - 5} more" if len(folder.skipped) > 5 else ""
-        warnings.append(f"{option}: skipped {len(folder.skipped)} unreadable image files: {names}{more}")
-    if folder.empty_classes:
-        warnings.append(f"{option}: class folders without usable images left out: {', '.join(folder.empty_classes)}")
-    return warnings

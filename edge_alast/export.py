@@ -278,7 +278,8 @@ def _ort_version() -> str:
 def validation_batch(val_data: str | os.PathLike, meta: dict[str, Any],
                      limit: int = PARITY_IMAGES) -> tuple[torch.Tensor, list[int]]:
     """Up to ``limit`` preprocessed validation images, spread evenly over the folder (every class), with labels."""
-    from .data import Preprocess, load_batch, scan_image_folder
+    from .data import Preprocess, load_batch
+    from .images import scan_image_folder
 
     folder = scan_image_folder(val_data, classes=meta["classes"], option="--val-data")
     stride = max(1, len(folder.samples) // limit)

@@ -38,15 +38,14 @@ import numpy as np
 
 from . import __version__
 from .atomic import atomic_write, atomic_write_json
-from .errors import ConfigError, DataError, EdgeAlastError
-from .predict import (MAX_IR_VERSION, build_metadata, import_onnxruntime, limit_ir_version, preprocess_image,
-                      set_metadata)
+from .errors import ConfigError, EdgeAlastError
+from .images import load_image, scan_image_folder, scan_warnings, split_samples
+from .predict import MAX_IR_VERSION, build_metadata, import_onnxruntime, limit_ir_version, set_metadata
 
 ARTIFACTS_DIR = "ort_training"
 META_FILE = "meta.json"
 TRAINABLE_FRACTION = 0.25
 HEAD_PARAMS = ("norm.", "fc_norm.", "head.", "head_dist.")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 
 
 class OrtTrainingError(EdgeAlastError):
@@ -226,45 +225,12 @@ def training_api():
     return importlib.import_module("onnxruntime.training.api")
 
 
-def scan_images(root: str | os.PathLike, classes: Sequence[str], option: str) -> list[tuple[Path, int]]:
-    """(path, class index) pairs of an ImageFolder tree, class folders mapped onto ``classes``.
-
-    A torch-free subset of ``edge_alast.data.scan_image_folder`` (which lives in a module that imports torch):
-    files are checked when first read, not here.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"{option}: {root} is not a folder")
-    index = {c: i for i, c in enumerate(classes)}
-    samples = []
-    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if d.name not in index:
-            raise DataError(f"{option}: class folder {d.name!r} in {root} is not a model class ({', '.join(classes)})")
-        samples += [(p, index[d.name]) for p in sorted(d.rglob("*"))
-                    if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-    if not samples:
-        raise DataError(f"{option}: no images in {root} (expected ImageFolder layout: ROOT/CLASS/IMAGE)")
-    return samples
-
-
-def _split(samples, val_fraction: float, seed: int):
-    rng = np.random.default_rng(seed)
-    train, val = [], []
-    for c in sorted({y for _, y in samples}):
-        items = [s for s in samples if s[1] == c]
-        order = rng.permutation(len(items))
-        n_val = min(len(items) - 1, int(round(len(items) * val_fraction)))
-        val += [items[j] for j in order[:n_val]]
-        train += [items[j] for j in order[n_val:]]
-    return train, val
-
-
 class _Loader:
     def __init__(self, meta: dict[str, Any]):
         self.args = (meta["img_size"], meta["mean"], meta["std"], meta.get("interpolation", "bicubic"))
 
     def __call__(self, samples, indices):
-        x = np.stack([preprocess_image(samples[i][0], *self.args) for i in indices]).astype(np.float32)
+        x = np.stack([load_image(samples[i][0], *self.args) for i in indices]).astype(np.float32)
         y = np.asarray([samples[i][1] for i in indices], dtype=np.int64)
         return x, y
 
@@ -307,11 +273,14 @@ def train_ort(artifacts_dir: str | os.PathLike, data: str | os.PathLike, out: st
         raise ConfigError(f"--out: cannot create {out}: {e}") from e
 
     # ---------------------------------------------------------------- data
-    samples = scan_images(data, meta["class_names"], "--data")
+    folder = scan_image_folder(data, classes=meta["class_names"], option="--data")
+    for w in scan_warnings(folder, "--data"):
+        emit({"event": "warning", "message": w})
     if val_data:
-        train_samples, val_samples = samples, scan_images(val_data, meta["class_names"], "--val-data")
+        train_samples = folder.samples
+        val_samples = scan_image_folder(val_data, classes=meta["class_names"], option="--val-data").samples
     else:
-        train_samples, val_samples = _split(samples, val_fraction, seed)
+        train_samples, val_samples = split_samples(folder, val_fraction, seed)
     load = _Loader(meta)
     batch = min(batch_size, len(train_samples))
     per_epoch = len(train_samples) // batch

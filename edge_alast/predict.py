@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from .errors import ConfigError, DataError
+from .errors import ConfigError
+from .images import load_image
 
 METADATA_PREFIX = "edge_alast."
 # key -> whether the value is JSON (lists, dicts, numbers) rather than a plain string
@@ -38,7 +38,6 @@ METADATA_KEYS = {
 }
 REQUIRED_KEYS = ("class_names", "img_size", "mean", "std")
 MAX_IR_VERSION = 10  # onnxruntime(-training) 1.19 refuses IR 11 (written by onnx >= 1.18)
-_INTERPOLATION = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 
 
 # ---------------------------------------------------------------------------------------------- onnxruntime import
@@ -135,44 +134,6 @@ def set_metadata(proto, props: dict[str, str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- preprocessing
-def to_rgb(im: Image.Image) -> Image.Image:
-    """Grayscale, palette, RGBA, CMYK and 16-bit/float images to 8-bit RGB.
-
-    A copy of ``edge_alast.data.to_rgb``: that module imports torch at import time, and this one must not. Keep the
-    two identical (tests/test_export.py checks they agree).
-    """
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(im, dtype=np.float64)
-        lo, hi = float(a.min()), float(a.max())
-        a = np.zeros_like(a) if hi <= lo else (a - lo) / (hi - lo) * 255.0
-        im = Image.fromarray(a.round().astype(np.uint8), mode="L")
-    if im.mode in ("P", "PA", "LA") or (im.mode == "RGBA"):
-        im = im.convert("RGBA")
-        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))  # transparent pixels on white, not black
-        im = Image.alpha_composite(bg, im)
-    return im.convert("RGB")
-
-
-def preprocess_image(path: str | os.PathLike, img_size: int, mean: Sequence[float], std: Sequence[float],
-                     interpolation: str = "bicubic") -> np.ndarray:
-    """One image as a float32 CHW array, exactly as ``edge_alast.data.Preprocess`` makes it for training.
-
-    Raises:
-        DataError: the file is missing or not a readable image.
-    """
-    try:
-        with Image.open(path) as im:
-            im = to_rgb(im).resize((img_size, img_size), _INTERPOLATION.get(interpolation, Image.BICUBIC))
-    except (FileNotFoundError, IsADirectoryError) as e:
-        raise DataError(f"{path}: no such image file") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: cannot read image: {type(e).__name__}: {e}") from e
-    x = np.asarray(im, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)
-    m = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
-    s = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
-    return (x - m) / s
-
-
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)
@@ -199,7 +160,7 @@ def predict(model_path: str | os.PathLike, images: Iterable[str | os.PathLike], 
     results = []
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
-        x = np.stack([preprocess_image(p, meta["img_size"], meta["mean"], meta["std"],
+        x = np.stack([load_image(p, meta["img_size"], meta["mean"], meta["std"],
                                        meta.get("interpolation", "bicubic")) for p in chunk])
         probs = softmax(sess.run(None, {input_name: x})[0].astype(np.float64))
         for path, p in zip(chunk, probs):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -19,7 +18,8 @@ from . import __version__
 from .atomic import atomic_write, atomic_write_json
 from .checkpoint import checkpoints, load_latest, save_checkpoint
 from .config import TrainConfig
-from .data import BatchOrder, Preprocess, iter_batches, load_batch, scan_image_folder, scan_warnings, split_samples
+from .data import BatchOrder, Preprocess, iter_batches, load_batch
+from .images import scan_image_folder, scan_warnings, split_samples
 from .errors import ConfigError, DataError
 from .flops import StepFlopCounter
 from .memory import peak_rss_bytes, rss_bytes, trim_heap
@@ -289,6 +289,9 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
     val_accuracy, val_loss = evaluate(model, val_samples, preprocess, config.eval_batch_size, device, autocast)
     emit({"event": "eval", "val_accuracy": val_accuracy, "val_loss": val_loss, "val_images": len(val_samples)})
     handle.remove()
+    from .export import save_model
+
+    save_model(model, run_dir)  # the tuned weights, for `export` and `eval` (atomic)
 
     # ---------------------------------------------------------------- summary
     step_seconds, step_flops, losses = history["step_seconds"], history["step_flops"], history["losses"]
@@ -318,6 +321,11 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
     if device == "cuda":
         summary["cuda_max_memory_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
     atomic_write_json(run_dir / "summary.json", summary)
+    if config.export:
+        from .export import export_run
+
+        manifest = export_run(run_dir)  # model.onnx + manifest.json, parity-checked in onnxruntime
+        emit({"event": "export", "path": str(run_dir / "model.onnx"), "sha256": manifest.get("sha256")})
     emit({"event": "done", **{k: summary[k] for k in ("steps", "val_accuracy", "mean_step_seconds",
                                                         "peak_rss_bytes", "train_flops_per_step")}})
     return TrainResult(summary=summary, run_dir=run_dir)

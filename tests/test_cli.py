@@ -20,21 +20,29 @@ TINY_ARGS = {k: v for k, v in TINY.items() if k not in ("img_size", "num_classes
 
 def run_file(tmp_path, data, out, **extra):
     cfg = dict(data=str(data), out=str(out), model="vit_tiny_patch16_224", model_args=TINY_ARGS, img_size=32,
-               steps=3, batch_size=4, lr=1e-3, val_fraction=0.25)
+               steps=3, batch_size=4, lr=1e-3, val_fraction=0.25, export=False)
     cfg.update(extra)
     path = tmp_path / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
-def test_train_writes_json_lines_and_exits_0(image_folder, tmp_path):
+def test_train_writes_json_lines_exports_and_evaluates(image_folder, tmp_path):
     result = CliRunner().invoke(main, ["train", "--config", str(run_file(tmp_path, image_folder, tmp_path / "r")),
-                                       "--method", "alast"])
+                                       "--method", "alast", "--export"])
     assert result.exit_code == 0, result.output
     events = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [e["event"] for e in events][0] == "start" and events[-1]["event"] == "done"
+    assert events[0]["event"] == "start" and events[-1]["event"] == "done"
+    assert [e["event"] for e in events][-2] == "export"
     assert sum(e["event"] == "step" for e in events) == 3
-    assert (tmp_path / "r" / "summary.json").exists()
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    for name in ("summary.json", "model.safetensors", "model.onnx", "manifest.json"):
+        assert (tmp_path / "r" / name).exists(), name
+    result = CliRunner().invoke(main, ["eval", str(tmp_path / "r"), "--data", str(image_folder), "--json"])
+    assert result.exit_code == 0, result.output
+    evaluated = json.loads(result.stdout)
+    assert evaluated["images"] == 12 and 0.0 <= evaluated["accuracy"] <= 1.0
+    assert summary["val_accuracy"] is not None
 
 
 @pytest.mark.parametrize("args,code,message", [

@@ -4,7 +4,8 @@ import pytest
 from PIL import Image
 
 from conftest import make_image_folder
-from edge_alast.data import BatchOrder, Preprocess, scan_image_folder, split_samples, to_rgb
+from edge_alast.data import BatchOrder, Preprocess
+from edge_alast.images import scan_image_folder, split_samples, to_rgb
 from edge_alast.errors import DataError
 
 
@@ -82,7 +83,7 @@ def test_batch_order_is_a_pure_function_of_step():
 
 
 def test_empty_class_folder_is_left_out_and_named(tmp_path):
-    from edge_alast.data import scan_warnings
+    from edge_alast.images import scan_warnings
 
     root = make_image_folder(tmp_path / "d", classes=("a", "b", "c"), per_class=2)
     for p in (root / "b").iterdir():

@@ -21,7 +21,8 @@ from edge_alast.config import TrainConfig
 from edge_alast.data import Preprocess
 from edge_alast.export import (ExportError, ParityError, export_onnx, export_run, load_run_model, save_model)
 from edge_alast.models import create_model
-from edge_alast.predict import preprocess_image, read_metadata, session
+from edge_alast.images import load_image
+from edge_alast.predict import read_metadata, session
 from edge_alast.trainer import train
 
 TINY_ARGS = {k: v for k, v in TINY.items() if k not in ("img_size", "num_classes")}
@@ -145,7 +146,7 @@ def test_numpy_preprocessing_matches_training(tmp_path):
     Image.fromarray(rgba[..., 0], mode="L").convert("P").save(tmp_path / "b.png")
     pre = Preprocess(32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     for name in ("a.png", "b.png"):
-        ours = preprocess_image(tmp_path / name, 32, pre.mean, pre.std)
+        ours = load_image(tmp_path / name, 32, pre.mean, pre.std)
         np.testing.assert_allclose(ours, pre(tmp_path / name).numpy(), atol=1e-6)
 
 

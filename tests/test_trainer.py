@@ -16,7 +16,7 @@ SUMMARY_KEYS = {"method", "model", "steps", "val_accuracy", "mean_step_seconds",
 
 def tiny_config(data, out, **kw):
     base = dict(data=str(data), out=str(out), model="vit_tiny_patch16_224", model_args=dict(TINY_ARGS),
-                img_size=32, steps=3, batch_size=4, lr=1e-3, val_fraction=0.25)
+                img_size=32, steps=3, batch_size=4, lr=1e-3, val_fraction=0.25, export=False)
     base.update(kw)
     return TrainConfig(**base)
 

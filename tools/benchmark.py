@@ -85,7 +85,7 @@ def main(argv=None) -> int:
 
     base = {"data": args.data, "val_data": args.val_data, "model": args.model, "img_size": args.img_size,
             "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "precision": args.precision,
-            "seed": args.seed}
+            "seed": args.seed, "export": False}
     if args.weights:
         base["weights"] = args.weights
     for item in args.set:
