@@ -164,3 +164,11 @@ def test_short_alast_run_on_real_images_lowers_the_loss(fashion_mnist, shared_we
     assert after["val_loss"] < 0.8 * before["val_loss"]
     assert after["val_accuracy"] > before["val_accuracy"]
     assert after["val_accuracy"] > 0.6  # 4 classes: chance is 0.25
+
+
+def test_freeze_below_and_recompute_blocks_reach_the_plan(image_folder, tmp_path):
+    train(tiny_config(image_folder, tmp_path / "r", steps=4, freeze_below=1, recompute_blocks=[1]))
+    lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert all(min(r["blocks/trainable"]) >= 1 for r in lines)
+    with pytest.raises(ConfigError, match="--freeze-below/--recompute-blocks"):
+        train(tiny_config(image_folder, tmp_path / "r2", recompute_blocks=[7]))

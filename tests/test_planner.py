@@ -1,0 +1,184 @@
+"""Planner: calibration, the cost model against counted saved tensors, ceilings, impossible plans, the guard."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edge_alast.errors import ConfigError
+from edge_alast.patch import apply_patch
+from edge_alast.planner import CostModel, MemoryGuard, calibrate, plan_run, saved_tensor_bytes
+from edge_alast.policy import AlastConfig, AlastPolicy, PolicyCaps, StepPlan
+from edge_alast.profiles import parse_profile
+
+from conftest import TINY, tiny_model
+
+IMG = TINY["img_size"]
+BASELINE = 100 * 2**20  # a fixed process baseline keeps the planner tests independent of this process's RSS
+K2 = AlastConfig(b_init=1.0, k_trainable=2)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("vit")
+
+
+@pytest.fixture(scope="module")
+def cal(model):
+    return calibrate(model, img_size=IMG)
+
+
+def cost_for(model, cal, method="alast", **kw):
+    return CostModel(model, cal, img_size=IMG, method=method, baseline_bytes=BASELINE, **kw)
+
+
+def plan_tiny(model, cal, profile=None, **kw):
+    kw = {"img_size": IMG, "calibration": cal, "baseline_bytes": BASELINE, "eval_batch_size": 1, **kw}
+    return plan_run(model, profile, **kw)
+
+
+def test_calibration_positive_and_monotone(cal):
+    for kind in ("weight", "both", "input"):
+        c = cal.saved[kind]
+        assert c.per_token > 0
+        assert c(2, 17) > c(1, 17) > 0 and c(1, 17) > c(1, 9)
+    assert cal.saved["both"].per_token >= cal.saved["input"].per_token  # trainable stores more than frozen
+    assert cal.saved["input"].per_token > cal.recompute_per_token > 0  # recomputed: only the input
+    assert cal.forward.per_token > 0 and cal.backward(4, 17) > 0
+
+
+def counted_step_bytes(model, plan: StepPlan, batch: int, method: str) -> tuple[int, list[int]]:
+    """Saved-tensor bytes of one real training step of ``model`` under ``plan`` (parameters left out)."""
+    for n, p in model.named_parameters():
+        if not n.startswith("blocks."):
+            p.requires_grad_(n.startswith("head.") or method != "head")
+            if n.startswith(("patch_embed.", "cls_token", "pos_embed")):
+                p.requires_grad_(method == "full")
+    handle = apply_patch(model)
+    try:
+        handle.set_plan(plan)
+        model.train()
+        x = torch.randn(batch, 3, IMG, IMG)
+        y = torch.randint(0, TINY["num_classes"], (batch,))
+        params = list(model.parameters())
+        saved, loss = saved_tensor_bytes(lambda: F.cross_entropy(model(x), y), exclude=params)
+        tokens = list(handle.tokens_in)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    finally:
+        handle.remove()
+    return saved, tokens
+
+
+PLANS = {
+    "full": ("full", StepPlan((1.0,) * 3, (True,) * 3)),
+    "alast_dropped": ("alast", StepPlan((0.5, 0.75, 0.6), (True, True, False))),
+    "frozen_between": ("alast", StepPlan((0.9, 1.0, 0.5), (True, False, True))),
+    "lowest_frozen": ("alast", StepPlan((0.5, 1.0, 1.0), (False, True, True))),
+    "recompute": ("alast", StepPlan((1.0, 0.5, 1.0), (True, True, True), (True, False, False))),
+    "head": ("head", StepPlan((1.0,) * 3, (False,) * 3)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PLANS))
+@pytest.mark.parametrize("batch", [2, 5])
+def test_predicted_activations_match_counted(model, cal, name, batch):
+    method, plan = PLANS[name]
+    cost = cost_for(model, cal, method)
+    shape = cost.shape(batch, plan.keep_ratios, plan.trainable, plan.recompute)
+    counted, tokens = counted_step_bytes(model, plan, batch, method)
+    assert list(shape.tokens) == tokens
+    predicted = cost.step_activation_bytes(shape)
+    assert predicted == pytest.approx(counted, rel=0.10), (name, predicted, counted)
+
+
+@pytest.mark.parametrize("fraction", [1.5, 1.0, 0.97, 0.9, 0.8, 0.7, 0.6])
+def test_plan_keeps_worst_step_under_ceilings(model, cal, fraction):
+    free = plan_tiny(model, cal, None, batch_size=16, method="alast", alast_config=K2)
+    ceiling = BASELINE + int(fraction * (free.predicted_peak_bytes - BASELINE))
+    flop_ceiling = fraction * free.predicted_flops_per_step
+    try:
+        plan = plan_tiny(model, cal, None, batch_size=16, method="alast", alast_config=K2,
+                         memory_ceiling_bytes=ceiling, flop_ceiling_per_step=flop_ceiling)
+    except ConfigError:
+        pytest.skip("nothing fits this ceiling (covered by test_impossible_ceiling)")
+    assert plan.predicted_peak_bytes <= ceiling
+    assert plan.predicted_flops_per_step <= flop_ceiling
+    assert plan.memory_ceiling_bytes == ceiling
+    if fraction >= 1.0:
+        assert plan.notes == ["fits without caps"] and plan.batch_size == 16
+    # The prediction is the worst case: no step the capped policy actually draws costs more.
+    cost = cost_for(model, cal, eval_batch_size=1)
+    policy = AlastPolicy(3, K2)
+    for _ in range(20):
+        step = policy.decide(plan.caps)
+        shape = cost.shape(plan.batch_size, step.keep_ratios, step.trainable, step.recompute)
+        assert cost.peak(shape, plan.caps.lowest_trainable)["peak"] <= plan.predicted_peak_bytes + 1
+        assert cost.flops(shape) <= plan.predicted_flops_per_step
+
+
+def test_tight_ceiling_caps_in_order(model, cal):
+    free = plan_tiny(model, cal, None, batch_size=16, method="alast")
+    plan = plan_tiny(model, cal, None, batch_size=16, method="alast", memory_ceiling_bytes=free.predicted_peak_bytes - 1)
+    assert plan.caps.recompute[0] and plan.batch_size == 16  # recomputation is tried first
+    assert any("recompute" in n for n in plan.notes)
+
+
+def test_profile_ceilings_are_used(model, cal):
+    profile = parse_profile({"name": "t", "description": "test", "device": "cpu", "memory_ceiling_bytes": "1GiB",
+                             "flops_per_second": {"fp32": 1e9}, "target_step_seconds": 10,
+                             "default_batch_size": 4, "default_precision": "fp32"}, "test")
+    plan = plan_tiny(model, cal, profile, batch_size=4, method="alast")
+    assert plan.memory_ceiling_bytes == 2**30 and plan.flop_ceiling_per_step == 1e10
+
+
+def test_impossible_ceiling_raises_with_numbers(model, cal):
+    ceiling = BASELINE // 2
+    with pytest.raises(ConfigError) as e:
+        plan_tiny(model, cal, None, batch_size=4, method="alast", memory_ceiling_bytes=ceiling)
+    msg = str(e.value)
+    assert f"{ceiling} bytes" in msg and "needs" in msg and "would fit" in msg
+    needed = int(msg.split("needs ")[1].split(" bytes")[0])
+    assert needed > ceiling
+
+
+def test_impossible_weights_suggest_smaller_model(model, cal):
+    cost = cost_for(model, cal)
+    ceiling = BASELINE + cost.weight_bytes // 2
+    with pytest.raises(ConfigError, match=r"at most [0-9.]+ M parameters"):
+        plan_tiny(model, cal, None, batch_size=4, method="full", memory_ceiling_bytes=ceiling)
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.95, 0.9, 0.85])
+def test_full_never_drops_tokens(model, cal, fraction):
+    free = plan_tiny(model, cal, None, batch_size=16, method="full")
+    ceiling = BASELINE + int(fraction * (free.predicted_peak_bytes - BASELINE))
+    try:
+        plan = plan_tiny(model, cal, None, batch_size=16, method="full", memory_ceiling_bytes=ceiling)
+    except ConfigError:
+        return
+    assert plan.caps.max_keep is None and plan.caps.max_trainable is None and plan.caps.lowest_trainable == 0
+    assert plan.predicted_peak_bytes <= ceiling
+
+
+def test_guard_tightens_above_threshold_only():
+    guard = MemoryGuard(1000, depth=3, threshold=0.9)
+    caps = PolicyCaps(recompute=(False,) * 3)
+    same, event = guard.check(899, caps)
+    assert same is caps and event is None
+    caps1, event = guard.check(950, caps)
+    assert event["event"] == "memory_guard" and caps1.recompute == (True, False, False)
+    again, event = guard.check(950, caps1)  # the same high-water mark does not tighten twice
+    assert again is caps1 and event is None
+    caps2, _ = guard.check(960, caps1)
+    caps3, _ = guard.check(970, caps2)
+    assert caps3.recompute == (True, True, True)
+    caps4, event = guard.check(980, caps3)  # every block recomputed: the keep cap comes down next
+    assert caps4.max_keep == (0.9,) * 3 and "keep" in event["action"]
+
+
+def test_guard_full_only_recomputes():
+    guard = MemoryGuard(1000, depth=2, method="full")
+    caps = PolicyCaps(recompute=(True, True))
+    new, event = guard.check(999, caps)
+    assert new.max_keep is None and event["action"].startswith("none")

@@ -1,0 +1,182 @@
+"""Check the planner's memory model against measured runs: predicted peak vs each run's measured peak RSS.
+
+Each configuration trains in its own ``edge_alast.cli train`` process (so each peak RSS is its own); the prediction
+for it is made in another fresh process that builds the model the way the trainer does and calls
+:func:`edge_alast.planner.plan_run` -- or is read from the run's ``summary.json`` ("predicted_peak_bytes") once the
+trainer plans runs itself. Prints a markdown table with the error of each prediction.
+
+The last case is a profile whose memory ceiling is 60 % of the measured full fine-tuning peak, used with ALaST: the
+planner must cap the run so its measured peak stays under the ceiling. That check needs the trainer to plan with the
+profile (``summary.json`` keys "predicted_peak_bytes" and "memory_ceiling_bytes"); before that it is reported as
+not wired.
+
+    python tools/make_fashion_mnist.py /tmp/fm_plan --train 200 --val 50
+    python tools/bench_planner.py --data /tmp/fm_plan/train --val-data /tmp/fm_plan/val \\
+        --weights ../shared/assets/vit_small_patch14_dinov2.imgfocus.safetensors --steps 12
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+S14 = "vit_small_patch14_dinov2"
+TINY_ARGS = {"embed_dim": 192, "num_heads": 3}  # ViT-Ti width on the S/14 layout (random init: no weights fit)
+
+# name, model_args, uses the shared weights, img size, batch, method
+CONFIGS = [
+    ("S/14 112 b16 full", {}, True, 112, 16, "full"),
+    ("S/14 112 b16 alast", {}, True, 112, 16, "alast"),
+    ("S/14 112 b16 head", {}, True, 112, 16, "head"),
+    ("S/14 112 b8 full", {}, True, 112, 8, "full"),
+    ("S/14 224 b8 alast", {}, True, 224, 8, "alast"),
+    ("Ti/14 224 b16 alast", TINY_ARGS, False, 224, 16, "alast"),
+    ("S/14 224 b8 head", {}, True, 224, 8, "head"),
+]
+
+
+def run_config(args, name: str, model_args: dict, weights: bool, img: int, batch: int, method: str, work: Path,
+               profile: str | None = None) -> dict:
+    slug = name.replace("/", "").replace(" ", "_")
+    cfg = {"data": args.data, "val_data": args.val_data, "model": args.model, "model_args": model_args,
+           "img_size": img, "batch_size": batch, "method": method, "steps": args.steps, "precision": args.precision,
+           "out": str(work / slug), "resume": False}
+    if weights and args.weights:
+        cfg["weights"] = args.weights
+    if profile:
+        cfg["profile"] = profile
+    path = work / f"{slug}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    predicted = subprocess.run([sys.executable, __file__, "--predict", str(path)], capture_output=True, text=True,
+                               cwd=REPO)
+    if predicted.returncode != 0:
+        prediction = {"error": predicted.stderr.strip().splitlines()[-1] if predicted.stderr.strip() else "failed"}
+    else:
+        prediction = json.loads(predicted.stdout.strip().splitlines()[-1])
+    proc = subprocess.run([sys.executable, "-m", "edge_alast.cli", "train", "--config", str(path), "--json"],
+                          capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        return {"name": name, "prediction": prediction, "error": (proc.stderr or proc.stdout).strip()[-600:]}
+    summary = json.loads((work / slug / "summary.json").read_text())
+    return {"name": name, "prediction": prediction, "summary": summary}
+
+
+def predict(config_path: str) -> dict:
+    """In a fresh process: build the model as the trainer does, then plan (no training)."""
+    import edge_alast.cli  # noqa: F401  (the same libraries a training process holds)
+    from edge_alast import trainer
+    from edge_alast.config import TrainConfig
+    try:
+        from edge_alast.images import scan_image_folder
+    except ImportError:  # before the image scanning moved out of edge_alast.data
+        from edge_alast.data import scan_image_folder
+    from edge_alast.models import create_model, load_weights
+    from edge_alast.planner import plan_run
+    from edge_alast.profiles import load_profile
+
+    data = yaml.safe_load(Path(config_path).read_text())
+    config = TrainConfig.from_dict(data)
+    folder = scan_image_folder(config.data, option="--data")
+    val = scan_image_folder(config.val_data, classes=folder.classes, option="--val-data")
+    model = create_model(config.model, num_classes=len(folder.classes), img_size=config.img_size,
+                         **config.model_args)
+    if config.weights:
+        load_weights(model, config.weights)
+    train_embeddings = config.train_embeddings or config.method == "full"
+    for n, p in model.named_parameters():
+        if not n.startswith("blocks."):
+            is_head = n.startswith(("head.", "head_dist."))
+            is_embedding = n.startswith(trainer.EMBEDDING_PARAMS)
+            p.requires_grad_(is_head if config.method == "head" else (train_embeddings if is_embedding else True))
+    profile = load_profile(config.profile) if config.profile else None
+    plan = plan_run(model, profile, img_size=config.img_size, batch_size=config.batch_size,
+                    precision=config.precision or "fp32", method=config.method, alast_config=config.alast,
+                    train_embeddings=train_embeddings, eval_batch_size=min(config.eval_batch_size, len(val.samples)),
+                    token_multiple=config.token_multiple)
+    return {"predicted_peak_bytes": plan.predicted_peak_bytes, "batch_size": plan.batch_size,
+            "predicted_flops_per_step": plan.predicted_flops_per_step, "notes": plan.notes,
+            "breakdown": {k: int(v) for k, v in plan.breakdown.items()}}
+
+
+def mib(n) -> str:
+    return "-" if n is None else f"{n / 2**20:.0f}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--predict", help=argparse.SUPPRESS)
+    ap.add_argument("--data")
+    ap.add_argument("--val-data")
+    ap.add_argument("--weights")
+    ap.add_argument("--model", default=S14)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--only", help="comma-separated indices of CONFIGS to run (default: all)")
+    ap.add_argument("--no-profile-case", action="store_true", help="skip the 60 %% ceiling ALaST case")
+    ap.add_argument("--json-out", help="also write every result here")
+    args = ap.parse_args(argv)
+    if args.predict:
+        print(json.dumps(predict(args.predict)))
+        return 0
+    if not (args.data and args.val_data):
+        ap.error("--data and --val-data are required")
+
+    configs = CONFIGS if not args.only else [CONFIGS[int(i)] for i in args.only.split(",")]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench_planner_") as tmp:
+        work = Path(tmp)
+        for c in configs:
+            results.append(run_config(args, *c, work))
+            r = results[-1]
+            print(f"# {r['name']}: measured {mib(r.get('summary', {}).get('peak_rss_bytes'))} MiB, "
+                  f"predicted {mib(r['prediction'].get('predicted_peak_bytes'))} MiB", file=sys.stderr, flush=True)
+
+        print("| config | steps | predicted peak MiB | measured peak RSS MiB | error % | source |")
+        print("|---|---|---|---|---|---|")
+        for r in results:
+            s = r.get("summary", {})
+            pred = s.get("predicted_peak_bytes") or r["prediction"].get("predicted_peak_bytes")
+            source = "summary" if s.get("predicted_peak_bytes") else "bench"
+            meas = s.get("peak_rss_bytes")
+            err = f"{100 * (pred - meas) / meas:+.1f}" if pred and meas else r.get("error", r["prediction"].get("error", "-"))
+            print(f"| {r['name']} | {s.get('steps', '-')} | {mib(pred)} | {mib(meas)} | {err} | {source} |")
+
+        full = next((r for r in results if r["name"].endswith("full") and "summary" in r), None)
+        if not args.no_profile_case and full is not None:
+            ceiling = int(0.6 * full["summary"]["peak_rss_bytes"])
+            profile = yaml.safe_load((REPO / "device_profiles" / "laptop_cpu.yaml").read_text())
+            profile.update(name="bench_60pct", memory_ceiling_bytes=ceiling,
+                           description=f"laptop_cpu with a ceiling of 60 % of the measured {full['name']} peak")
+            path = work / "bench_60pct.yaml"
+            path.write_text(yaml.safe_dump(profile))
+            _, margs, weights, img, batch, _ = next(c for c in CONFIGS if c[0] == full["name"])
+            r = run_config(args, full["name"].replace("full", "alast") + " @60% ceiling", margs, weights, img, batch,
+                           "alast", work, profile=str(path))
+            results.append(r)
+            s = r.get("summary", {})
+            print()
+            if "summary" not in r:
+                print(f"60 % ceiling case: run failed: {r.get('error')}")
+            elif "memory_ceiling_bytes" not in s or "predicted_peak_bytes" not in s:
+                print(f"60 % ceiling case: NOT WIRED (summary.json has no predicted_peak_bytes/memory_ceiling_bytes); "
+                      f"measured peak {mib(s['peak_rss_bytes'])} MiB vs ceiling {mib(ceiling)} MiB "
+                      f"({'under' if s['peak_rss_bytes'] < ceiling else 'OVER'}) without planner caps")
+            else:
+                ok = s["peak_rss_bytes"] < s["memory_ceiling_bytes"]
+                print(f"60 % ceiling case: ceiling {mib(s['memory_ceiling_bytes'])} MiB, predicted "
+                      f"{mib(s['predicted_peak_bytes'])} MiB, measured {mib(s['peak_rss_bytes'])} MiB: "
+                      f"{'PASS (under the ceiling)' if ok else 'FAIL (over the ceiling)'}; "
+                      f"batch {s.get('batch_size')}, notes {s.get('planner_notes', s.get('plan_notes', '-'))}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
