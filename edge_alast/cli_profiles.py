@@ -25,12 +25,23 @@ def _load(name_or_path: str | Path) -> DeviceProfile:
 
 @click.group()
 def profiles() -> None:
-    """Device profiles: the memory and compute limits a run is planned against."""
+    """Device profiles: the memory and compute limits a run is planned against.
+
+    \b
+    Example:
+      edge-alast profiles show jetson_orin_nano_4gb > my_board.yaml   # edit, then:
+      edge-alast profiles validate my_board.yaml && edge-alast train --profile my_board.yaml ...
+    """
 
 
 @profiles.command("list")
 def list_command() -> None:
-    """List the shipped profiles (and "auto") with a one-line description."""
+    """List the shipped profiles (and "auto") with a one-line description.
+
+    \b
+    Example:
+      edge-alast profiles list
+    """
     rows = []
     for name in list_profiles():
         profile = _load(name)
@@ -51,6 +62,10 @@ def show_command(name_or_path: str, as_json: bool) -> None:
     """Print the resolved profile NAME_OR_PATH (a shipped name, "auto", or a .yaml file).
 
     The YAML output is itself a valid profile file: copy it, edit it, and pass the path to --profile.
+
+    \b
+    Example:
+      edge-alast profiles show auto --json
     """
     profile = _load(name_or_path)
     data = profile.to_dict()
@@ -67,6 +82,11 @@ def show_command(name_or_path: str, as_json: bool) -> None:
 @profiles.command("validate")
 @click.argument("file", type=click.Path(dir_okay=False))
 def validate_command(file: str) -> None:
-    """Check that FILE is a valid profile: prints "ok", or the error and exits with status 2."""
+    """Check that FILE is a valid profile: prints "ok", or the error and exits with status 2.
+
+    \b
+    Example:
+      edge-alast profiles validate my_board.yaml
+    """
     _load(Path(file))  # a Path is always read as a file, whatever its name
     click.echo("ok")

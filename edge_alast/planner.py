@@ -13,7 +13,7 @@ Memory model (bytes of the training process at its peak)::
              saved activations               per block kind, calibrated (below)
              + gradients of the blocks already through backward
              + the backward transient of the block in backward (and, recomputed, its re-run activations)
-           and of evaluation (no-grad forward at the eval batch)
+           and of evaluation (no-grad forward at the eval batch) and of saving the weights (3 copies)
          + allocator slack                   ``ALLOCATOR_SLACK`` x the saved activations (see its comment)
 
 Calibration (once per run, by measurement, on a copy of one block at batch 2 and 4): under
@@ -58,6 +58,7 @@ OPTIMIZER_STATES = 2  # AdamW/Adam: exp_avg and exp_avg_sq, each the parameter's
 # of ViT-S/14 fp32 at batch 16 peaked 0.40 x its activations above them at both 112 px (132 of 335 MiB) and 224 px
 # (524 of 1324 MiB) on glibc 2.x / torch 2.13 CPU. tools/bench_planner.py re-checks it.
 ALLOCATOR_SLACK = 0.40
+SAVE_WEIGHT_COPIES = 3  # save_model: clone + per-tensor bytes + the file buffer (measured: head-only runs)
 KEEP_LEVELS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)  # max_keep caps the planner tries, in order
 GUARD_THRESHOLD = 0.92
 # Calibration runs at this batch and twice it: large enough that transients are not lost in rounding, small
@@ -255,7 +256,7 @@ def calibrate(model: nn.Module, *, img_size: int, precision: str = "fp32", devic
     """
     blocks = getattr(model, "blocks", None)
     if not blocks:
-        raise TypeError(f"{type(model).__name__} has no `blocks`: the planner needs a timm VisionTransformer-style model")
+        raise TypeError(f"{type(model).__name__} has no `blocks`: the planner needs a timm ViT-style model")
     block = copy.deepcopy(blocks[0]).to(device).train()
     dim = block.norm1.normalized_shape[0]
     n1 = full_tokens(model, img_size)
@@ -277,8 +278,8 @@ def calibrate(model: nn.Module, *, img_size: int, precision: str = "fp32", devic
                                 getattr(model, "head", None), getattr(model, "head_dist", None)) if m is not None]
     tail_params = [p for m in tail_modules for p in m.parameters()]
     flags = [p.requires_grad for p in tail_params]
-    head_params = [p for m in tail_modules if m is getattr(model, "head", None) or m is getattr(model, "head_dist", None)
-                   for p in m.parameters()]
+    heads = [m for m in (getattr(model, "head", None), getattr(model, "head_dist", None)) if m is not None]
+    head_params = [p for m in heads for p in m.parameters()]
     was_training = model.training
     model.train()
     tail = {}
@@ -479,12 +480,15 @@ class CostModel:
         eval_peak = (static + self.eval_batch_size * self.pixel_bytes
                      + self.cal.forward(self.eval_batch_size, self.tokens_in)
                      + self.eval_batch_size * self.tokens_in * self.cal.recompute_per_token)
+        # After training the trainer saves the weights: a contiguous clone of every tensor, safetensors' bytes
+        # of each and the joined file buffer.
+        save_peak = static + SAVE_WEIGHT_COPIES * self.weight_bytes
         slack = ALLOCATOR_SLACK * (sum(acts) + tail + stem)
-        peak = max(fwd_peak, bwd_peak, opt_peak, eval_peak) + slack
+        peak = max(fwd_peak, bwd_peak, opt_peak, eval_peak, save_peak) + slack
         return {"peak": peak, "static": static, "baseline": self.baseline_bytes, "weights": self.weight_bytes,
                 "optimizer": self.optimizer_bytes(lowest_ever), "activations": sum(acts) + tail + stem,
                 "forward": fwd_peak, "backward": bwd_peak, "optimizer_step": opt_peak, "eval": eval_peak,
-                "allocator_slack": slack}
+                "save": save_peak, "allocator_slack": slack}
 
     # -- FLOPs --------------------------------------------------------------------------------------------------
     def flops(self, s: StepShape) -> int:
@@ -642,13 +646,13 @@ def plan_run(model: nn.Module, profile=None, *, img_size: int, batch_size: int, 
     for batch, caps in candidates():
         breakdown = cost.worst_peak(caps, batch, k0)
         last = (batch, caps, breakdown)
-        if mem_ceiling is not None and breakdown["peak"] > mem_ceiling:
+        if mem_ceiling is not None and math.ceil(breakdown["peak"]) > mem_ceiling:
             continue
         flops = cost.worst_flops(caps, batch, k0)
         if flop_ceiling is not None and flops > flop_ceiling:
             continue
         notes = _plan_notes(method, batch_size, batch, caps, lo0, k0, base_recompute, depth)
-        return RunPlan(caps=caps, batch_size=batch, predicted_peak_bytes=int(breakdown["peak"]),
+        return RunPlan(caps=caps, batch_size=batch, predicted_peak_bytes=math.ceil(breakdown["peak"]),
                        memory_ceiling_bytes=mem_ceiling, flop_ceiling_per_step=flop_ceiling,
                        predicted_flops_per_step=int(flops), notes=notes, breakdown=breakdown)
     raise _nothing_fits(cost, model, last, mem_ceiling, flop_ceiling, k0, img_size)

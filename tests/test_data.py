@@ -92,3 +92,19 @@ def test_empty_class_folder_is_left_out_and_named(tmp_path):
     assert folder.classes == ["a", "c"] and folder.empty_classes == ["b"]
     assert {c for _, c in folder.samples} == {0, 1}
     assert any("left out: b" in w for w in scan_warnings(folder, "--data"))
+
+
+def test_unreadable_folder_is_a_data_error(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    root = make_image_folder(tmp_path / "d", per_class=1)
+    real_iterdir = Path.iterdir
+
+    def iterdir(self):
+        if self == root:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)  # root ignores file modes, so simulate an unreadable folder
+    with pytest.raises(DataError, match="--data: cannot read .*Permission denied"):
+        scan_image_folder(root, option="--data")

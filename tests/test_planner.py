@@ -119,7 +119,8 @@ def test_plan_keeps_worst_step_under_ceilings(model, cal, fraction):
 
 def test_tight_ceiling_caps_in_order(model, cal):
     free = plan_tiny(model, cal, None, batch_size=16, method="alast")
-    plan = plan_tiny(model, cal, None, batch_size=16, method="alast", memory_ceiling_bytes=free.predicted_peak_bytes - 1)
+    plan = plan_tiny(model, cal, None, batch_size=16, method="alast",
+                     memory_ceiling_bytes=free.predicted_peak_bytes - 1)
     assert plan.caps.recompute[0] and plan.batch_size == 16  # recomputation is tried first
     assert any("recompute" in n for n in plan.notes)
 

@@ -53,14 +53,15 @@ def run_config(args, name: str, model_args: dict, weights: bool, img: int, batch
         cfg["profile"] = profile
     path = work / f"{slug}.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "edge_alast.cli", "train", "--config", str(path), "--json"],
+                          capture_output=True, text=True, cwd=REPO)
+    # After the run, so the prediction can also cost the steps the run actually took (its metrics.jsonl).
     predicted = subprocess.run([sys.executable, __file__, "--predict", str(path)], capture_output=True, text=True,
                                cwd=REPO)
     if predicted.returncode != 0:
         prediction = {"error": predicted.stderr.strip().splitlines()[-1] if predicted.stderr.strip() else "failed"}
     else:
         prediction = json.loads(predicted.stdout.strip().splitlines()[-1])
-    proc = subprocess.run([sys.executable, "-m", "edge_alast.cli", "train", "--config", str(path), "--json"],
-                          capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         return {"name": name, "prediction": prediction, "error": (proc.stderr or proc.stdout).strip()[-600:]}
     summary = json.loads((work / slug / "summary.json").read_text())
@@ -77,7 +78,9 @@ def predict(config_path: str) -> dict:
     except ImportError:  # before the image scanning moved out of edge_alast.data
         from edge_alast.data import scan_image_folder
     from edge_alast.models import create_model, load_weights
-    from edge_alast.planner import plan_run
+    from dataclasses import replace
+
+    from edge_alast.planner import CostModel, calibrate, plan_run
     from edge_alast.profiles import load_profile
 
     data = yaml.safe_load(Path(config_path).read_text())
@@ -99,7 +102,30 @@ def predict(config_path: str) -> dict:
                     precision=config.precision or "fp32", method=config.method, alast_config=config.alast,
                     train_embeddings=train_embeddings, eval_batch_size=min(config.eval_batch_size, len(val.samples)),
                     token_multiple=config.token_multiple)
-    return {"predicted_peak_bytes": plan.predicted_peak_bytes, "batch_size": plan.batch_size,
+    # The same cost model on the steps the run took (tokens and trainable blocks from metrics.jsonl): the
+    # model's accuracy, where predicted_peak_bytes is the bound over every step the policy could take.
+    actual = None
+    metrics = Path(config.out) / "metrics.jsonl"
+    if metrics.exists():
+        cost = CostModel(model, calibrate(model, img_size=config.img_size, precision=config.precision or "fp32"),
+                         img_size=config.img_size, method=config.method, baseline_bytes=plan.breakdown["baseline"],
+                         train_embeddings=train_embeddings, eval_batch_size=min(config.eval_batch_size,
+                                                                                len(val.samples)))
+        depth = len(model.blocks)
+        for line in metrics.read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("event", "step") != "step":
+                continue
+            trainable = [i in rec["blocks/trainable"] for i in range(depth)]
+            tokens = rec["tokens/per_block"]
+            keep = rec["budget/keep_ratio"]
+            shape = cost.shape(config.batch_size, keep, trainable)
+            if list(shape.tokens) != tokens:
+                shape = replace(shape, tokens=tuple(tokens))
+            peak = cost.peak(shape, 0 if config.method != "head" else None)["peak"]
+            actual = peak if actual is None else max(actual, peak)
+    return {"predicted_peak_bytes": plan.predicted_peak_bytes, "predicted_steps_taken_bytes": actual,
+            "batch_size": plan.batch_size,
             "predicted_flops_per_step": plan.predicted_flops_per_step, "notes": plan.notes,
             "breakdown": {k: int(v) for k, v in plan.breakdown.items()}}
 
@@ -137,15 +163,20 @@ def main(argv=None) -> int:
             print(f"# {r['name']}: measured {mib(r.get('summary', {}).get('peak_rss_bytes'))} MiB, "
                   f"predicted {mib(r['prediction'].get('predicted_peak_bytes'))} MiB", file=sys.stderr, flush=True)
 
-        print("| config | steps | predicted peak MiB | measured peak RSS MiB | error % | source |")
-        print("|---|---|---|---|---|---|")
+        print("| config | steps | worst-case predicted MiB | measured peak RSS MiB | error % | source "
+              "| predicted for the steps taken MiB | error % |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in results:
             s = r.get("summary", {})
             pred = s.get("predicted_peak_bytes") or r["prediction"].get("predicted_peak_bytes")
             source = "summary" if s.get("predicted_peak_bytes") else "bench"
             meas = s.get("peak_rss_bytes")
-            err = f"{100 * (pred - meas) / meas:+.1f}" if pred and meas else r.get("error", r["prediction"].get("error", "-"))
-            print(f"| {r['name']} | {s.get('steps', '-')} | {mib(pred)} | {mib(meas)} | {err} | {source} |")
+            failed = r.get("error", r["prediction"].get("error", "-"))
+            err = f"{100 * (pred - meas) / meas:+.1f}" if pred and meas else failed
+            taken = r["prediction"].get("predicted_steps_taken_bytes")
+            err2 = f"{100 * (taken - meas) / meas:+.1f}" if taken and meas else "-"
+            print(f"| {r['name']} | {s.get('steps', '-')} | {mib(pred)} | {mib(meas)} | {err} | {source} "
+                  f"| {mib(taken)} | {err2} |")
 
         full = next((r for r in results if r["name"].endswith("full") and "summary" in r), None)
         if not args.no_profile_case and full is not None:
