@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .atomic import atomic_write, atomic_write_json
+from .atomic import atomic_write, atomic_write_json, atomic_write_path
 from .errors import ConfigError, EdgeAlastError
 from .predict import build_metadata, decode_metadata, limit_ir_version, session, set_metadata
 
@@ -53,10 +53,10 @@ def save_model(model: nn.Module, run_dir: str | os.PathLike) -> Path:
     """Write ``model.state_dict()`` to ``RUN_DIR/model.safetensors`` atomically."""
     import safetensors.torch
 
-    # contiguous clones: safetensors refuses shared or strided storage (tied or sliced weights)
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    data = safetensors.torch.save(state, metadata={"format": "pt", "edge_alast_version": __version__})
-    return atomic_write(Path(run_dir) / MODEL_FILE, lambda f: f.write(data))
+    # save_model writes straight from the parameters (it handles shared tensors itself): no copy of the weights
+    # in memory, which would raise the run's peak RSS on a small device.
+    return atomic_write_path(Path(run_dir) / MODEL_FILE, lambda tmp: safetensors.torch.save_model(
+        model, str(tmp), metadata={"format": "pt", "edge_alast_version": __version__}))
 
 
 def _read_json(path: Path) -> dict:

@@ -7,7 +7,7 @@ exactly.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -94,6 +94,8 @@ class StaticPolicy:
         )
 
     def decide(self, caps: PolicyCaps | None = None) -> StepPlan:
+        if caps is not None and caps.recompute is not None and tuple(caps.recompute) != self._plan.recompute:
+            return replace(self._plan, recompute=tuple(caps.recompute))  # the memory guard may add recomputation
         return self._plan
 
     def observe(self, deltas: Sequence[float]) -> None:

@@ -25,6 +25,7 @@ from .flops import StepFlopCounter
 from .memory import peak_rss_bytes, rss_bytes, trim_heap
 from .models import create_model, data_config, load_weights
 from .patch import apply_patch
+from .planner import MemoryGuard, plan_run
 from .policy import AlastPolicy, PolicyCaps, StaticPolicy
 
 EMBEDDING_PARAMS = ("patch_embed.", "cls_token", "pos_embed", "reg_token", "dist_token", "pos_embed_")
@@ -154,11 +155,34 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
     if config.freeze_below >= depth or any(i >= depth for i in config.recompute_blocks):
         raise ConfigError(f"--freeze-below/--recompute-blocks: {config.model} has {depth} blocks (0..{depth - 1})")
     recompute = tuple(i in config.recompute_blocks for i in range(depth))
-    caps = PolicyCaps(lowest_trainable=config.freeze_below, recompute=recompute)
+
+    # ---------------------------------------------------------------- plan against the profile's ceilings
+    # Before the patch and the optimizer exist: the planner measures this process's baseline RSS and calibrates
+    # activation bytes on a copy of one block (see planner.py).
+    run_plan = guard = None
+    if profile is not None:
+        try:
+            run_plan = plan_run(model, profile, img_size=config.img_size, batch_size=order.batch_size,
+                                precision=precision, method=config.method, alast_config=config.alast, device=device,
+                                lowest_trainable=config.freeze_below, recompute=recompute,
+                                train_embeddings=train_embeddings, token_multiple=config.token_multiple,
+                                eval_batch_size=min(config.eval_batch_size, max(1, len(val_samples))),
+                                flop_counter=flop_counter)
+        except ConfigError as e:
+            raise ConfigError(f"--profile {profile.name}: no plan fits this device: {e}") from e
+        if run_plan.batch_size != order.batch_size:
+            order = BatchOrder(len(train_samples), run_plan.batch_size, config.seed)
+            if config.steps is None:
+                total_steps = max(1, math.ceil((config.epochs or 1.0) * order.batches_per_epoch))
+        if run_plan.memory_ceiling_bytes:
+            guard = MemoryGuard(run_plan.memory_ceiling_bytes, depth, method=config.method)
+        for note in run_plan.notes:
+            emit({"event": "plan", "message": note})
+    caps = run_plan.caps if run_plan else PolicyCaps(lowest_trainable=config.freeze_below, recompute=recompute)
     if config.method == "alast":
         policy = AlastPolicy(depth, config.alast, lr=config.lr)
     else:
-        policy = StaticPolicy(depth, train_blocks=config.method == "full", recompute=recompute)
+        policy = StaticPolicy(depth, train_blocks=config.method == "full", recompute=caps.recompute)
     handle = apply_patch(model, token_multiple=config.token_multiple)
 
     # One optimizer over every parameter that can ever train, created once: freezing leaves grads None so the
@@ -196,6 +220,12 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
         policy.load_state_dict(checkpoint["policy"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
         history = {k: list(v) for k, v in checkpoint["history"].items()}
+        # The plan in force when the checkpoint was written (a fresh plan could differ: it measures live RSS).
+        caps = _caps_from_state(checkpoint["caps"])
+        if checkpoint["batch_size"] != order.batch_size:
+            order = BatchOrder(len(train_samples), checkpoint["batch_size"], config.seed)
+        if guard is not None and checkpoint.get("guard"):
+            guard.load_state_dict(checkpoint["guard"])
         first_step = int(checkpoint["step"])
     elif config.resume is False:
         for _, path in checkpoints(run_dir):  # starting over: a stale checkpoint must not be resumed later
@@ -214,7 +244,9 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
     def save(step: int) -> None:
         state = {"format": 1, "step": step, "config": config.resume_key(), "model": model.state_dict(),
                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "policy": policy.state_dict(), "rng": {"torch": torch.get_rng_state()}, "history": history}
+                 "policy": policy.state_dict(), "rng": {"torch": torch.get_rng_state()}, "history": history,
+                 "caps": _caps_state(caps), "batch_size": order.batch_size,
+                 "guard": guard.state_dict() if guard else None}
         try:
             path = save_checkpoint(run_dir, step, state)
             emit({"event": "checkpoint", "step": step, "path": str(path)})
@@ -243,6 +275,12 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
             policy.observe(handle.step_deltas())
             if config.trim_memory:
                 trim_heap()
+            if guard is not None:  # near the ceiling: tighten the caps for the steps that follow
+                caps, guard_event = guard.check(peak_rss_bytes(), caps)
+                if guard_event is not None:
+                    guard_event["step"] = step + 1
+                    metrics.write(json.dumps(guard_event) + "\n")
+                    emit(guard_event)
             if device == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
@@ -315,6 +353,11 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
         "train_flops_per_step": sum(step_flops) / len(step_flops),
         "total_train_flops": int(sum(step_flops)),
         "budgets": list(getattr(policy, "budgets", [1.0] * depth)),
+        "memory_ceiling_bytes": run_plan.memory_ceiling_bytes if run_plan else None,
+        "predicted_peak_bytes": run_plan.predicted_peak_bytes if run_plan else None,
+        "flop_ceiling_per_step": run_plan.flop_ceiling_per_step if run_plan else None,
+        "predicted_flops_per_step": run_plan.predicted_flops_per_step if run_plan else None,
+        "planner_notes": list(run_plan.notes) if run_plan else [],
         "classes": folder.classes,
         "warnings": warnings,
     }
@@ -329,6 +372,19 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
     emit({"event": "done", **{k: summary[k] for k in ("steps", "val_accuracy", "mean_step_seconds",
                                                         "peak_rss_bytes", "train_flops_per_step")}})
     return TrainResult(summary=summary, run_dir=run_dir)
+
+
+def _caps_state(caps: PolicyCaps) -> dict:
+    """Caps as plain values (checkpoints load with ``weights_only=True``)."""
+    return {"max_keep": None if caps.max_keep is None else list(caps.max_keep), "max_trainable": caps.max_trainable,
+            "lowest_trainable": caps.lowest_trainable,
+            "recompute": None if caps.recompute is None else list(caps.recompute)}
+
+
+def _caps_from_state(state: dict) -> PolicyCaps:
+    as_tuple = lambda v: None if v is None else tuple(v)  # noqa: E731
+    return PolicyCaps(max_keep=as_tuple(state["max_keep"]), max_trainable=state["max_trainable"],
+                      lowest_trainable=state["lowest_trainable"], recompute=as_tuple(state["recompute"]))
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:

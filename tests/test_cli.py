@@ -102,7 +102,8 @@ def _wait_for_steps(run_dir, n, proc, timeout=60):
 
 
 def _losses(run_dir):
-    return [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in lines if r["event"] == "step"]
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY
+from conftest import REPO, TINY
 from edge_alast.config import TrainConfig
 from edge_alast.errors import ConfigError, DataError
 from edge_alast.trainer import train
@@ -57,7 +57,8 @@ def test_same_seed_same_run(image_folder, tmp_path):
 
 
 def _losses(run_dir):
-    return [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in lines if r["event"] == "step"]
 
 
 @pytest.mark.parametrize("method", ["alast", "full"])
@@ -172,3 +173,30 @@ def test_freeze_below_and_recompute_blocks_reach_the_plan(image_folder, tmp_path
     assert all(min(r["blocks/trainable"]) >= 1 for r in lines)
     with pytest.raises(ConfigError, match="--freeze-below/--recompute-blocks"):
         train(tiny_config(image_folder, tmp_path / "r2", recompute_blocks=[7]))
+
+
+def _profile_file(tmp_path, ceiling_bytes):
+    import yaml
+
+    data = yaml.safe_load(open(REPO / "device_profiles" / "laptop_cpu.yaml"))
+    data.update(name="tiny_board", memory_ceiling_bytes=int(ceiling_bytes))
+    path = tmp_path / "tiny_board.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_profile_ceiling_is_planned_and_reported(image_folder, tmp_path):
+    from edge_alast.memory import rss_bytes
+
+    ceiling = rss_bytes() + 2 * 2**30
+    summary = train(tiny_config(image_folder, tmp_path / "r", profile=_profile_file(tmp_path, ceiling))).summary
+    assert summary["memory_ceiling_bytes"] == ceiling
+    assert 0 < summary["predicted_peak_bytes"] <= ceiling
+    assert summary["flop_ceiling_per_step"] == pytest.approx(20 * 1e11)  # target_step_seconds x fp32 FLOP/s
+    assert summary["train_flops_per_step"] <= summary["flop_ceiling_per_step"]
+
+
+def test_profile_that_cannot_fit_fails_before_training_with_numbers(image_folder, tmp_path):
+    with pytest.raises(ConfigError, match=r"--profile tiny_board: no plan fits.* needs \d+ bytes .*ceiling is 52428800"):
+        train(tiny_config(image_folder, tmp_path / "r", profile=_profile_file(tmp_path, 50 * 2**20)))
+    assert not (tmp_path / "r" / "metrics.jsonl").exists() or not (tmp_path / "r" / "metrics.jsonl").read_text()
