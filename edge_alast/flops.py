@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils import flop_counter
+from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
 KINDS = ("fwd", "weight", "input", "both")
@@ -94,8 +95,13 @@ def _sdpa_as_cpu_flash():
         F.scaled_dot_product_attention = original
 
 
-def count_flops(module: nn.Module, inputs: Sequence[torch.Tensor], kind: str) -> int:
-    """FLOPs of one forward (+ backward of the given kind) of ``module`` on ``inputs``."""
+def count_flops(module: nn.Module, inputs: Sequence[torch.Tensor], kind: str, recompute: bool = False) -> int:
+    """FLOPs of one forward (+ backward of the given kind) of ``module`` on ``inputs``.
+
+    With ``recompute`` the module runs under non-reentrant ``torch.utils.checkpoint`` as the mechanism runs it, so
+    the re-run forward in backward is counted as torch really runs it (it stops after the last saved tensor it
+    needs, e.g. skipping the block's final matmul).
+    """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     need_weight = kind in ("weight", "both")
@@ -104,7 +110,7 @@ def count_flops(module: nn.Module, inputs: Sequence[torch.Tensor], kind: str) ->
         p.requires_grad_(need_weight)
     inputs = [x.detach().requires_grad_(need_input) if x.is_floating_point() else x for x in inputs]
     with FlopCounterMode(display=False) as counter, _sdpa_as_cpu_flash():
-        out = module(*inputs)
+        out = checkpoint(module, *inputs, use_reentrant=False) if recompute else module(*inputs)
         if out.requires_grad:
             out.float().sum().backward()
     return int(counter.get_total_flops())
@@ -128,10 +134,12 @@ class StepFlopCounter:
             self._cache[key] = fn()
         return self._cache[key]
 
-    def block_flops(self, index: int, tokens: int, kind: str) -> int:
-        """FLOPs of block ``index`` at batch 1 with ``tokens`` input tokens."""
+    def block_flops(self, index: int, tokens: int, kind: str, recompute: bool = False) -> int:
+        """FLOPs of block ``index`` at batch 1 with ``tokens`` input tokens (recomputation included if asked)."""
         x = torch.empty(1, tokens, self._blocks[index].norm1.normalized_shape[0], device="meta")
-        return self._cached(("block", index, tokens, kind), lambda: count_flops(self._blocks[index], [x], kind))
+        recompute = recompute and kind != "fwd"  # a block that stores nothing has nothing to recompute
+        return self._cached(("block", index, tokens, kind, recompute),
+                            lambda: count_flops(self._blocks[index], [x], kind, recompute))
 
     def step_flops(
         self,
@@ -143,6 +151,7 @@ class StepFlopCounter:
         train_head: bool = True,
         train_final_norm: bool = True,
         keep_ratios: Sequence[float] | None = None,
+        recompute: Sequence[bool] | None = None,
     ) -> int:
         """Forward+backward FLOPs of one step.
 
@@ -156,11 +165,13 @@ class StepFlopCounter:
             train_final_norm: Whether the norm before the head trains (then the head passes input grads).
             keep_ratios: Per block keep ratio; blocks below 1 also pay for the class-token attention row that
                 ranks their tokens (one [1, hd] x [hd, N] product per head).
+            recompute: Per block, whether its activations are recomputed: a block that runs backward then re-runs
+                (most of) its forward.
         """
         kinds = block_kinds(trainable, train_below=train_embeddings)
         total = 0
         for i, (n, kind) in enumerate(zip(tokens_per_block, kinds)):
-            total += self.block_flops(i, int(n), kind)
+            total += self.block_flops(i, int(n), kind, recompute=bool(recompute is not None and recompute[i]))
             if keep_ratios is not None and keep_ratios[i] < 1.0:
                 attn = self._blocks[i].attn
                 total += 2 * attn.num_heads * (attn.qkv.out_features // (3 * attn.num_heads)) * int(n)

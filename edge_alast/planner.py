@@ -492,15 +492,11 @@ class CostModel:
 
     # -- FLOPs --------------------------------------------------------------------------------------------------
     def flops(self, s: StepShape) -> int:
-        """Forward+backward FLOPs of the step (StepFlopCounter) plus one re-run forward per recomputed block."""
+        """Forward+backward FLOPs of the step, re-run forwards of recomputed blocks included (StepFlopCounter)."""
         total = self.flop_counter.step_flops(s.batch_size, self.img_size, s.tokens, s.trainable,
                                              train_embeddings=self.train_embeddings,
                                              train_head=True, train_final_norm=self.method != "head",
-                                             keep_ratios=s.keep_ratios)
-        kinds = self._kinds(s)
-        for i, r in enumerate(s.recompute):
-            if r and kinds[i] != "fwd":
-                total += self.flop_counter.block_flops(i, s.tokens[i], "fwd") * s.batch_size
+                                             keep_ratios=s.keep_ratios, recompute=s.recompute)
         return int(total)
 
     # -- worst case under caps -------------------------------------------------------------------------------------

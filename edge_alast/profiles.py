@@ -390,7 +390,7 @@ def load_profile(name_or_path: str | os.PathLike) -> DeviceProfile:
 # ================================================================================================================
 
 
-def _read_cpu_flags(cpuinfo_path: str | os.PathLike) -> set[str]:
+def read_cpu_flags(cpuinfo_path: str | os.PathLike = "/proc/cpuinfo") -> set[str]:
     """CPU feature flags from /proc/cpuinfo (x86 ``flags``, ARM ``Features``); empty if the file is unreadable."""
     try:
         text = Path(cpuinfo_path).read_text(encoding="utf-8", errors="replace")
@@ -478,7 +478,7 @@ def detect_host(
         )
     else:
         memory = ram_limit
-        cpu_flags = _read_cpu_flags(cpuinfo_path)
+        cpu_flags = read_cpu_flags(cpuinfo_path)
         fast = ["bf16"] if cpu_flags & {"avx512_bf16", "amx_bf16"} else []
         per_core = _CPU_FLOPS_PER_CORE_AVX512 if "avx512f" in cpu_flags else _CPU_FLOPS_PER_CORE
         flops = {"fp32": threads * per_core}

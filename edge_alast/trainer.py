@@ -26,6 +26,7 @@ from .memory import peak_rss_bytes, rss_bytes, trim_heap
 from .models import create_model, data_config, load_weights
 from .patch import apply_patch
 from .planner import MemoryGuard, plan_run
+from .profiles import ProfileError, load_profile, read_cpu_flags
 from .policy import AlastPolicy, PolicyCaps, StaticPolicy
 
 EMBEDDING_PARAMS = ("patch_embed.", "cls_token", "pos_embed", "reg_token", "dist_token", "pos_embed_")
@@ -40,17 +41,6 @@ class TrainResult:
     run_dir: Path
 
 
-def host_cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def resolve_precision(requested: str, device: str, fast: tuple[str, ...] = ()) -> str:
     """``auto``: bf16 where the hardware runs it fast (CPU: avx512_bf16/AMX; CUDA: compute capability >= 8),
     else fp16 where that is fast (CUDA), else fp32."""
@@ -60,7 +50,7 @@ def resolve_precision(requested: str, device: str, fast: tuple[str, ...] = ()) -
         if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
             return "bf16"
         return "fp16" if "fp16" in fast else "fp32"
-    if "bf16" in fast or host_cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+    if "bf16" in fast or read_cpu_flags() & {"avx512_bf16", "amx_bf16"}:
         return "bf16"
     return "fp32"
 
@@ -84,8 +74,6 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
     # ---------------------------------------------------------------- device profile, precision, threads
     profile = None
     if config.profile is not None:
-        from .profiles import ProfileError, load_profile
-
         try:
             profile = load_profile(config.profile)
         except ProfileError as e:
@@ -287,7 +275,7 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
 
             flops = flop_counter.step_flops(len(y), config.img_size, handle.tokens_in, plan.trainable,
                                             train_embeddings=train_embeddings, keep_ratios=plan.keep_ratios,
-                                            train_final_norm=config.method != "head")
+                                            train_final_norm=config.method != "head", recompute=plan.recompute)
             history["step_seconds"].append(seconds)
             history["step_flops"].append(flops)
             history["losses"].append(float(loss.detach()))

@@ -56,3 +56,22 @@ def test_counts_are_cached_per_shape():
     cached = len(counter._cache)
     b = counter.step_flops(8, 32, [17, 9, 5], (False, True, True), keep_ratios=(0.5,) * 3)
     assert b == 2 * a and len(counter._cache) == cached
+
+
+def test_recomputed_blocks_pay_a_second_forward():
+    model = tiny_model().train()
+    counter = StepFlopCounter(model)
+    for name, p in model.named_parameters():
+        if not name.startswith("blocks."):
+            p.requires_grad_(name.startswith(("head", "norm")))
+    handle = apply_patch(model)
+    plan = StepPlan((1.0,) * 3, (False, True, True), recompute=(True, True, False))
+    handle.set_plan(plan)
+    with FlopCounterMode(display=False) as real:
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+    composed = counter.step_flops(2, 32, handle.tokens_in, plan.trainable, keep_ratios=plan.keep_ratios,
+                                  recompute=plan.recompute)
+    # block 0 is below the lowest trainable block: it stores nothing, so it is not recomputed
+    assert composed == real.get_total_flops()
+    plain = counter.step_flops(2, 32, handle.tokens_in, plan.trainable, keep_ratios=plan.keep_ratios)
+    assert plain < composed < plain + 2 * counter.block_flops(1, 17, "fwd") + 1  # re-run stops before fc2
