@@ -19,7 +19,8 @@ class TrainConfig:
     """Everything a training run needs. Field names mirror the ``edge-alast train`` options.
 
     ``steps`` and ``epochs`` are alternatives: with neither, one epoch is run. ``batch_size`` and ``precision``
-    default to the device profile's.
+    default to the device profile's. ``eval_batch_size`` defaults to the training batch size: evaluation then never
+    needs more memory than a training step (a larger eval batch set the peak RSS of head-only runs).
     """
 
     data: str
@@ -36,7 +37,7 @@ class TrainConfig:
     steps: int | None = None
     epochs: float | None = None
     batch_size: int | None = None
-    eval_batch_size: int = 64
+    eval_batch_size: int | None = None
     lr: float = 3e-5
     weight_decay: float = 0.05
     optimizer: str = "adamw"
@@ -77,7 +78,9 @@ class TrainConfig:
             raise bad("steps", f"must be >= 1, got {self.steps}")
         if self.epochs is not None and self.epochs <= 0:
             raise bad("epochs", f"must be > 0, got {self.epochs}")
-        for name in ("img_size", "eval_batch_size", "token_multiple"):
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            raise bad("eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
+        for name in ("img_size", "token_multiple"):
             if getattr(self, name) < 1:
                 raise bad(name, f"must be >= 1, got {getattr(self, name)}")
         if self.freeze_below < 0:

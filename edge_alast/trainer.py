@@ -154,7 +154,8 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
                                 precision=precision, method=config.method, alast_config=config.alast, device=device,
                                 lowest_trainable=config.freeze_below, recompute=recompute,
                                 train_embeddings=train_embeddings, token_multiple=config.token_multiple,
-                                eval_batch_size=min(config.eval_batch_size, max(1, len(val_samples))),
+                                eval_batch_size=min(config.eval_batch_size or order.batch_size,
+                                                    max(1, len(val_samples))),
                                 flop_counter=flop_counter)
         except ConfigError as e:
             raise ConfigError(f"--profile {profile.name}: no plan fits this device: {e}") from e
@@ -312,7 +313,8 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
 
     # ---------------------------------------------------------------- evaluation (all tokens, no budgets)
     handle.set_plan(None)
-    val_accuracy, val_loss = evaluate(model, val_samples, preprocess, config.eval_batch_size, device, autocast)
+    val_accuracy, val_loss = evaluate(model, val_samples, preprocess, config.eval_batch_size or order.batch_size,
+                                      device, autocast)
     emit({"event": "eval", "val_accuracy": val_accuracy, "val_loss": val_loss, "val_images": len(val_samples)})
     handle.remove()
     from .export import save_model

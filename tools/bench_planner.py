@@ -100,7 +100,7 @@ def predict(config_path: str) -> dict:
     profile = load_profile(config.profile) if config.profile else None
     plan = plan_run(model, profile, img_size=config.img_size, batch_size=config.batch_size,
                     precision=config.precision or "fp32", method=config.method, alast_config=config.alast,
-                    train_embeddings=train_embeddings, eval_batch_size=min(config.eval_batch_size, len(val.samples)),
+                    train_embeddings=train_embeddings, eval_batch_size=min(config.eval_batch_size or config.batch_size, len(val.samples)),
                     token_multiple=config.token_multiple)
     # The same cost model on the steps the run took (tokens and trainable blocks from metrics.jsonl): the
     # model's accuracy, where predicted_peak_bytes is the bound over every step the policy could take.
@@ -109,7 +109,7 @@ def predict(config_path: str) -> dict:
     if metrics.exists():
         cost = CostModel(model, calibrate(model, img_size=config.img_size, precision=config.precision or "fp32"),
                          img_size=config.img_size, method=config.method, baseline_bytes=plan.breakdown["baseline"],
-                         train_embeddings=train_embeddings, eval_batch_size=min(config.eval_batch_size,
+                         train_embeddings=train_embeddings, eval_batch_size=min(config.eval_batch_size or config.batch_size,
                                                                                 len(val.samples)))
         depth = len(model.blocks)
         for line in metrics.read_text().splitlines():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,11 +42,22 @@ def run_method(name: str, config: dict, workdir: Path) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return json.loads((run_dir / "summary.json").read_text())
+    return read_run(run_dir)
+
+
+def read_run(run_dir: Path) -> dict:
+    """A run's summary plus the median steady-state step time (robust to a step disturbed by other work)."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    seconds = [s["time/step_seconds"] for s in steps if s.get("event") == "step"]
+    warm = min(5, len(seconds) // 5)
+    summary["median_step_seconds"] = statistics.median(seconds[warm:] or seconds)
+    return summary
 
 
 def fmt_table(rows: list[tuple[str, dict]], reference: dict | None) -> str:
-    cols = [("val acc", "val_accuracy", "{:.3f}", 1.0), ("step s", "mean_step_seconds", "{:.2f}", 1.0),
+    cols = [("val acc", "val_accuracy", "{:.3f}", 1.0), ("step s (median)", "median_step_seconds", "{:.2f}", 1.0),
+            ("step s (mean)", "mean_step_seconds", "{:.2f}", 1.0),
             ("peak RSS MiB", "peak_rss_bytes", "{:.0f}", 2**20), ("GFLOPs/step", "train_flops_per_step", "{:.0f}", 1e9)]
     head = "| method | " + " | ".join(f"{c} | × full" if c != "val acc" else "val acc | Δ full (pts)" for c, *_ in cols) + " |"
     lines = [head, "|" + "---|" * (1 + 2 * len(cols))]
@@ -81,6 +93,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:K=V;K=V", help="extra ALaST row")
     ap.add_argument("--workdir", type=Path)
     ap.add_argument("--json-out", type=Path)
+    ap.add_argument("--table-only", action="store_true",
+                    help="re-print the table from the run folders already in --workdir (no training)")
     args = ap.parse_args(argv)
 
     base = {"data": args.data, "val_data": args.val_data, "model": args.model, "img_size": args.img_size,
@@ -103,6 +117,8 @@ def main(argv=None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="edge-alast-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     results = []
+    if args.table_only:
+        runs, results = [], [(n, read_run(workdir / n)) for n, _ in runs if (workdir / n / "summary.json").exists()]
     for name, cfg in runs:
         print(f"running {name} ...", file=sys.stderr, flush=True)
         results.append((name, run_method(name, cfg, workdir)))
