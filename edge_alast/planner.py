@@ -13,7 +13,7 @@ Memory model (bytes of the training process at its peak)::
              saved activations               per block kind, calibrated (below)
              + gradients of the blocks already through backward
              + the backward transient of the block in backward (and, recomputed, its re-run activations)
-           and of evaluation (no-grad forward at the eval batch) and of saving the weights (3 copies)
+           and of evaluation (no-grad forward at the eval batch) and of saving the weights (one more copy)
          + allocator slack                   ``ALLOCATOR_SLACK`` x the saved activations (see its comment)
 
 Calibration (once per run, by measurement, on a copy of one block at batch 2 and 4): under
@@ -58,7 +58,10 @@ OPTIMIZER_STATES = 2  # AdamW/Adam: exp_avg and exp_avg_sq, each the parameter's
 # of ViT-S/14 fp32 at batch 16 peaked 0.40 x its activations above them at both 112 px (132 of 335 MiB) and 224 px
 # (524 of 1324 MiB) on glibc 2.x / torch 2.13 CPU. tools/bench_planner.py re-checks it.
 ALLOCATOR_SLACK = 0.40
-SAVE_WEIGHT_COPIES = 3  # save_model: clone + per-tensor bytes + the file buffer (measured: head-only runs)
+# save_model: safetensors.torch.save_model turns each tensor into a bytes object before writing, so the weights
+# exist once more while the file is written (was 3 copies with a clone and an in-memory file; head-only runs,
+# where saving sets the peak, measured 515 MiB vs 514 predicted with 1).
+SAVE_WEIGHT_COPIES = 1
 KEEP_LEVELS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)  # max_keep caps the planner tries, in order
 GUARD_THRESHOLD = 0.92
 # Calibration runs at this batch and twice it: large enough that transients are not lost in rounding, small
