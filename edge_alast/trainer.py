@@ -117,10 +117,7 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
     for w in warnings:
         emit({"event": "warning", "message": w})
     order = BatchOrder(len(train_samples), batch_size, config.seed)
-    if config.steps is not None:
-        total_steps = config.steps
-    else:
-        total_steps = max(1, math.ceil((config.epochs or 1.0) * order.batches_per_epoch))
+    total_steps = _total_steps(config, order)
 
     # ---------------------------------------------------------------- model and weights
     model = create_model(config.model, num_classes=len(folder.classes), img_size=config.img_size,
@@ -161,8 +158,7 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
             raise ConfigError(f"--profile {profile.name}: no plan fits this device: {e}") from e
         if run_plan.batch_size != order.batch_size:
             order = BatchOrder(len(train_samples), run_plan.batch_size, config.seed)
-            if config.steps is None:
-                total_steps = max(1, math.ceil((config.epochs or 1.0) * order.batches_per_epoch))
+            total_steps = _total_steps(config, order)
         if run_plan.memory_ceiling_bytes:
             guard = MemoryGuard(run_plan.memory_ceiling_bytes, depth, method=config.method)
         for note in run_plan.notes:
@@ -186,6 +182,8 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total_steps))
     autocast = (torch.autocast(device_type=device, dtype=AUTOCAST_DTYPES[precision])
                 if precision in AUTOCAST_DTYPES else nullcontext())
+    # fp16 gradients underflow without loss scaling; bf16 and fp32 need none (the scaler is then a no-op).
+    scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
 
     # ---------------------------------------------------------------- resume
     metrics_path = run_dir / "metrics.jsonl"
@@ -213,6 +211,8 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
         caps = _caps_from_state(checkpoint["caps"])
         if checkpoint["batch_size"] != order.batch_size:
             order = BatchOrder(len(train_samples), checkpoint["batch_size"], config.seed)
+            total_steps = _total_steps(config, order)
+        scaler.load_state_dict(checkpoint["scaler"])
         if guard is not None and checkpoint.get("guard"):
             guard.load_state_dict(checkpoint["guard"])
         first_step = int(checkpoint["step"])
@@ -234,7 +234,7 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
         state = {"format": 1, "step": step, "config": config.resume_key(), "model": model.state_dict(),
                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "policy": policy.state_dict(), "rng": {"torch": torch.get_rng_state()}, "history": history,
-                 "caps": _caps_state(caps), "batch_size": order.batch_size,
+                 "caps": _caps_state(caps), "batch_size": order.batch_size, "scaler": scaler.state_dict(),
                  "guard": guard.state_dict() if guard else None}
         try:
             path = save_checkpoint(run_dir, step, state)
@@ -257,8 +257,9 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
             with autocast:
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             policy.observe(handle.step_deltas())
@@ -362,6 +363,12 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
     emit({"event": "done", **{k: summary[k] for k in ("steps", "val_accuracy", "mean_step_seconds",
                                                         "peak_rss_bytes", "train_flops_per_step")}})
     return TrainResult(summary=summary, run_dir=run_dir)
+
+
+def _total_steps(config: TrainConfig, order: BatchOrder) -> int:
+    if config.steps is not None:
+        return config.steps
+    return max(1, math.ceil((config.epochs or 1.0) * order.batches_per_epoch))
 
 
 def _caps_state(caps: PolicyCaps) -> dict:

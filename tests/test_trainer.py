@@ -200,3 +200,14 @@ def test_profile_that_cannot_fit_fails_before_training_with_numbers(image_folder
     with pytest.raises(ConfigError, match=r"--profile tiny_board: no plan fits.* needs \d+ bytes .*ceiling is 52428800"):
         train(tiny_config(image_folder, tmp_path / "r", profile=_profile_file(tmp_path, 50 * 2**20)))
     assert not (tmp_path / "r" / "metrics.jsonl").exists() or not (tmp_path / "r" / "metrics.jsonl").read_text()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_trains_and_resumes(image_folder, tmp_path, precision):
+    reference = train(tiny_config(image_folder, tmp_path / "ref", steps=4, precision=precision)).summary
+    assert reference["precision"] == precision and reference["final_loss"] == reference["final_loss"]  # not NaN
+    calls = iter(range(100))
+    train(tiny_config(image_folder, tmp_path / "r", steps=4, precision=precision), should_stop=lambda: next(calls) == 1)
+    resumed = train(tiny_config(image_folder, tmp_path / "r", steps=4, precision=precision)).summary
+    assert _losses(tmp_path / "r") == pytest.approx(_losses(tmp_path / "ref"), rel=1e-6)
+    assert resumed["val_loss"] == pytest.approx(reference["val_loss"], rel=1e-6)
