@@ -358,6 +358,12 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
     if config.export:
         from .export import export_run
 
+        # The export rebuilds the model from model.safetensors: free the training state first (weights, grads,
+        # optimizer moments), so the export's peak does not stack on top of it on a small device.
+        optimizer.state.clear()
+        optimizer.param_groups.clear()
+        del model, handle, optimizer, scheduler
+        trim_heap()
         manifest = export_run(run_dir)  # model.onnx + manifest.json, parity-checked in onnxruntime
         emit({"event": "export", "path": str(run_dir / "model.onnx"), "sha256": manifest.get("sha256")})
     emit({"event": "done", **{k: summary[k] for k in ("steps", "val_accuracy", "mean_step_seconds",
