@@ -211,3 +211,17 @@ def test_reduced_precision_trains_and_resumes(image_folder, tmp_path, precision)
     resumed = train(tiny_config(image_folder, tmp_path / "r", steps=4, precision=precision)).summary
     assert _losses(tmp_path / "r") == pytest.approx(_losses(tmp_path / "ref"), rel=1e-6)
     assert resumed["val_loss"] == pytest.approx(reference["val_loss"], rel=1e-6)
+
+
+def test_auto_precision_follows_measurement_not_flags(monkeypatch):
+    import edge_alast.trainer as trainer_module
+
+    assert isinstance(trainer_module.cpu_bf16_is_faster.__wrapped__((64, 64, 64), 2), bool)  # the real probe runs
+    monkeypatch.setattr(trainer_module, "read_cpu_flags", lambda: {"avx512_bf16"})
+    monkeypatch.setattr(trainer_module, "cpu_bf16_is_faster", lambda: False)
+    assert trainer_module.resolve_precision("auto", "cpu") == "fp32"
+    monkeypatch.setattr(trainer_module, "cpu_bf16_is_faster", lambda: True)
+    assert trainer_module.resolve_precision("auto", "cpu") == "bf16"
+    monkeypatch.setattr(trainer_module, "read_cpu_flags", lambda: set())
+    assert trainer_module.resolve_precision("auto", "cpu") == "fp32"  # no bf16 instructions: never probed
+    assert trainer_module.resolve_precision("bf16", "cpu") == "bf16"  # an explicit choice is kept
