@@ -31,33 +31,23 @@ def _umask() -> int:
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Call ``write(file)`` on a temp file beside ``path``, then move it into place atomically."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts are read by other users (deploy services)
-        with os.fdopen(fd, "wb") as f:
+    def write_file(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_dir(path.parent)
-    return path
+
+    return atomic_write_path(path, write_file)
 
 
 def atomic_write_path(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Like :func:`atomic_write` for writers that need a file name (e.g. ``safetensors.torch.save_model``)."""
+    """Call ``write(temp_path)`` (for writers that need a file name, e.g. ``safetensors.torch.save_model``) on a
+    temp file beside ``path``; then fsync it, move it into place and fsync the folder. On failure the temp file is
+    removed and ``path`` is untouched."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts are read by other users (deploy services)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -86,3 +86,19 @@ def make_image_folder(root: Path, classes=("a", "b"), per_class: int = 6, size: 
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     return make_image_folder(tmp_path / "data")
+
+
+def run_cli_without_torch(command: str, args: list[str]):
+    """Run an ``edge_alast.cli_export`` command in a fresh interpreter; fails there if torch or timm got imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            f"from edge_alast.cli_export import {command} as cmd\n"
+            "try:\n"
+            f"    cmd.main({args!r}, standalone_mode=False)\n"
+            "finally:\n"
+            "    assert 'torch' not in sys.modules, 'torch was imported'\n"
+            "    assert 'timm' not in sys.modules, 'timm was imported'\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)

@@ -1,9 +1,6 @@
 """ONNX export: saved weights round-trip, parity gate, metadata, manifest, atomic publishing, predict without torch."""
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +10,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import REPO, TINY, make_image_folder, tiny_model
+from conftest import TINY, make_image_folder, run_cli_without_torch, tiny_model
 from edge_alast import __version__
 from edge_alast.cli_export import export as export_cmd
 from edge_alast.cli_export import predict as predict_cmd
@@ -154,14 +151,7 @@ def test_predict_runs_without_torch(run):
     if not (run / "model.onnx").exists():
         export_run(run)
     image = next((run.parent / "val" / "b").iterdir())
-    code = ("import sys\n"
-            "from edge_alast.cli_export import predict\n"
-            f"predict.main([{str(run / 'model.onnx')!r}, {str(image)!r}, '--top-k', '2', '--json'],"
-            " standalone_mode=False)\n"
-            "assert 'torch' not in sys.modules, 'torch was imported'\n"
-            "assert 'timm' not in sys.modules, 'timm was imported'\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    proc = run_cli_without_torch("predict", [str(run / "model.onnx"), str(image), "--top-k", "2", "--json"])
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["image"] == str(image) and len(result["top"]) == 2

@@ -1,14 +1,11 @@
 """ONNX Runtime on-device training: block choice from budgets, artifacts, a torch-free loop whose loss falls."""
 import json
-import os
-import subprocess
-import sys
 
 import onnx
 import pytest
 from click.testing import CliRunner
 
-from conftest import REPO, make_image_folder
+from conftest import make_image_folder, run_cli_without_torch
 from edge_alast.cli_export import export as export_cmd
 from edge_alast.cli_export import train_ort as train_ort_cmd
 from edge_alast.errors import ConfigError
@@ -78,16 +75,8 @@ def test_ort_training_loss_falls_and_exports(artifacts, tmp_path):
 def test_train_ort_cli_runs_without_torch(artifacts, tmp_path):
     folder, data = artifacts
     out = tmp_path / "out"
-    code = ("import sys\n"
-            "from edge_alast.cli_export import train_ort\n"
-            f"args = ['--artifacts', {str(folder)!r}, '--data', {str(data)!r}, '--steps', '3', '--batch-size', '4',"
-            f" '--out', {str(out)!r}, '--json']\n"
-            "try:\n"
-            "    train_ort.main(args, standalone_mode=False)\n"
-            "finally:\n"
-            "    assert 'torch' not in sys.modules, 'torch was imported'\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    proc = run_cli_without_torch("train_ort", ["--artifacts", str(folder), "--data", str(data), "--steps", "3",
+                                               "--batch-size", "4", "--out", str(out), "--json"])
     assert proc.returncode == 0, proc.stderr
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [e["event"] for e in events][-1] == "done" and sum(e["event"] == "step" for e in events) == 3
