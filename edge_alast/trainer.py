@@ -284,7 +284,9 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
             if config.trim_memory:
                 trim_heap()
             if guard is not None:  # near the ceiling: tighten the caps for the steps that follow
-                caps, guard_event = guard.check(peak_rss_bytes(), caps)
+                # On CUDA (Jetson: unified memory) tensors live outside the process RSS: add the allocator's peak.
+                reading = peak_rss_bytes() + (torch.cuda.max_memory_allocated() if device == "cuda" else 0)
+                caps, guard_event = guard.check(reading, caps)
                 if guard_event is not None:
                     guard_event["step"] = step + 1
                     metrics.write(json.dumps(guard_event) + "\n")
