@@ -67,6 +67,16 @@ def sd_notify(message: str) -> bool:
         return False
 
 
+def _block_list(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated block indices, got {value!r}",
+                                 param_hint="--recompute-blocks") from None
+
+
 class _Printer:
     """JSON lines on stdout (for journald and daemons) or a one-line progress display on a terminal; a status
     line to systemd when ``NOTIFY_SOCKET`` is set."""
@@ -170,6 +180,8 @@ class _StopOnSignal:
 @click.option("--max-bad-fraction", type=float,
               help="Fail (exit 3) when more than this share of image files is unreadable.  [default: 0.5]")
 @click.option("--freeze-below", type=int, help="Blocks below this index never train (store no activations).")
+@click.option("--recompute-blocks", type=str, callback=lambda ctx, param, v: _block_list(v),
+              help="Comma-separated block indices whose activations are recomputed in backward (e.g. 0,1).")
 @click.option("--config", "config_file", type=str, help="YAML run file whose keys mirror these options.")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines on stdout (default when stdout is not a terminal).")
 def train(config_file, as_json, **options):

@@ -226,3 +226,12 @@ def test_sd_notify_sends_status_datagrams(image_folder, tmp_path, monkeypatch):
     assert messages[0].startswith("READY=1\nSTATUS=training vit_tiny_patch16_224 (alast)")
     assert any(m.startswith("STATUS=step 3/3") for m in messages)
     assert messages[-1] == "STOPPING=1\nSTATUS=done"
+
+
+def test_recompute_blocks_option(image_folder, tmp_path):
+    cfg = str(run_file(tmp_path, image_folder, tmp_path / "r"))
+    result = CliRunner().invoke(main, ["train", "--config", cfg, "--recompute-blocks", "1,2"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["config"]["recompute_blocks"] == [1, 2]
+    result = CliRunner().invoke(main, ["train", "--config", cfg, "--recompute-blocks", "a,b"])
+    assert result.exit_code == 2 and "--recompute-blocks" in result.output
