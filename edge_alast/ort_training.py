@@ -37,7 +37,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import __version__
-from .atomic import atomic_write, atomic_write_json
+from .atomic import atomic_write, atomic_write_json, atomic_write_path
 from .errors import ConfigError, EdgeAlastError
 from .images import load_image, scan_image_folder, scan_warnings, split_samples
 from .predict import MAX_IR_VERSION, build_metadata, import_onnxruntime, limit_ir_version, set_metadata
@@ -373,12 +373,4 @@ def train_ort(artifacts_dir: str | os.PathLike, data: str | os.PathLike, out: st
 
 
 def _save_checkpoint(api, state, path: Path) -> None:
-    tmp_fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(tmp_fd)
-    try:
-        api.CheckpointState.save_checkpoint(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_path(path, lambda tmp: api.CheckpointState.save_checkpoint(state, str(tmp)))
