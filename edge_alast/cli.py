@@ -160,7 +160,15 @@ class _StopOnSignal:
 @click.option("--img-size", type=int, help="Input side in pixels.  [default: 224]")
 @click.option("--profile", type=str, help="Device profile: shipped name, 'auto', or a YAML path.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Override the profile's device.")
-@click.option("--method", type=click.Choice(["alast", "full", "head"]), help="Fine-tuning method.  [default: alast]")
+@click.option("--method", type=click.Choice(["alast", "full", "head", "lora", "alast-lora", "light-peft",
+                                            "light-peft+alast"]),
+              help="Fine-tuning method.  [default: alast]")
+@click.option("--lora-r", type=int, help="LoRA rank (LoRA and Light-PEFT methods).  [default: 8]")
+@click.option("--lora-alpha", type=float, help="LoRA scaling numerator (update = alpha/r * BA).  [default: 16]")
+@click.option("--lora-dropout", type=float, help="Dropout on the adapters' input.  [default: 0]")
+@click.option("--lora-targets", type=str, help="Comma-separated Linears of each block to adapt.  [default: qkv,proj,fc1,fc2]")
+@click.option("--estimation-steps", type=int,
+              help="Light-PEFT: steps of early estimation before pruning (part of --steps).  [default: 200]")
 @click.option("--epochs", type=float, help="Epochs to train (alternative to --steps).")
 @click.option("--steps", type=int, help="Optimizer steps to train.")
 @click.option("--batch-size", type=int, help="Batch size; default: the profile's (16 without one).")
@@ -199,6 +207,17 @@ def train(config_file, as_json, **options):
     printer = _Printer(as_json)
     try:
         values = _load_run_file(config_file)
+        nested = {"lora_r": ("lora", "r"), "lora_alpha": ("lora", "alpha"), "lora_dropout": ("lora", "dropout"),
+                  "lora_targets": ("lora", "targets"), "estimation_steps": ("light_peft", "estimation_steps")}
+        for option, (section, key) in nested.items():
+            value = options.pop(option)
+            if value is not None:
+                if option == "lora_targets":
+                    value = [t.strip() for t in value.split(",") if t.strip()]
+                values.setdefault(section, {})
+                if not isinstance(values[section], dict):
+                    raise ConfigError(f"{config_file}: {section} must be a mapping")
+                values[section][key] = value
         values.update({k: v for k, v in options.items() if v is not None})
         for required in ("data", "out"):
             if not values.get(required):

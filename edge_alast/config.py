@@ -6,12 +6,42 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
+from .lightpeft import LightPeftConfig
+from .lora import LoraConfig
 from .policy import AlastConfig
 
-METHODS = ("alast", "full", "head")
+METHODS = ("alast", "full", "head", "lora", "alast-lora", "light-peft", "light-peft+alast")
+ALAST_METHODS = ("alast", "alast-lora", "light-peft+alast")
+LORA_METHODS = ("lora", "alast-lora", "light-peft", "light-peft+alast")
+LIGHT_PEFT_METHODS = ("light-peft", "light-peft+alast")
+SECTIONS = {"alast": AlastConfig, "lora": LoraConfig, "light_peft": LightPeftConfig}
+
+
+def plan_kind(method: str) -> str:
+    """How the planner and memory guard see a method: ``alast`` (budgets, K of the blocks train), ``full`` (every
+    block trains with every token) or ``head``. Light-PEFT plans for its estimation stage, which trains every
+    adapter with every token on the unpruned model (its costliest stage)."""
+    if method == "head":
+        return "head"
+    return "alast" if method in ("alast", "alast-lora") else "full"
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adamw", "adam")
+
+
+def _section(key: str, value, source: str):
+    """A run-file section (``alast``, ``lora``, ``light_peft``) as its dataclass; unknown keys are an error."""
+    cls = SECTIONS[key]
+    if isinstance(value, cls):
+        return value
+    value = value or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: {key} must be a mapping, got {type(value).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown {key} keys {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    return cls(**value)
 
 
 @dataclass
@@ -56,6 +86,12 @@ class TrainConfig:
     resume: bool | None = None
     export: bool = True
     alast: AlastConfig = field(default_factory=AlastConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    light_peft: LightPeftConfig = field(default_factory=LightPeftConfig)
+
+    def __post_init__(self):
+        for key in SECTIONS:  # the Python API may pass the sections as plain mappings, as a run file does
+            setattr(self, key, _section(key, getattr(self, key), "config"))
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad field."""
@@ -103,6 +139,13 @@ class TrainConfig:
             raise bad("checkpoint_every_steps", f"must be >= 1, got {self.checkpoint_every_steps}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise bad("max_bad_fraction", f"must be in [0, 1], got {self.max_bad_fraction}")
+        if self.method in LORA_METHODS:
+            self.lora.validate()
+        if self.method in LIGHT_PEFT_METHODS:
+            self.light_peft.validate()
+            if self.steps is not None and self.steps <= self.light_peft.estimation_steps:
+                raise bad("steps", f"must exceed --estimation-steps ({self.light_peft.estimation_steps}) for "
+                                   f"{self.method}: steps count estimation and fine-tuning, got {self.steps}")
 
     # Fields that may change between an interrupted run and its resumption without changing the result.
     RESUME_FREE = ("resume", "checkpoint_every_seconds", "checkpoint_every_steps", "out")
@@ -122,14 +165,9 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"{source}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(names))})")
         data = dict(data)
-        alast = data.pop("alast", None) or {}
-        if isinstance(alast, AlastConfig):
-            alast = dataclasses.asdict(alast)
-        alast_names = {f.name for f in dataclasses.fields(AlastConfig)}
-        unknown = sorted(set(alast) - alast_names)
-        if unknown:
-            raise ConfigError(f"{source}: unknown alast keys {', '.join(unknown)} (known: {', '.join(sorted(alast_names))})")
         missing = [n for n in ("data", "out") if n not in data]
         if missing:
             raise ConfigError(f"{source}: missing required keys {', '.join(missing)}")
-        return cls(alast=AlastConfig(**alast), **data)
+        for key in SECTIONS:
+            data[key] = _section(key, data.get(key), source)
+        return cls(**data)

@@ -78,6 +78,7 @@ def load_run_model(run_dir: str | os.PathLike) -> tuple[nn.Module, dict[str, Any
     Raises:
         ConfigError: the folder is not a finished run, or has no saved weights.
     """
+    from .lightpeft import apply_pruning, structure_from_state_dict
     from .models import create_model, data_config, read_state_dict
 
     run_dir = Path(run_dir)
@@ -91,6 +92,9 @@ def load_run_model(run_dir: str | os.PathLike) -> tuple[nn.Module, dict[str, Any
     img_size = int(config.get("img_size") or summary.get("img_size"))
     model = create_model(name, num_classes=len(classes), img_size=img_size, **(config.get("model_args") or {}))
     state = read_state_dict(weights)
+    structure = structure_from_state_dict(model, state)
+    if structure is not None:  # a Light-PEFT run: fewer heads / FFN units per block, read off the weights' shapes
+        apply_pruning(model, structure)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

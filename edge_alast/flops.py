@@ -95,19 +95,22 @@ def _sdpa_as_cpu_flash():
         F.scaled_dot_product_attention = original
 
 
-def count_flops(module: nn.Module, inputs: Sequence[torch.Tensor], kind: str, recompute: bool = False) -> int:
+def count_flops(module: nn.Module, inputs: Sequence[torch.Tensor], kind: str, recompute: bool = False,
+                trainable: Sequence[bool] | None = None) -> int:
     """FLOPs of one forward (+ backward of the given kind) of ``module`` on ``inputs``.
 
     With ``recompute`` the module runs under non-reentrant ``torch.utils.checkpoint`` as the mechanism runs it, so
     the re-run forward in backward is counted as torch really runs it (it stops after the last saved tensor it
-    needs, e.g. skipping the block's final matmul).
+    needs, e.g. skipping the block's final matmul). ``trainable`` (per parameter, default all) says which
+    parameters a weight-gradient kind trains: a LoRA block trains its adapters, not its base weights.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     need_weight = kind in ("weight", "both")
     need_input = kind in ("input", "both")
-    for p in module.parameters():
-        p.requires_grad_(need_weight)
+    params = list(module.parameters())
+    for p, t in zip(params, trainable if trainable is not None else [True] * len(params)):
+        p.requires_grad_(need_weight and bool(t))
     inputs = [x.detach().requires_grad_(need_input) if x.is_floating_point() else x for x in inputs]
     with FlopCounterMode(display=False) as counter, _sdpa_as_cpu_flash():
         out = checkpoint(module, *inputs, use_reentrant=False) if recompute else module(*inputs)
@@ -122,6 +125,11 @@ class StepFlopCounter:
     def __init__(self, model: nn.Module):
         # Meta copies hold no storage, so keeping them costs no memory and counting on them costs no compute.
         self._blocks = [copy.deepcopy(b).to("meta") for b in model.blocks]
+        # Which parameters of each block can train (as set on the model now; none set: all, as for full tuning).
+        self._trainable = []
+        for b in self._blocks:
+            flags = [p.requires_grad for p in b.parameters()]
+            self._trainable.append(flags if any(flags) else [True] * len(flags))
         self._stem = copy.deepcopy(model.patch_embed).to("meta")
         # DeiT's distilled models have a second head on the distillation token.
         self._heads = [copy.deepcopy(h).to("meta") for h in (model.head, getattr(model, "head_dist", None))
@@ -139,7 +147,8 @@ class StepFlopCounter:
         x = torch.empty(1, tokens, self._blocks[index].norm1.normalized_shape[0], device="meta")
         recompute = recompute and kind != "fwd"  # a block that stores nothing has nothing to recompute
         return self._cached(("block", index, tokens, kind, recompute),
-                            lambda: count_flops(self._blocks[index], [x], kind, recompute))
+                            lambda: count_flops(self._blocks[index], [x], kind, recompute,
+                                                trainable=self._trainable[index]))
 
     def step_flops(
         self,

@@ -1,6 +1,7 @@
 """ALaST mechanism: acts on a timm Vision Transformer according to a :class:`~edge_alast.policy.StepPlan`.
 
-``handle = apply_patch(model)`` hooks every block; ``handle.set_plan(plan)`` freezes/unfreezes blocks and sets their
+``handle = apply_patch(model)`` hooks every block; ``handle.set_plan(plan)`` freezes/unfreezes blocks (the
+parameters that had ``requires_grad`` when the patch was applied: all of a block, or its LoRA adapters) and sets their
 token budgets; ``handle.remove()`` restores the model. Nothing of timm's Block/Attention forward is copied: a
 forward hook on each block's ``attn.qkv`` takes the class-token attention row from q_cls and K (one query row,
 O(N*D)) while the block keeps its own fused attention, LayerScale, qk-norm, drop-path; a forward hook on the
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .lora import LoRALinear
 from .policy import StepPlan, count_kept
 from .tokens import cls_attention, select_tokens
 
@@ -42,7 +44,7 @@ class AlastHandle:
         self._hooks = []
         for i, blk in enumerate(self.blocks):
             attn = getattr(blk, "attn", None)
-            if not isinstance(getattr(attn, "qkv", None), nn.Linear) or not hasattr(attn, "num_heads"):
+            if not isinstance(getattr(attn, "qkv", None), (nn.Linear, LoRALinear)) or not hasattr(attn, "num_heads"):
                 raise TypeError(
                     f"block {i} ({type(blk).__name__}) has no fused `attn.qkv` Linear: not a supported timm ViT block")
             self._hooks.append(attn.qkv.register_forward_hook(partial(self._on_qkv, i)))
@@ -90,7 +92,9 @@ class AlastHandle:
         for i, blk in enumerate(self.blocks):
             train = plan.trainable[i]
             for p in blk.parameters():
-                p.requires_grad_(train)
+                # Only what could train when the patch was applied: a LoRA block's frozen base stays frozen and
+                # its adapters follow the plan.
+                p.requires_grad_(train and self._requires_grad[p])
                 if not train:
                     p.grad = None  # frozen this step: no grad, so the optimizer skips it (its state is kept)
             self._set_recompute(i, plan.recompute[i] and train_or_above(plan, i))

@@ -220,15 +220,18 @@ def _block_measure(block: nn.Module, batch: int, tokens: int, dim: int, kind: st
     exclude = {p.untyped_storage().data_ptr() for p in params}
     need_weight = kind in ("weight", "both")
     need_input = kind in ("input", "both")
+    # A weight-gradient kind trains what can train in this block (its adapters for LoRA; all of it otherwise).
+    flags = [p.requires_grad for p in params]
+    trains = [p for p, f in zip(params, flags) if f] or params
     for p in params:
-        p.requires_grad_(need_weight)
+        p.requires_grad_(need_weight and any(p is t for t in trains))
         p.grad = None
     x = torch.randn(batch, tokens, dim, device=device)
     if need_input:
         x.requires_grad_(True)
     # Gradients allocated up front and left out: they are costed apart (they outlive the block's backward).
-    grads = [torch.zeros_like(p) for p in params] if need_weight else []
-    for p, g in zip(params, grads):
+    grads = [torch.zeros_like(p) for p in trains] if need_weight else []
+    for p, g in zip(trains, grads):
         p.grad = g
     with _LiveBytes(exclude | {g.untyped_storage().data_ptr() for g in grads}) as live:
         counter = _SavedBytes(exclude)
@@ -239,8 +242,9 @@ def _block_measure(block: nn.Module, batch: int, tokens: int, dim: int, kind: st
         y.float().sum().backward()
         backward = max(0, live.peak - before)
         del y
-    for p in params:
+    for p, f in zip(params, flags):
         p.grad = None
+        p.requires_grad_(f)
     with torch.no_grad(), _LiveBytes(exclude) as live:
         xi = x.detach().clone()
         before = live.reset_peak()
@@ -385,6 +389,10 @@ class CostModel:
 
         self.weight_bytes = nbytes(model.parameters())
         self.block_bytes = [nbytes(b.parameters()) for b in model.blocks]
+        # What trains in a trainable block (gradients, optimizer state): LoRA adapters only, where the model has
+        # them; every parameter of the block otherwise (a block with nothing marked trainable counts whole).
+        self.block_train_bytes = [nbytes(p for p in b.parameters() if p.requires_grad) or self.block_bytes[i]
+                                  for i, b in enumerate(model.blocks)]
         names = ("patch_embed.", "cls_token", "pos_embed", "reg_token", "dist_token")
         self.embed_bytes = nbytes(p for n, p in model.named_parameters() if n.startswith(names))
         self.tail_bytes = self.weight_bytes - sum(self.block_bytes) - self.embed_bytes  # norm(s) + head(s)
@@ -439,7 +447,7 @@ class CostModel:
         if self.method == "head":
             train = self.head_bytes
         else:
-            blocks = 0 if lowest_trainable is None else sum(self.block_bytes[lowest_trainable:])
+            blocks = 0 if lowest_trainable is None else sum(self.block_train_bytes[lowest_trainable:])
             train = blocks + self.tail_bytes + (self.embed_bytes if self.train_embeddings else 0)
         return OPTIMIZER_STATES * train
 
@@ -471,7 +479,7 @@ class CostModel:
         for i in reversed(range(self.depth)):
             if kinds[i] == "fwd":
                 continue
-            own = self.block_bytes[i] if s.trainable[i] else 0
+            own = self.block_train_bytes[i] if s.trainable[i] else 0
             rerun = self.cal.saved[kinds[i]](s.batch_size, s.tokens[i]) if s.recompute[i] else 0.0
             now = live - freed + grads + own + rerun + self.cal.backward(s.batch_size, s.tokens[i])
             bwd_peak = max(bwd_peak, now)

@@ -18,11 +18,13 @@ import torch.nn.functional as F
 from . import __version__
 from .atomic import atomic_write, atomic_write_json
 from .checkpoint import checkpoints, load_latest, save_checkpoint
-from .config import TrainConfig
+from .config import ALAST_METHODS, LIGHT_PEFT_METHODS, LORA_METHODS, TrainConfig, plan_kind
 from .data import BatchOrder, Preprocess, iter_batches, load_batch
 from .images import scan_image_folder, scan_warnings, split_samples
 from .errors import ConfigError, DataError
 from .flops import StepFlopCounter
+from .lightpeft import ImportanceRecorder, add_masks, apply_pruning, mask_penalty, plan_pruning
+from .lora import apply_lora, merge_lora
 from .memory import peak_rss_bytes, rss_bytes, trim_heap
 from .models import create_model, data_config, load_weights
 from .patch import apply_patch
@@ -143,18 +145,33 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
     if config.weights:
         load_weights(model, config.weights)
     preprocess = Preprocess(config.img_size, **data_config(model))
-    flop_counter = StepFlopCounter(model)  # before patching: it copies the blocks to the meta device
+    base_params = sum(p.numel() for p in model.parameters())
+    light_peft = config.method in LIGHT_PEFT_METHODS
+    estimation_steps = config.light_peft.estimation_steps if light_peft else 0
+    if config.method in LORA_METHODS:
+        apply_lora(model, config.lora)  # freezes the blocks' own weights; adapters train
+    if light_peft:
+        try:
+            add_masks(model)
+        except TypeError as e:
+            raise ConfigError(f"--method {config.method}: {config.model}: {e}") from e
     model.to(device)
     depth = len(model.blocks)
 
     # ---------------------------------------------------------------- what trains
+    # Block parameters: all of them (full, alast), their adapters and masks (LoRA methods), none (head). Per step
+    # the mechanism freezes blocks among these. Outside the blocks: the head and final norm, and the embeddings
+    # with --train-embeddings (always for full).
     train_embeddings = config.train_embeddings or config.method == "full"
     for name, p in model.named_parameters():
         if name.startswith("blocks."):
-            continue  # the mechanism sets these per step
+            if config.method == "head":
+                p.requires_grad_(False)
+            continue
         is_embedding = name.startswith(EMBEDDING_PARAMS)
         is_head = name.startswith(("head.", "head_dist."))
         p.requires_grad_(is_head if config.method == "head" else (train_embeddings if is_embedding else True))
+    flop_counter = StepFlopCounter(model)  # before patching: it copies the blocks (and their flags) to meta
     if config.freeze_below >= depth or any(i >= depth for i in config.recompute_blocks):
         raise ConfigError(f"--freeze-below/--recompute-blocks: {config.model} has {depth} blocks (0..{depth - 1})")
     recompute = tuple(i in config.recompute_blocks for i in range(depth))
@@ -166,7 +183,8 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
     if profile is not None:
         try:
             run_plan = plan_run(model, profile, img_size=config.img_size, batch_size=order.batch_size,
-                                precision=precision, method=config.method, alast_config=config.alast, device=device,
+                                precision=precision, method=plan_kind(config.method), alast_config=config.alast,
+                                device=device,
                                 lowest_trainable=config.freeze_below, recompute=recompute,
                                 train_embeddings=train_embeddings, token_multiple=config.token_multiple,
                                 eval_batch_size=min(config.eval_batch_size or order.batch_size,
@@ -178,26 +196,19 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
             order = BatchOrder(len(train_samples), run_plan.batch_size, config.seed)
             total_steps = _total_steps(config, order)
         if run_plan.memory_ceiling_bytes:
-            guard = MemoryGuard(run_plan.memory_ceiling_bytes, depth, method=config.method)
+            guard = MemoryGuard(run_plan.memory_ceiling_bytes, depth, method=plan_kind(config.method))
         for note in run_plan.notes:
             emit({"event": "plan", "message": note})
     caps = run_plan.caps if run_plan else PolicyCaps(lowest_trainable=config.freeze_below, recompute=recompute)
-    if config.method == "alast":
-        policy = AlastPolicy(depth, config.alast, lr=config.lr)
-    else:
-        policy = StaticPolicy(depth, train_blocks=config.method == "full", recompute=caps.recompute)
-    handle = apply_patch(model, token_multiple=config.token_multiple)
-
-    # One optimizer over every parameter that can ever train, created once: freezing leaves grads None so the
-    # optimizer skips those parameters and keeps their state (never edits param groups).
-    trainable_ever = [(n, p) for n, p in model.named_parameters()
-                      if p.requires_grad or (n.startswith("blocks.") and config.method != "head")]
-    decay = [p for n, p in trainable_ever if p.ndim > 1 and not n.startswith(EMBEDDING_PARAMS)]
-    no_decay = [p for n, p in trainable_ever if not (p.ndim > 1 and not n.startswith(EMBEDDING_PARAMS))]
-    opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls([{"params": decay, "weight_decay": config.weight_decay},
-                         {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total_steps))
+    # Light-PEFT: stage 1 (estimation, steps [0, estimation_steps)) trains adapters and masks on every block with
+    # every token; at step estimation_steps the model is pruned (stage 2) and the stages are rebuilt for stage 3.
+    if light_peft and total_steps <= estimation_steps:
+        raise ConfigError(f"--estimation-steps: {config.method} runs {total_steps} steps in all, which leaves none for "
+                          f"fine-tuning after {estimation_steps} estimation steps; train longer or estimate shorter")
+    recorder = ImportanceRecorder(model, estimation_steps) if light_peft else None
+    pruning = None
+    handle, policy, optimizer, scheduler = _stage(model, config, depth, caps, total_steps,
+                                                  alast=config.method in ALAST_METHODS and not light_peft)
     autocast = (torch.autocast(device_type=device, dtype=AUTOCAST_DTYPES[precision])
                 if precision in AUTOCAST_DTYPES else nullcontext())
     # fp16 gradients underflow without loss scaling; bf16 and fp32 need none (the scaler is then a no-op).
@@ -219,6 +230,16 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
         if differs:
             raise ConfigError(f"--out: {run_dir} holds a checkpoint of a run with other settings "
                               f"({', '.join(differs)}); use another --out, or the same settings to resume")
+        if checkpoint.get("pruning") is not None:  # resumed in stage 3: rebuild the pruned model first
+            pruning, recorder = checkpoint["pruning"], None
+            handle.remove()
+            apply_pruning(model, pruning)
+            flop_counter = StepFlopCounter(model)
+            handle, policy, optimizer, scheduler = _stage(model, config, depth, caps, total_steps,
+                                                          alast=config.method in ALAST_METHODS,
+                                                          first_step=estimation_steps)
+        elif recorder is not None:
+            recorder.load_state_dict(checkpoint["estimation"])
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
@@ -253,7 +274,8 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "policy": policy.state_dict(), "rng": {"torch": torch.get_rng_state()}, "history": history,
                  "caps": _caps_state(caps), "batch_size": order.batch_size, "scaler": scaler.state_dict(),
-                 "guard": guard.state_dict() if guard else None}
+                 "guard": guard.state_dict() if guard else None, "pruning": pruning,
+                 "estimation": recorder.state_dict() if recorder is not None else None}
         try:
             path = save_checkpoint(run_dir, step, state)
             emit({"event": "checkpoint", "step": step, "path": str(path)})
@@ -267,15 +289,37 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
     model.train()
     with open(metrics_path, "a") as metrics:
         for step in range(first_step, total_steps):
+            if recorder is not None and step == estimation_steps:
+                # ---- Light-PEFT stage 2: prune by the estimates, then stage 3 on the smaller model
+                pruning = plan_pruning(model, config.light_peft, recorder)
+                recorder.stop()
+                recorder = None
+                handle.remove()
+                apply_pruning(model, pruning)
+                flop_counter = StepFlopCounter(model)
+                handle, policy, optimizer, scheduler = _stage(model, config, depth, caps, total_steps,
+                                                              alast=config.method in ALAST_METHODS,
+                                                              first_step=estimation_steps)
+                trim_heap()
+                event = {"event": "prune", "step": step, **_pruning_summary(model, pruning, base_params)}
+                metrics.write(json.dumps(event) + "\n")
+                emit(event)
             t0 = time.perf_counter()
             plan = policy.decide(caps)
             handle.set_plan(plan)
             x, y = load_batch(train_samples, order.indices(step), preprocess)
             x, y = x.to(device), y.to(device)
+            if recorder is not None:
+                recorder.before_forward(step)
             with autocast:
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y)
+            if recorder is not None and config.light_peft.mask_l1 > 0:
+                loss = loss + config.light_peft.mask_l1 * mask_penalty(model)
             scaler.scale(loss).backward()
+            if recorder is not None and recorder.recording(step):
+                scaler.unscale_(optimizer)  # rank importances need true gradients (a no-op unless fp16)
+                recorder.after_backward(step)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -340,6 +384,8 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
     handle.remove()
     from .export import save_model
 
+    trainable_params = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    merge_lora(model)  # adapters folded into the weights: the saved and exported model is timm's architecture
     save_model(model, run_dir)  # the tuned weights, for `export` and `eval` (atomic)
 
     # ---------------------------------------------------------------- summary
@@ -364,6 +410,10 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
         "train_flops_per_step": sum(step_flops) / len(step_flops),
         "total_train_flops": int(sum(step_flops)),
         "budgets": list(getattr(policy, "budgets", [1.0] * depth)),
+        "trainable_params": trainable_params,
+        "base_params": sum(p.numel() for p in model.parameters()),
+        "base_params_original": base_params,
+        "pruning": _pruning_summary(model, pruning, base_params) if pruning is not None else None,
         "memory_ceiling_bytes": run_plan.memory_ceiling_bytes if run_plan else None,
         "predicted_peak_bytes": run_plan.predicted_peak_bytes if run_plan else None,
         "flop_ceiling_per_step": run_plan.flop_ceiling_per_step if run_plan else None,
@@ -389,6 +439,41 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
     emit({"event": "done", **{k: summary[k] for k in ("steps", "val_accuracy", "mean_step_seconds",
                                                         "peak_rss_bytes", "train_flops_per_step")}})
     return TrainResult(summary=summary, run_dir=run_dir)
+
+
+def _stage(model, config: TrainConfig, depth: int, caps: PolicyCaps, total_steps: int, *, alast: bool,
+           first_step: int = 0):
+    """Patch, policy, optimizer and LR schedule for training ``model`` from ``first_step`` on (a Light-PEFT run
+    builds a second set for its pruned model)."""
+    if alast:
+        policy = AlastPolicy(depth, config.alast, lr=config.lr)
+    else:
+        policy = StaticPolicy(depth, train_blocks=config.method != "head", recompute=caps.recompute)
+    handle = apply_patch(model, token_multiple=config.token_multiple)  # records what can train (requires_grad)
+    # One optimizer over every parameter that can ever train, created once per stage: freezing leaves grads None
+    # so the optimizer skips those parameters and keeps their state (never edits param groups).
+    trainable_ever = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable_ever if p.ndim > 1 and not n.startswith(EMBEDDING_PARAMS)]
+    no_decay = [p for n, p in trainable_ever if not (p.ndim > 1 and not n.startswith(EMBEDDING_PARAMS))]
+    opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_cls([{"params": decay, "weight_decay": config.weight_decay},
+                         {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    factor = _lr_lambda(config, total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: factor(s + first_step))
+    return handle, policy, optimizer, scheduler
+
+
+def _pruning_summary(model, pruning: dict, base_params: int) -> dict:
+    """What Light-PEFT's stage 2 kept, for the prune event and the summary."""
+    from .lora import lora_modules
+
+    adapters = lora_modules(model)
+    return {"heads_per_block": [len(h) for h in pruning["heads"]],
+            "ffn_units_per_block": [len(u) for u in pruning["units"]],
+            "adapters_kept": len(adapters), "lora_ranks_kept": sum(m.r for m in adapters.values()),
+            "adapter_ranks": {n: len(r) for n, r in pruning["adapters"].items()},
+            "base_params_kept": sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n),
+            "base_params_original": base_params}
 
 
 def _total_steps(config: TrainConfig, order: BatchOrder) -> int:
