@@ -29,6 +29,25 @@ SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adamw", "adam")
 
 
+def _check_numbers(obj, name) -> None:
+    """Numeric fields hold numbers: a float field takes a numeric string (YAML 1.1 reads ``1e-3``, without a dot,
+    as a string); anything else is a :class:`ConfigError` naming the field (``name(field)``)."""
+    for f in dataclasses.fields(obj):
+        value, kind = getattr(obj, f.name), str(f.type).replace(" ", "")
+        if value is None or kind not in ("float", "float|None", "int", "int|None"):
+            continue
+        if kind.startswith("float") and isinstance(value, str):
+            try:
+                setattr(obj, f.name, float(value))
+                continue
+            except ValueError:
+                pass
+        wrong = isinstance(value, bool) or not isinstance(value, int if kind.startswith("int") else (int, float))
+        if wrong:
+            raise ConfigError(f"{name(f.name)}: must be {'an integer' if kind.startswith('int') else 'a number'}, "
+                              f"got {value!r}")
+
+
 def _section(key: str, value, source: str):
     """A run-file section (``alast``, ``lora``, ``light_peft``) as its dataclass; unknown keys are an error."""
     cls = SECTIONS[key]
@@ -41,7 +60,9 @@ def _section(key: str, value, source: str):
     unknown = sorted(set(value) - known)
     if unknown:
         raise ConfigError(f"{source}: unknown {key} keys {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    return cls(**value)
+    section = cls(**value)
+    _check_numbers(section, lambda field_name: f"{source}: {key}.{field_name}")
+    return section
 
 
 @dataclass
@@ -92,6 +113,7 @@ class TrainConfig:
     def __post_init__(self):
         for key in SECTIONS:  # the Python API may pass the sections as plain mappings, as a run file does
             setattr(self, key, _section(key, getattr(self, key), "config"))
+        _check_numbers(self, lambda field_name: f"--{field_name.replace('_', '-')}")
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad field."""

@@ -206,7 +206,7 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
         raise ConfigError(f"--estimation-steps: {config.method} runs {total_steps} steps in all, which leaves none for "
                           f"fine-tuning after {estimation_steps} estimation steps; train longer or estimate shorter")
     recorder = ImportanceRecorder(model, estimation_steps) if light_peft else None
-    pruning = None
+    pruning = pruned = None  # stage 2's spec, and what it kept (for the summary)
     handle, policy, optimizer, scheduler = _stage(model, config, depth, caps, total_steps,
                                                   alast=config.method in ALAST_METHODS and not light_peft)
     autocast = (torch.autocast(device_type=device, dtype=AUTOCAST_DTYPES[precision])
@@ -234,6 +234,7 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
             pruning, recorder = checkpoint["pruning"], None
             handle.remove()
             apply_pruning(model, pruning)
+            pruned = _pruning_summary(model, pruning, base_params)
             flop_counter = StepFlopCounter(model)
             handle, policy, optimizer, scheduler = _stage(model, config, depth, caps, total_steps,
                                                           alast=config.method in ALAST_METHODS,
@@ -301,7 +302,8 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
                                                               alast=config.method in ALAST_METHODS,
                                                               first_step=estimation_steps)
                 trim_heap()
-                event = {"event": "prune", "step": step, **_pruning_summary(model, pruning, base_params)}
+                pruned = _pruning_summary(model, pruning, base_params)
+                event = {"event": "prune", "step": step, **pruned}
                 metrics.write(json.dumps(event) + "\n")
                 emit(event)
             t0 = time.perf_counter()
@@ -314,9 +316,11 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
             with autocast:
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y)
-            if recorder is not None and config.light_peft.mask_l1 > 0:
-                loss = loss + config.light_peft.mask_l1 * mask_penalty(model)
-            scaler.scale(loss).backward()
+            objective, penalty = loss, None
+            if recorder is not None and config.light_peft.mask_l1 > 0:  # Light-PEFT's L1 on the masks
+                penalty = config.light_peft.mask_l1 * mask_penalty(model)
+                objective = loss + penalty
+            scaler.scale(objective).backward()
             if recorder is not None and recorder.recording(step):
                 scaler.unscale_(optimizer)  # rank importances need true gradients (a no-op unless fp16)
                 recorder.after_backward(step)
@@ -353,6 +357,8 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
                 "budget/keep_ratio": [round(r, 6) for r in plan.keep_ratios],
                 "mem/rss_bytes": rss_bytes(), "mem/peak_rss_bytes": peak_rss_bytes(),
             }
+            if penalty is not None:  # "loss" stays the cross-entropy, comparable across methods
+                record["loss/mask_l1"] = float(penalty.detach())
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
             emit(record)
@@ -413,7 +419,7 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
         "trainable_params": trainable_params,
         "base_params": sum(p.numel() for p in model.parameters()),
         "base_params_original": base_params,
-        "pruning": _pruning_summary(model, pruning, base_params) if pruning is not None else None,
+        "pruning": pruned,
         "memory_ceiling_bytes": run_plan.memory_ceiling_bytes if run_plan else None,
         "predicted_peak_bytes": run_plan.predicted_peak_bytes if run_plan else None,
         "flop_ceiling_per_step": run_plan.flop_ceiling_per_step if run_plan else None,

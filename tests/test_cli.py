@@ -46,7 +46,9 @@ def test_train_writes_json_lines_exports_and_evaluates(image_folder, tmp_path):
 
 
 @pytest.mark.parametrize("args,code,message", [
-    (["--method", "lora"], 2, "Invalid value for '--method'"),
+    (["--method", "qlora"], 2, "Invalid value for '--method'"),
+    (["--method", "lora", "--lora-targets", "qkv,head"], 2, "--lora-targets"),
+    (["--method", "light-peft", "--estimation-steps", "3"], 2, "--steps: must exceed --estimation-steps (3)"),
     (["--steps", "0"], 2, "--steps"),
     (["--profile", "no_such_board"], 2, "--profile"),
     (["--weights", "/nonexistent.safetensors"], 2, "--weights: no such file"),
@@ -235,3 +237,23 @@ def test_recompute_blocks_option(image_folder, tmp_path):
     assert json.loads((tmp_path / "r" / "config.json").read_text())["config"]["recompute_blocks"] == [1, 2]
     result = CliRunner().invoke(main, ["train", "--config", cfg, "--recompute-blocks", "a,b"])
     assert result.exit_code == 2 and "--recompute-blocks" in result.output
+
+
+def test_method_choices_are_the_config_methods():
+    from edge_alast.config import METHODS
+
+    option = next(p for p in main.commands["train"].params if p.name == "method")
+    assert tuple(option.type.choices) == METHODS
+
+
+def test_light_peft_options_reach_the_run(image_folder, tmp_path):
+    out = tmp_path / "lp"
+    result = CliRunner().invoke(main, ["train", "--config", str(run_file(tmp_path, image_folder, out, steps=4)),
+                                       "--method", "light-peft", "--estimation-steps", "2", "--lora-r", "2",
+                                       "--lora-targets", "qkv,fc2", "--lora-alpha", "4"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())["config"]
+    assert config["lora"] == {"r": 2, "alpha": 4.0, "dropout": 0.0, "targets": ["qkv", "fc2"]}
+    assert config["light_peft"]["estimation_steps"] == 2
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [e["step"] for e in events if e["event"] == "prune"] == [2]

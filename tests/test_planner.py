@@ -183,3 +183,21 @@ def test_guard_full_only_recomputes():
     caps = PolicyCaps(recompute=(True, True))
     new, event = guard.check(999, caps)
     assert new.max_keep is None and event["action"].startswith("none")
+
+
+def test_lora_costs_only_adapter_gradients_and_optimizer_state(cal):
+    """A LoRA model's blocks train only their adapters: optimizer state and held gradients shrink accordingly."""
+    from edge_alast.lora import LoraConfig, apply_lora
+
+    plain = tiny_model()
+    lora = tiny_model()
+    apply_lora(lora, LoraConfig(r=2))
+    kw = dict(img_size=32, method="full", baseline_bytes=0, eval_batch_size=4, train_embeddings=False)
+    full_cost, lora_cost = CostModel(plain, cal, **kw), CostModel(lora, cal, **kw)
+    adapter_bytes = sum(p.numel() * 4 for n, p in lora.blocks.named_parameters() if "lora_" in n)
+    assert sum(lora_cost.block_train_bytes) == adapter_bytes
+    tail = full_cost.tail_bytes
+    assert lora_cost.optimizer_bytes(0) == 2 * (adapter_bytes + tail)
+    assert full_cost.optimizer_bytes(0) == 2 * (sum(full_cost.block_bytes) + tail)
+    shape = full_cost.shape(4, (1.0,) * 3, (True,) * 3)
+    assert lora_cost.peak(shape)["optimizer_step"] < full_cost.peak(shape)["optimizer_step"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY
-from edge_alast.config import TrainConfig
+from edge_alast.config import ALAST_METHODS, LORA_METHODS, METHODS, TrainConfig
 from edge_alast.errors import ConfigError, DataError
 from edge_alast.trainer import train
 
@@ -21,10 +21,11 @@ def tiny_config(data, out, **kw):
     return TrainConfig(**base)
 
 
-@pytest.mark.parametrize("method", ["alast", "full", "head"])
+@pytest.mark.parametrize("method", METHODS)
 def test_every_method_runs_and_writes_run_folder(image_folder, tmp_path, method):
     events = []
-    result = train(tiny_config(image_folder, tmp_path / "run", method=method), on_event=events.append)
+    extra = {"light_peft": {"estimation_steps": 2}} if method.startswith("light-peft") else {}
+    result = train(tiny_config(image_folder, tmp_path / "run", method=method, **extra), on_event=events.append)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary) and summary == result.summary
     assert summary["method"] == method and summary["steps"] == 3
@@ -37,11 +38,15 @@ def test_every_method_runs_and_writes_run_folder(image_folder, tmp_path, method)
     kinds = [e["event"] for e in events]
     assert kinds[0] == "start" and kinds[-1] == "done" and kinds.count("step") == 3
     tokens = lines[0]["tokens/per_block"]
-    if method == "alast":
+    if method in ALAST_METHODS and method != "light-peft+alast":
         assert tokens[0] == 17 and tokens[-1] < 17 and len(lines[0]["blocks/trainable"]) == 3  # ceil(3/4*3)
     else:
         assert tokens == [17, 17, 17]
-        assert len(lines[0]["blocks/trainable"]) == (3 if method == "full" else 0)
+        assert len(lines[0]["blocks/trainable"]) == (0 if method == "head" else 3)
+    params = summary["trainable_params"]
+    assert 0 < params <= summary["base_params_original"]
+    if method in LORA_METHODS:
+        assert params < summary["base_params_original"] / 2
 
 
 def test_flop_ratios_between_methods(image_folder, tmp_path):
@@ -129,7 +134,7 @@ def test_disk_full_while_checkpointing_keeps_previous_checkpoint(image_folder, t
 
 def test_bad_config_and_data_errors(image_folder, tmp_path):
     with pytest.raises(ConfigError, match="--method"):
-        train(tiny_config(image_folder, tmp_path / "r", method="lora"))
+        train(tiny_config(image_folder, tmp_path / "r", method="qlora"))
     with pytest.raises(ConfigError, match="--steps"):
         train(tiny_config(image_folder, tmp_path / "r", steps=0))
     with pytest.raises(DataError, match="--data"):

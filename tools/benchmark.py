@@ -6,8 +6,10 @@ with every figure and its ratio to ``full``; ``--json-out`` also writes the raw 
     python tools/benchmark.py --data /tmp/fm/train --val-data /tmp/fm/val \\
         --weights ../shared/assets/vit_small_patch14_dinov2.imgfocus.safetensors --steps 80
 
-Extra ``--set key=value`` pairs go into every method's run file (``--set alast.k_trainable=6``); ``--variant
-NAME:key=value;key=value`` adds another ALaST row with those settings.
+Extra ``--set key=value`` pairs go into every method's run file (``--set alast.k_trainable=6``); ``--method-set
+METHOD[,METHOD]:key=value;key=value`` only into those methods' (``--method-set lora,alast-lora:lr=1e-3``);
+``--variant NAME:key=value;key=value`` adds another ALaST row with those settings. With ``--export`` every run also
+exports ONNX, and the table gains the model's size and onnxruntime batch-1 latency (from ``manifest.json``).
 """
 from __future__ import annotations
 
@@ -52,19 +54,27 @@ def read_run(run_dir: Path) -> dict:
     seconds = [s["time/step_seconds"] for s in steps if s.get("event") == "step"]
     warm = min(5, len(seconds) // 5)
     summary["median_step_seconds"] = statistics.median(seconds[warm:] or seconds)
+    manifest = run_dir / "manifest.json"
+    if manifest.exists():
+        fp32 = json.loads(manifest.read_text())["formats"]["fp32"]
+        summary["onnx_size_bytes"] = fp32["size_bytes"]
+        summary["onnx_latency_ms_batch1"] = fp32["latency_ms_batch1"]
     return summary
 
 
 def fmt_table(rows: list[tuple[str, dict]], reference: dict | None) -> str:
     cols = [("val acc", "val_accuracy", "{:.3f}", 1.0), ("step s (median)", "median_step_seconds", "{:.2f}", 1.0),
             ("step s (mean)", "mean_step_seconds", "{:.2f}", 1.0),
-            ("peak RSS MiB", "peak_rss_bytes", "{:.0f}", 2**20), ("GFLOPs/step", "train_flops_per_step", "{:.0f}", 1e9)]
+            ("peak RSS MiB", "peak_rss_bytes", "{:.0f}", 2**20), ("GFLOPs/step", "train_flops_per_step", "{:.0f}", 1e9),
+            ("trainable params M", "trainable_params", "{:.3f}", 1e6), ("base params M", "base_params", "{:.2f}", 1e6)]
+    if any("onnx_size_bytes" in s for _, s in rows):
+        cols += [("ONNX MiB", "onnx_size_bytes", "{:.1f}", 2**20), ("ONNX b1 ms", "onnx_latency_ms_batch1", "{:.1f}", 1)]
     head = "| method | " + " | ".join(f"{c} | × full" if c != "val acc" else "val acc | Δ full (pts)" for c, *_ in cols) + " |"
     lines = [head, "|" + "---|" * (1 + 2 * len(cols))]
     for name, s in rows:
         cells = [name]
         for _, key, fmt, scale in cols:
-            v = s[key]
+            v = s.get(key)
             cells.append(fmt.format(v / scale) if v is not None else "-")
             if reference is None or v is None or reference.get(key) in (None, 0):
                 cells.append("-")
@@ -90,6 +100,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", default="full,alast,head")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run-file key for every method")
+    ap.add_argument("--method-set", action="append", default=[], metavar="M[,M]:K=V;K=V",
+                    help="run-file keys for the listed methods only")
+    ap.add_argument("--export", action="store_true", help="export ONNX too; adds size and batch-1 latency columns")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:K=V;K=V", help="extra ALaST row")
     ap.add_argument("--workdir", type=Path)
     ap.add_argument("--json-out", type=Path)
@@ -99,13 +112,20 @@ def main(argv=None) -> int:
 
     base = {"data": args.data, "val_data": args.val_data, "model": args.model, "img_size": args.img_size,
             "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "precision": args.precision,
-            "seed": args.seed, "export": False}
+            "seed": args.seed, "export": bool(args.export)}
     if args.weights:
         base["weights"] = args.weights
     for item in args.set:
         key, _, value = item.partition("=")
         set_key(base, key, parse_value(value))
-    runs = [(m, {**base, "method": m}) for m in args.methods.split(",") if m]
+    runs = [(m, json.loads(json.dumps({**base, "method": m}))) for m in args.methods.split(",") if m]
+    for spec in args.method_set:
+        names, _, pairs = spec.partition(":")
+        for name, cfg in runs:
+            if name in names.split(","):
+                for pair in filter(None, pairs.split(";")):
+                    key, _, value = pair.partition("=")
+                    set_key(cfg, key, parse_value(value))
     for spec in args.variant:
         name, _, pairs = spec.partition(":")
         cfg = json.loads(json.dumps({**base, "method": "alast"}))
@@ -126,7 +146,8 @@ def main(argv=None) -> int:
               file=sys.stderr, flush=True)
     reference = dict(results).get("full")
     print(f"\n{args.model} @ {args.img_size}px, batch {args.batch_size}, {args.steps} steps, lr {args.lr}, "
-          f"{args.precision}, seed {args.seed}; settings: {json.dumps(args.set)}\n")
+          f"{args.precision}, seed {args.seed}; settings: {json.dumps(args.set)}; per method: "
+          f"{json.dumps(args.method_set)}\n")
     print(fmt_table(results, reference))
     if args.json_out:
         args.json_out.write_text(json.dumps({n: s for n, s in results}, indent=2))
