@@ -303,7 +303,9 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
                                                               first_step=estimation_steps)
                 trim_heap()
                 pruned = _pruning_summary(model, pruning, base_params)
-                event = {"event": "prune", "step": step, **pruned}
+                # "step": the first step that trains the pruned model (a resume before it re-runs the pruning and
+                # drops this line with the steps after its checkpoint)
+                event = {"event": "prune", "step": step + 1, **pruned}
                 metrics.write(json.dumps(event) + "\n")
                 emit(event)
             t0 = time.perf_counter()

@@ -256,4 +256,4 @@ def test_light_peft_options_reach_the_run(image_folder, tmp_path):
     assert config["lora"] == {"r": 2, "alpha": 4.0, "dropout": 0.0, "targets": ["qkv", "fc2"]}
     assert config["light_peft"]["estimation_steps"] == 2
     events = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [e["step"] for e in events if e["event"] == "prune"] == [2]
+    assert [e["step"] for e in events if e["event"] == "prune"] == [3]
