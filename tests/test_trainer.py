@@ -67,7 +67,7 @@ def _losses(run_dir):
     return [r["loss"] for r in lines if r["event"] == "step"]
 
 
-@pytest.mark.parametrize("method", ["alast", "full"])
+@pytest.mark.parametrize("method", ["alast", "full", "alast-lora"])
 def test_interrupt_then_resume_equals_uninterrupted_run(image_folder, tmp_path, method):
     reference = train(tiny_config(image_folder, tmp_path / "ref", steps=6, method=method)).summary
     calls = iter(range(100))
