@@ -85,15 +85,20 @@ class LoRALinear(nn.Module):
     def out_features(self) -> int:
         return self.base.out_features
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """The adapter's contribution ``alpha/r * B A x``."""
-        return F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+    def delta(self, x: torch.Tensor, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The adapter's contribution ``alpha/r * B A (x * input_scale)``."""
+        a = self.lora_A if input_scale is None else self.lora_A * input_scale
+        return F.linear(F.linear(self.dropout(x), a), self.lora_B) * self.scaling
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``input_scale`` (per input feature) scales the input of both paths. It is folded into A for the adapter
+        (a [r, in] product) so that autograd keeps one activation, ``x``, for both the scale's and A's gradients,
+        instead of ``x`` and ``x * input_scale`` (the frozen base saves no input)."""
+        xs = x if input_scale is None else x * input_scale
         if not self.record:
-            return self.base(x) + self.delta(x)
-        wx = F.linear(x, self.base.weight)
-        delta = self.delta(x)
+            return self.base(xs) + self.delta(x, input_scale)
+        wx = F.linear(xs, self.base.weight)
+        delta = self.delta(x, input_scale)
         with torch.no_grad():
             self.last_importance = delta.float().norm() / wx.float().norm().clamp_min(1e-12)
         out = wx + delta
