@@ -17,6 +17,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "TrainConfig": ".config",
     "AlastConfig": ".policy",
+    "LoraConfig": ".lora",
+    "LightPeftConfig": ".lightpeft",
     "AlastPolicy": ".policy",
     "StepPlan": ".policy",
     "TrainResult": ".trainer",

@@ -63,9 +63,9 @@ ALLOCATOR_SLACK = 0.40
 # The same with LoRA adapters in the blocks: each adapter saves a small [B, N, r] tensor (A x) that stays live
 # between the large transient tensors of the forward, and the heap fragments much more. Measured on the shared
 # ViT-S/14 at 224 px, batch 16, fp32: LoRA peaked 2847 and 2969 MiB in two runs against 1704 MiB of predicted
-# live bytes (0.98 and 1.08 x its 1170 MiB of activations), Light-PEFT's estimation stage (LoRA + masks) 3330
-# against 2071 (0.83 x); with glibc's mmap threshold pinned (MALLOC_MMAP_THRESHOLD_=131072) the same LoRA run peaked
-# at 1692 MiB, i.e. the live bytes. 1.15 leaves a margin over the worst of those runs.
+# live bytes (0.98 and 1.08 x its 1170 MiB of activations); with glibc's mmap threshold pinned
+# (MALLOC_MMAP_THRESHOLD_=131072) the same LoRA run peaked at 1692 MiB, i.e. the live bytes. 1.15 leaves a margin
+# over the worst of those runs; Light-PEFT's estimation stage then predicts 3099 MiB against 2945 measured.
 ALLOCATOR_SLACK_ADAPTERS = 1.15
 # save_model: safetensors.torch.save_model turns each tensor into a bytes object before writing, so the weights
 # exist once more while the file is written (was 3 copies with a clone and an in-memory file; head-only runs,

@@ -148,13 +148,13 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
     base_params = sum(p.numel() for p in model.parameters())
     light_peft = config.method in LIGHT_PEFT_METHODS
     estimation_steps = config.light_peft.estimation_steps if light_peft else 0
-    if config.method in LORA_METHODS:
-        apply_lora(model, config.lora)  # freezes the blocks' own weights; adapters train
-    if light_peft:
-        try:
+    try:  # a model these methods cannot adapt is a configuration error (exit 2), named
+        if config.method in LORA_METHODS:
+            apply_lora(model, config.lora)  # freezes the blocks' own weights; adapters train
+        if light_peft:
             add_masks(model)
-        except TypeError as e:
-            raise ConfigError(f"--method {config.method}: {config.model}: {e}") from e
+    except TypeError as e:
+        raise ConfigError(f"--method {config.method}: {config.model}: {e}") from e
     model.to(device)
     depth = len(model.blocks)
 
