@@ -11,7 +11,7 @@ WEIGHTS ?= $(wildcard $(SHARED_WEIGHTS))
 DEMO_DIR ?= runs/demo
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo test bench assets clean
+.PHONY: bench-peft demo test bench assets clean
 
 # torch is installed first and alone, pinned: an unpinned resolve pulls a CUDA build with GBs of nvidia-* wheels.
 # Every later install runs under the same constraints file, so nothing swaps torch or onnxruntime-training.
@@ -43,6 +43,16 @@ bench: $(STAMP) assets
 	$(BIN)/python tools/make_fashion_mnist.py runs/fmnist --train 1000 --val 1000
 	$(BIN)/python tools/benchmark.py --data runs/fmnist/train --val-data runs/fmnist/val \
 		--weights $(SHARED_WEIGHTS) --steps 80 --batch-size 16 --lr 3e-5 --precision fp32
+
+# The LoRA / Light-PEFT table of the README (about 30 minutes on 2 cores).
+bench-peft: $(STAMP) assets
+	$(BIN)/python tools/make_fashion_mnist.py runs/fmnist --train 1000 --val 1000
+	$(BIN)/python tools/benchmark.py --data runs/fmnist/train --val-data runs/fmnist/val \
+		--weights $(SHARED_WEIGHTS) --steps 80 --batch-size 16 --lr 3e-5 --precision fp32 --export \
+		--methods full,alast,lora,alast-lora,light-peft,light-peft+alast \
+		--method-set "lora,alast-lora,light-peft,light-peft+alast:lr=0.001" \
+		--method-set "alast-lora,light-peft+alast:alast.alpha=0.00048" \
+		--method-set "light-peft,light-peft+alast:light_peft.estimation_steps=20"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
