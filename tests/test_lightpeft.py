@@ -234,3 +234,11 @@ def test_light_peft_needs_steps_after_estimation(image_folder, tmp_path):
         train(lp_config(image_folder, tmp_path / "r", steps=None, epochs=0.1))
     with pytest.raises(ConfigError, match="unknown light_peft keys"):
         lp_config(image_folder, tmp_path / "r", light_peft={"estimation_step": 3})
+
+
+@pytest.mark.parametrize("method", ["lora", "alast-lora", "light-peft+alast"])
+def test_adapter_methods_run_under_a_device_profile(image_folder, tmp_path, method):
+    summary = train(lp_config(image_folder, tmp_path / "run", method=method, profile="raspberry_pi_4_4gb",
+                              device="cpu")).summary
+    assert summary["profile"] == "raspberry_pi_4_4gb"
+    assert 0 < summary["predicted_peak_bytes"] <= summary["memory_ceiling_bytes"]

@@ -201,3 +201,22 @@ def test_lora_costs_only_adapter_gradients_and_optimizer_state(cal):
     assert full_cost.optimizer_bytes(0) == 2 * (sum(full_cost.block_bytes) + tail)
     shape = full_cost.shape(4, (1.0,) * 3, (True,) * 3)
     assert lora_cost.peak(shape)["optimizer_step"] < full_cost.peak(shape)["optimizer_step"]
+
+
+def test_lora_and_light_peft_models_plan_under_a_tight_ceiling():
+    """Planning a model with adapters (and Light-PEFT masks): calibration runs on the block as built, the adapter
+    slack applies, and a ceiling below the free plan is met by recomputation as for full tuning."""
+    from edge_alast.lightpeft import add_masks
+    from edge_alast.lora import LoraConfig, apply_lora
+    from edge_alast.planner import ALLOCATOR_SLACK_ADAPTERS
+
+    model = tiny_model()
+    apply_lora(model, LoraConfig(r=2))
+    add_masks(model)
+    cal = calibrate(model, img_size=IMG)
+    assert cost_for(model, cal, method="full").allocator_slack == ALLOCATOR_SLACK_ADAPTERS
+    free = plan_tiny(model, cal, None, batch_size=16, method="full")
+    plan = plan_tiny(model, cal, None, batch_size=16, method="full", memory_ceiling_bytes=free.predicted_peak_bytes - 1)
+    assert plan.predicted_peak_bytes < free.predicted_peak_bytes and plan.caps.recompute[0]
+    # calibration left the flags as they were: adapters and masks train, base weights do not
+    assert all(p.requires_grad == ("lora_" in n or n.endswith(".mask")) for n, p in model.blocks.named_parameters())
