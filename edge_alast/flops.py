@@ -95,6 +95,13 @@ def _sdpa_as_cpu_flash():
         F.scaled_dot_product_attention = original
 
 
+def trainable_flags(module: nn.Module) -> list[bool]:
+    """Per parameter of a block, whether it trains when the block trains: those marked ``requires_grad`` (a LoRA
+    block's adapters), or all of them when none is marked (a block that only the mechanism will unfreeze)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    return flags if any(flags) else [True] * len(flags)
+
+
 def count_flops(module: nn.Module, inputs: Sequence[torch.Tensor], kind: str, recompute: bool = False,
                 trainable: Sequence[bool] | None = None) -> int:
     """FLOPs of one forward (+ backward of the given kind) of ``module`` on ``inputs``.
@@ -125,11 +132,7 @@ class StepFlopCounter:
     def __init__(self, model: nn.Module):
         # Meta copies hold no storage, so keeping them costs no memory and counting on them costs no compute.
         self._blocks = [copy.deepcopy(b).to("meta") for b in model.blocks]
-        # Which parameters of each block can train (as set on the model now; none set: all, as for full tuning).
-        self._trainable = []
-        for b in self._blocks:
-            flags = [p.requires_grad for p in b.parameters()]
-            self._trainable.append(flags if any(flags) else [True] * len(flags))
+        self._trainable = [trainable_flags(b) for b in self._blocks]  # as set on the model now
         self._stem = copy.deepcopy(model.patch_embed).to("meta")
         # DeiT's distilled models have a second head on the distillation token.
         self._heads = [copy.deepcopy(h).to("meta") for h in (model.head, getattr(model, "head_dist", None))

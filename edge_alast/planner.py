@@ -44,7 +44,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import ConfigError
-from .flops import StepFlopCounter, block_kinds
+from .flops import StepFlopCounter, block_kinds, trainable_flags
 from .lora import LoRALinear
 from .memory import rss_bytes
 from .policy import AlastConfig, PolicyCaps, count_kept
@@ -231,9 +231,10 @@ def _block_measure(block: nn.Module, batch: int, tokens: int, dim: int, kind: st
     need_input = kind in ("input", "both")
     # A weight-gradient kind trains what can train in this block (its adapters for LoRA; all of it otherwise).
     flags = [p.requires_grad for p in params]
-    trains = [p for p, f in zip(params, flags) if f] or params
-    for p in params:
-        p.requires_grad_(need_weight and any(p is t for t in trains))
+    train = trainable_flags(block)
+    trains = [p for p, t in zip(params, train) if t]
+    for p, t in zip(params, train):
+        p.requires_grad_(need_weight and t)
         p.grad = None
     x = torch.randn(batch, tokens, dim, device=device)
     if need_input:
@@ -402,8 +403,8 @@ class CostModel:
         self.block_bytes = [nbytes(b.parameters()) for b in model.blocks]
         # What trains in a trainable block (gradients, optimizer state): LoRA adapters only, where the model has
         # them; every parameter of the block otherwise (a block with nothing marked trainable counts whole).
-        self.block_train_bytes = [nbytes(p for p in b.parameters() if p.requires_grad) or self.block_bytes[i]
-                                  for i, b in enumerate(model.blocks)]
+        self.block_train_bytes = [nbytes(p for p, t in zip(b.parameters(), trainable_flags(b)) if t)
+                                  for b in model.blocks]
         names = ("patch_embed.", "cls_token", "pos_embed", "reg_token", "dist_token")
         self.embed_bytes = nbytes(p for n, p in model.named_parameters() if n.startswith(names))
         self.tail_bytes = self.weight_bytes - sum(self.block_bytes) - self.embed_bytes  # norm(s) + head(s)
