@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .lora import LoRALinear, lora_modules, keep_ranks, remove_adapter, replace_module
+from .lora import LoRALinear, keep_ranks, lora_modules, remove_adapter
 
 
 @dataclass
@@ -63,14 +63,6 @@ class InputMask(nn.Module):
         self.group_size = int(group_size)
         w = next(module.parameters())
         self.mask = nn.Parameter(torch.ones(groups, device=w.device, dtype=torch.float32))
-
-    @property
-    def in_features(self) -> int:
-        return self.inner.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.inner.out_features
 
     def expanded(self) -> torch.Tensor:
         return self.mask.repeat_interleave(self.group_size) if self.group_size > 1 else self.mask

@@ -232,13 +232,9 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
                               f"({', '.join(differs)}); use another --out, or the same settings to resume")
         if checkpoint.get("pruning") is not None:  # resumed in stage 3: rebuild the pruned model first
             pruning, recorder = checkpoint["pruning"], None
-            handle.remove()
-            apply_pruning(model, pruning)
+            flop_counter, handle, policy, optimizer, scheduler = _prune(model, handle, pruning, config, depth, caps,
+                                                                        total_steps, estimation_steps)
             pruned = _pruning_summary(model, pruning, base_params)
-            flop_counter = StepFlopCounter(model)
-            handle, policy, optimizer, scheduler = _stage(model, config, depth, caps, total_steps,
-                                                          alast=config.method in ALAST_METHODS,
-                                                          first_step=estimation_steps)
         elif recorder is not None:
             recorder.load_state_dict(checkpoint["estimation"])
         model.load_state_dict(checkpoint["model"])
@@ -295,12 +291,8 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
                 pruning = plan_pruning(model, config.light_peft, recorder)
                 recorder.stop()
                 recorder = None
-                handle.remove()
-                apply_pruning(model, pruning)
-                flop_counter = StepFlopCounter(model)
-                handle, policy, optimizer, scheduler = _stage(model, config, depth, caps, total_steps,
-                                                              alast=config.method in ALAST_METHODS,
-                                                              first_step=estimation_steps)
+                flop_counter, handle, policy, optimizer, scheduler = _prune(model, handle, pruning, config, depth,
+                                                                            caps, total_steps, estimation_steps)
                 trim_heap()
                 pruned = _pruning_summary(model, pruning, base_params)
                 # "step": the first step that trains the pruned model (a resume before it re-runs the pruning and
@@ -471,15 +463,23 @@ def _stage(model, config: TrainConfig, depth: int, caps: PolicyCaps, total_steps
     return handle, policy, optimizer, scheduler
 
 
-def _pruning_summary(model, pruning: dict, base_params: int) -> dict:
-    """What Light-PEFT's stage 2 kept, for the prune event and the summary."""
-    from .lora import lora_modules
+def _prune(model, handle, pruning: dict, config: TrainConfig, depth: int, caps: PolicyCaps, total_steps: int,
+           estimation_steps: int):
+    """Light-PEFT stage 2 on ``model`` (patch removed first), then stage 3's FLOP counter, patch, policy, optimizer
+    and schedule for the smaller model."""
+    handle.remove()
+    apply_pruning(model, pruning)
+    flop_counter = StepFlopCounter(model)
+    return (flop_counter, *_stage(model, config, depth, caps, total_steps, alast=config.method in ALAST_METHODS,
+                                  first_step=estimation_steps))
 
-    adapters = lora_modules(model)
+
+def _pruning_summary(model, pruning: dict, base_params: int) -> dict:
+    """What Light-PEFT's stage 2 kept, for the prune event and the summary (``model``: the pruned model)."""
+    ranks = {n: len(r) for n, r in pruning["adapters"].items()}
     return {"heads_per_block": [len(h) for h in pruning["heads"]],
             "ffn_units_per_block": [len(u) for u in pruning["units"]],
-            "adapters_kept": len(adapters), "lora_ranks_kept": sum(m.r for m in adapters.values()),
-            "adapter_ranks": {n: len(r) for n, r in pruning["adapters"].items()},
+            "adapters_kept": len(ranks), "lora_ranks_kept": sum(ranks.values()), "adapter_ranks": ranks,
             "base_params_kept": sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n),
             "base_params_original": base_params}
 
