@@ -16,6 +16,10 @@ LORA_METHODS = ("lora", "alast-lora", "light-peft", "light-peft+alast")
 LIGHT_PEFT_METHODS = ("light-peft", "light-peft+alast")
 SECTIONS = {"alast": AlastConfig, "lora": LoraConfig, "light_peft": LightPeftConfig}
 
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = ("adamw", "adam")
+
 
 def plan_kind(method: str) -> str:
     """How the planner and memory guard see a method: ``alast`` (budgets, K of the blocks train), ``full`` (every
@@ -24,9 +28,6 @@ def plan_kind(method: str) -> str:
     if method == "head":
         return "head"
     return "alast" if method in ("alast", "alast-lora") else "full"
-PRECISIONS = ("fp32", "bf16", "fp16", "auto")
-SCHEDULES = ("constant", "cosine")
-OPTIMIZERS = ("adamw", "adam")
 
 
 def _check_numbers(obj, name) -> None:

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import ConfigError
+
 from .lora import LoRALinear, keep_ranks, lora_modules, remove_adapter
 
 
@@ -40,8 +42,6 @@ class LightPeftConfig:
     rank_keep_ratio: float = 0.5
 
     def validate(self) -> None:
-        from .errors import ConfigError
-
         if not isinstance(self.estimation_steps, int) or self.estimation_steps < 2:
             raise ConfigError(f"--estimation-steps: must be an integer >= 2, got {self.estimation_steps!r}")
         if self.mask_l1 < 0:

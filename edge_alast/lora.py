@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ConfigError
+
 LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
 TARGET_PATHS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
 
@@ -39,8 +41,6 @@ class LoraConfig:
     targets: list = field(default_factory=lambda: list(LORA_TARGETS))
 
     def validate(self) -> None:
-        from .errors import ConfigError
-
         if not isinstance(self.r, int) or self.r < 1:
             raise ConfigError(f"--lora-r: must be an integer >= 1, got {self.r!r}")
         if not self.alpha > 0:
