@@ -16,11 +16,15 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "TrainConfig": ".config",
-    "AlastConfig": ".policy",
-    "LoraConfig": ".lora",
-    "LightPeftConfig": ".lightpeft",
+    "AlastConfig": ".config",
+    "LoraConfig": ".config",
+    "LightPeftConfig": ".config",
+    "METHODS": ".methods",
+    "MethodSpec": ".methods",
     "AlastPolicy": ".policy",
     "StepPlan": ".policy",
+    "Run": ".run",
+    "setup_run": ".run",
     "TrainResult": ".trainer",
     "train": ".trainer",
 }

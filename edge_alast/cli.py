@@ -5,6 +5,7 @@ resumable (SIGTERM/SIGINT: the current step finishes, a checkpoint is written, r
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -67,14 +68,71 @@ def sd_notify(message: str) -> bool:
         return False
 
 
-def _block_list(value: str | None) -> list[int] | None:
-    if value is None:
-        return None
-    try:
-        return [int(part) for part in value.split(",") if part.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated block indices, got {value!r}",
-                                 param_hint="--recompute-blocks") from None
+def _parse_list(kind: str, flag: str):
+    """A click callback turning a comma-separated value into a list (``int_list`` or ``str_list``)."""
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        parts = [part.strip() for part in value.split(",") if part.strip()]
+        if kind == "str_list":
+            return parts
+        try:
+            return [int(part) for part in parts]
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated block indices, got {value!r}",
+                                     param_hint=flag) from None
+    return parse
+
+
+_CLICK_TYPES = {"int": int, "float": float, "str": str}
+
+
+def config_options(command):
+    """Add an option for every config field that has a ``flag`` (:mod:`edge_alast.config`), with the field's
+    default, choices and help: the dataclasses are the one source of them. Section fields (``--lora-r``) are
+    passed as ``lora_r``; :func:`_nested_options` maps them back."""
+    from .config import SECTIONS, TrainConfig
+
+    fields = [(None, f) for f in dataclasses.fields(TrainConfig)]
+    fields += [(key, f) for key, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+    for section, f in reversed([(s, f) for s, f in fields if f.metadata.get("flag")]):
+        meta, kind = f.metadata, str(f.type).replace(" ", "").removesuffix("|None")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        help_text = meta["help"]
+        if isinstance(default, bool):
+            help_text += f"  [default: {'on' if default else 'off'}]"
+        elif default not in (None, dataclasses.MISSING, []):
+            shown = ",".join(map(str, default)) if isinstance(default, list) else default
+            help_text += f"  [default: {shown}]"
+        name = f.name if section is None else meta["flag"].lstrip("-").replace("-", "_")
+        kwargs = {"help": help_text}
+        if "/" in meta["flag"] or kind == "bool":
+            kwargs["default"] = None
+            decl = meta["flag"] if "/" in meta["flag"] else f"{meta['flag']}/--no-{meta['flag'][2:]}"
+        else:
+            decl = meta["flag"]
+            if meta.get("choices"):
+                kwargs["type"] = click.Choice(list(meta["choices"]))
+            elif meta.get("parse"):
+                kwargs["type"] = str
+                kwargs["callback"] = _parse_list(meta["parse"], meta["flag"])
+            else:
+                kwargs["type"] = _CLICK_TYPES[kind]
+        command = click.option(decl, name, **kwargs)(command)
+    return command
+
+
+def _nested_options(options: dict) -> dict[str, dict]:
+    """Pop the section options (``lora_r`` ...) out of ``options`` as ``{section: {key: value}}``."""
+    from .config import SECTIONS
+
+    nested = {}
+    for key, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            flag = f.metadata.get("flag")
+            if flag and (value := options.pop(flag.lstrip("-").replace("-", "_"))) is not None:
+                nested.setdefault(key, {})[f.name] = value
+    return nested
 
 
 class _Printer:
@@ -152,44 +210,8 @@ class _StopOnSignal:
             signal.signal(sig, handler)
 
 
-@main.command(context_settings={"show_default": True})
-@click.option("--data", type=str, help="Training images: ImageFolder root (one sub-folder per class).")
-@click.option("--val-data", type=str, help="Validation ImageFolder; default: a seeded split of --data.")
-@click.option("--model", type=str, help="timm model name.  [default: vit_small_patch14_dinov2]")
-@click.option("--weights", type=str, help="Local weights file (.safetensors or a torch state_dict).")
-@click.option("--img-size", type=int, help="Input side in pixels.  [default: 224]")
-@click.option("--profile", type=str, help="Device profile: shipped name, 'auto', or a YAML path.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Override the profile's device.")
-@click.option("--method", type=click.Choice(["alast", "full", "head", "lora", "alast-lora", "light-peft",
-                                            "light-peft+alast"]),
-              help="Fine-tuning method.  [default: alast]")
-@click.option("--lora-r", type=int, help="LoRA rank (LoRA and Light-PEFT methods).  [default: 8]")
-@click.option("--lora-alpha", type=float, help="LoRA scaling numerator (update = alpha/r * BA).  [default: 16]")
-@click.option("--lora-dropout", type=float, help="Dropout on the adapters' input.  [default: 0]")
-@click.option("--lora-targets", type=str, help="Comma-separated Linears of each block to adapt.  [default: qkv,proj,fc1,fc2]")
-@click.option("--estimation-steps", type=int,
-              help="Light-PEFT: steps of early estimation before pruning (part of --steps).  [default: 200]")
-@click.option("--epochs", type=float, help="Epochs to train (alternative to --steps).")
-@click.option("--steps", type=int, help="Optimizer steps to train.")
-@click.option("--batch-size", type=int, help="Batch size; default: the profile's (16 without one).")
-@click.option("--lr", type=float, help="Learning rate.  [default: 3e-05]")
-@click.option("--schedule", type=click.Choice(["constant", "cosine"]), help="LR schedule.  [default: constant]")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16", "auto"]),
-              help="Autocast precision; default: the profile's (fp32 without one).")
-@click.option("--seed", type=int, help="Seed for data order, splits, init and layer sampling.  [default: 0]")
-@click.option("--out", type=str, help="Run folder to write (metrics.jsonl, summary.json, ...).")
-@click.option("--resume/--no-resume", default=None,
-              help="Resume from the run folder's checkpoint (default: automatically when it holds one of the same "
-                   "settings); --no-resume starts over, discarding them.")
-@click.option("--checkpoint-every-seconds", type=float, help="Checkpoint interval in seconds.  [default: 300]")
-@click.option("--checkpoint-every-steps", type=int, help="Also checkpoint every N steps.")
-@click.option("--export/--no-export", default=None,
-              help="Export model.onnx + manifest.json at the end (parity-checked in onnxruntime).  [default: on]")
-@click.option("--max-bad-fraction", type=float,
-              help="Fail (exit 3) when more than this share of image files is unreadable.  [default: 0.5]")
-@click.option("--freeze-below", type=int, help="Blocks below this index never train (store no activations).")
-@click.option("--recompute-blocks", type=str, callback=lambda ctx, param, v: _block_list(v),
-              help="Comma-separated block indices whose activations are recomputed in backward (e.g. 0,1).")
+@main.command()
+@config_options
 @click.option("--config", "config_file", type=str, help="YAML run file whose keys mirror these options.")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines on stdout (default when stdout is not a terminal).")
 def train(config_file, as_json, **options):
@@ -207,17 +229,11 @@ def train(config_file, as_json, **options):
     printer = _Printer(as_json)
     try:
         values = _load_run_file(config_file)
-        nested = {"lora_r": ("lora", "r"), "lora_alpha": ("lora", "alpha"), "lora_dropout": ("lora", "dropout"),
-                  "lora_targets": ("lora", "targets"), "estimation_steps": ("light_peft", "estimation_steps")}
-        for option, (section, key) in nested.items():
-            value = options.pop(option)
-            if value is not None:
-                if option == "lora_targets":
-                    value = [t.strip() for t in value.split(",") if t.strip()]
-                values.setdefault(section, {})
-                if not isinstance(values[section], dict):
-                    raise ConfigError(f"{config_file}: {section} must be a mapping")
-                values[section][key] = value
+        for section, given in _nested_options(options).items():
+            values.setdefault(section, {})
+            if not isinstance(values[section], dict):
+                raise ConfigError(f"{config_file}: {section} must be a mapping")
+            values[section].update(given)
         values.update({k: v for k, v in options.items() if v is not None})
         for required in ("data", "out"):
             if not values.get(required):

@@ -1,52 +1,185 @@
-"""Typed run configuration: the single source of truth the CLI and the Python API both fill."""
+"""Typed run configuration: the single source of truth the CLI, run files and the Python API all fill.
+
+Torch-free. Each field's ``metadata`` says how a user reaches it: ``flag`` (the ``edge-alast train`` option the CLI
+builds from it, with the field's default, choices and help) or none (a run-file key only). Errors name the field
+the way the user wrote it: ``--lr`` for a flag, ``alast.b_min`` for a run-file key.
+"""
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from .errors import ConfigError
-from .lightpeft import LightPeftConfig
-from .lora import LoraConfig
-from .policy import AlastConfig
-
-METHODS = ("alast", "full", "head", "lora", "alast-lora", "light-peft", "light-peft+alast")
-ALAST_METHODS = ("alast", "alast-lora", "light-peft+alast")
-LORA_METHODS = ("lora", "alast-lora", "light-peft", "light-peft+alast")
-LIGHT_PEFT_METHODS = ("light-peft", "light-peft+alast")
-SECTIONS = {"alast": AlastConfig, "lora": LoraConfig, "light_peft": LightPeftConfig}
+from .methods import METHODS
 
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adamw", "adam")
+DEVICES = ("cpu", "cuda")
+SAMPLING_MODES = ("softmax", "topk")
+LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
+
+# PyYAML follows YAML 1.1, where ``1e-3`` and ``1.2e12`` (no dot / no sign in the exponent) are strings, not floats;
+# numeric strings like them are accepted wherever a number is expected, so the natural spelling works.
+_NUMBER_RE = re.compile(r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$")
 
 
-def plan_kind(method: str) -> str:
-    """How the planner and memory guard see a method: ``alast`` (budgets, K of the blocks train), ``full`` (every
-    block trains with every token) or ``head``. Light-PEFT plans for its estimation stage, which trains every
-    adapter with every token on the unpruned model (its costliest stage)."""
-    if method == "head":
-        return "head"
-    return "alast" if method in ("alast", "alast-lora") else "full"
+def parse_number(value: Any) -> float | None:
+    """``value`` as a finite float if it is a number or a numeric string (see ``_NUMBER_RE``), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str) and _NUMBER_RE.match(value):
+        number = float(value)
+    else:
+        return None
+    return number if math.isfinite(number) else None
 
 
-def _check_numbers(obj, name) -> None:
-    """Numeric fields hold numbers: a float field takes a numeric string (YAML 1.1 reads ``1e-3``, without a dot,
-    as a string); anything else is a :class:`ConfigError` naming the field (``name(field)``)."""
+def option(default=dataclasses.MISSING, *, flag: str | None = None, help: str = "", choices=None,
+           default_factory=dataclasses.MISSING, **extra):
+    """A config field with what the CLI needs to offer it (``flag``, ``help``, ``choices``; see module docstring)."""
+    metadata = {"flag": flag, "help": help, "choices": choices, **extra}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def field_name(cls, name: str, section: str | None = None) -> str:
+    """How a user names ``cls.name``: its CLI flag, or its run-file key (``section.name``)."""
+    meta = {f.name: f.metadata for f in dataclasses.fields(cls)}.get(name, {})
+    if meta.get("flag"):
+        return meta["flag"]
+    return f"{section}.{name}" if section else name
+
+
+def _check_numbers(obj, name: Callable[[str], str]) -> None:
+    """Numeric fields hold numbers: a float field takes a numeric string; anything else is a :class:`ConfigError`
+    naming the field (``name(field)``)."""
     for f in dataclasses.fields(obj):
         value, kind = getattr(obj, f.name), str(f.type).replace(" ", "")
         if value is None or kind not in ("float", "float|None", "int", "int|None"):
             continue
-        if kind.startswith("float") and isinstance(value, str):
-            try:
-                setattr(obj, f.name, float(value))
-                continue
-            except ValueError:
-                pass
+        if kind.startswith("float") and isinstance(value, str) and parse_number(value) is not None:
+            setattr(obj, f.name, parse_number(value))
+            continue
         wrong = isinstance(value, bool) or not isinstance(value, int if kind.startswith("int") else (int, float))
         if wrong:
             raise ConfigError(f"{name(f.name)}: must be {'an integer' if kind.startswith('int') else 'a number'}, "
                               f"got {value!r}")
+
+
+class _Section:
+    """Shared by the run-file sections: number coercion and errors that name the key as the user wrote it."""
+
+    SECTION = ""
+
+    def __post_init__(self):
+        _check_numbers(self, self.name)
+
+    def name(self, key: str) -> str:
+        return field_name(type(self), key, self.SECTION)
+
+    def bad(self, key: str, why: str) -> ConfigError:
+        return ConfigError(f"{self.name(key)}: {why}, got {getattr(self, key)!r}")
+
+
+@dataclass
+class AlastConfig(_Section):
+    """ALaST policy settings (run-file key ``alast``). See :class:`edge_alast.policy.AlastPolicy` for the source of
+    each default."""
+
+    SECTION = "alast"
+
+    b_init: float = 0.9
+    b_min: float = 0.5
+    alpha: float | None = None
+    k_trainable: int | None = None
+    sampling: str = "softmax"
+    temperature: float = 1.0
+    seed: int = 0
+
+    def validate(self, depth: int | None = None) -> None:
+        """Raise :class:`ConfigError` naming the first bad key (``k_trainable`` is checked against ``depth`` when
+        the model is known)."""
+        if not 0.0 < self.b_min <= 1.0:
+            raise self.bad("b_min", "must be in (0, 1]")
+        if not self.b_min <= self.b_init <= 1.0:
+            raise self.bad("b_init", f"must be in [b_min, 1] = [{self.b_min}, 1]")
+        if self.alpha is not None and self.alpha < 0:
+            raise self.bad("alpha", "must be >= 0")
+        if self.k_trainable is not None and not 1 <= self.k_trainable <= (depth or self.k_trainable):
+            raise self.bad("k_trainable", f"must be in [1, {depth or 'depth'}]")
+        if self.sampling not in SAMPLING_MODES:
+            raise self.bad("sampling", f"must be one of {', '.join(SAMPLING_MODES)}")
+        if self.temperature <= 0:
+            raise self.bad("temperature", "must be > 0")
+
+
+@dataclass
+class LoraConfig(_Section):
+    """LoRA settings (run-file key ``lora``).
+
+    Attributes:
+        r: Rank of every adapter.
+        alpha: Scaling numerator: the update is ``alpha / r * B A x`` (LoRA paper, section 4.1).
+        dropout: Dropout on the adapter's input (training only).
+        targets: Which Linears of each block get an adapter, from ``qkv``, ``proj``, ``fc1``, ``fc2``.
+    """
+
+    SECTION = "lora"
+
+    r: int = option(8, flag="--lora-r", help="LoRA rank (LoRA and Light-PEFT methods).")
+    alpha: float = option(16.0, flag="--lora-alpha", help="LoRA scaling numerator (update = alpha/r * BA).")
+    dropout: float = option(0.0, flag="--lora-dropout", help="Dropout on the adapters' input.")
+    targets: list = option(flag="--lora-targets", help="Comma-separated Linears of each block to adapt.",
+                           default_factory=lambda: list(LORA_TARGETS), parse="str_list")
+
+    def validate(self) -> None:
+        if not isinstance(self.r, int) or self.r < 1:
+            raise self.bad("r", "must be an integer >= 1")
+        if not self.alpha > 0:
+            raise self.bad("alpha", "must be > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise self.bad("dropout", "must be in [0, 1)")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown or not self.targets:
+            raise ConfigError(f"{self.name('targets')}: must be a non-empty subset of {', '.join(LORA_TARGETS)}, "
+                              f"got {', '.join(map(str, self.targets)) or 'nothing'}")
+
+
+@dataclass
+class LightPeftConfig(_Section):
+    """Light-PEFT settings (run-file key ``light_peft``); defaults are the paper's."""
+
+    SECTION = "light_peft"
+
+    estimation_steps: int = option(200, flag="--estimation-steps",
+                                   help="Light-PEFT: steps of early estimation before pruning (part of --steps).")
+    mask_l1: float = 1e-4
+    head_prune_ratio: float = 1 / 3
+    ffn_prune_ratio: float = 1 / 3
+    module_keep_ratio: float = 0.25
+    rank_keep_ratio: float = 0.5
+
+    def validate(self) -> None:
+        if not isinstance(self.estimation_steps, int) or self.estimation_steps < 2:
+            raise self.bad("estimation_steps", "must be an integer >= 2")
+        if self.mask_l1 < 0:
+            raise self.bad("mask_l1", "must be >= 0")
+        for key in ("head_prune_ratio", "ffn_prune_ratio"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise self.bad(key, "must be in [0, 1)")
+        for key in ("module_keep_ratio", "rank_keep_ratio"):
+            if not 0.0 < getattr(self, key) <= 1.0:
+                raise self.bad(key, "must be in (0, 1]")
+
+
+SECTIONS = {"alast": AlastConfig, "lora": LoraConfig, "light_peft": LightPeftConfig}
 
 
 def _section(key: str, value, source: str):
@@ -61,52 +194,67 @@ def _section(key: str, value, source: str):
     unknown = sorted(set(value) - known)
     if unknown:
         raise ConfigError(f"{source}: unknown {key} keys {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    section = cls(**value)
-    _check_numbers(section, lambda field_name: f"{source}: {key}.{field_name}")
-    return section
+    return cls(**value)
 
 
 @dataclass
 class TrainConfig:
-    """Everything a training run needs. Field names mirror the ``edge-alast train`` options.
+    """Everything a training run needs. Fields with a ``flag`` are ``edge-alast train`` options; every field is a
+    run-file key.
 
     ``steps`` and ``epochs`` are alternatives: with neither, one epoch is run. ``batch_size`` and ``precision``
     default to the device profile's. ``eval_batch_size`` defaults to the training batch size: evaluation then never
     needs more memory than a training step (a larger eval batch set the peak RSS of head-only runs).
     """
 
-    data: str
-    out: str
-    model: str = "vit_small_patch14_dinov2"
+    data: str = option(flag="--data", help="Training images: ImageFolder root (one sub-folder per class).")
+    out: str = option(flag="--out", help="Run folder to write (metrics.jsonl, summary.json, ...).")
+    model: str = option("vit_small_patch14_dinov2", flag="--model", help="timm model name.")
     model_args: dict = field(default_factory=dict)
-    weights: str | None = None
-    val_data: str | None = None
-    val_fraction: float = 0.2
-    img_size: int = 224
-    profile: str | None = None
-    device: str | None = None
-    method: str = "alast"
-    steps: int | None = None
-    epochs: float | None = None
-    batch_size: int | None = None
-    eval_batch_size: int | None = None
-    lr: float = 3e-5
+    weights: str | None = option(None, flag="--weights", help="Local weights file (.safetensors or a torch state_dict).")
+    val_data: str | None = option(None, flag="--val-data", help="Validation ImageFolder; default: a seeded split of "
+                                                                "--data (--val-fraction).")
+    val_fraction: float = option(0.2, flag="--val-fraction",
+                                 help="Share of each class held out for validation when --val-data is not given.")
+    img_size: int = option(224, flag="--img-size", help="Input side in pixels.")
+    profile: str | None = option(None, flag="--profile", help="Device profile: shipped name, 'auto', or a YAML path.")
+    device: str | None = option(None, flag="--device", choices=DEVICES, help="Override the profile's device.")
+    method: str = option("alast", flag="--method", choices=tuple(METHODS),
+                         help="Fine-tuning method: " + "; ".join(f"{n}: {m.summary}" for n, m in METHODS.items()) + ".")
+    steps: int | None = option(None, flag="--steps", help="Optimizer steps to train.")
+    epochs: float | None = option(None, flag="--epochs", help="Epochs to train (alternative to --steps).")
+    batch_size: int | None = option(None, flag="--batch-size", help="Batch size; default: the profile's (16 "
+                                                                     "without one).")
+    eval_batch_size: int | None = option(None, flag="--eval-batch-size",
+                                         help="Evaluation batch size; default: the training batch size.")
+    lr: float = option(3e-5, flag="--lr", help="Learning rate.")
     weight_decay: float = 0.05
-    optimizer: str = "adamw"
-    schedule: str = "constant"
+    optimizer: str = option("adamw", choices=OPTIMIZERS)
+    schedule: str = option("constant", flag="--schedule", choices=SCHEDULES, help="LR schedule.")
     warmup_steps: int = 0
-    precision: str | None = None
-    seed: int = 0
-    train_embeddings: bool = False
-    freeze_below: int = 0
-    recompute_blocks: list = field(default_factory=list)
+    precision: str | None = option(None, flag="--precision", choices=PRECISIONS,
+                                   help="Autocast precision; default: the profile's (fp32 without one).")
+    seed: int = option(0, flag="--seed", help="Seed for data order, splits, init and layer sampling.")
+    train_embeddings: bool = option(False, flag="--train-embeddings",
+                                    help="Train the patch and position embeddings too (full always does).")
+    freeze_below: int = option(0, flag="--freeze-below",
+                               help="Blocks below this index never train (store no activations).")
+    recompute_blocks: list = option(flag="--recompute-blocks", default_factory=list, parse="int_list",
+                                    help="Comma-separated block indices whose activations are recomputed in "
+                                         "backward (e.g. 0,1).")
     token_multiple: int = 1
     trim_memory: bool = True
-    max_bad_fraction: float = 0.5
-    checkpoint_every_seconds: float | None = 300.0
-    checkpoint_every_steps: int | None = None
-    resume: bool | None = None
-    export: bool = True
+    max_bad_fraction: float = option(0.5, flag="--max-bad-fraction",
+                                     help="Fail (exit 3) when more than this share of image files is unreadable.")
+    checkpoint_every_seconds: float | None = option(300.0, flag="--checkpoint-every-seconds",
+                                                    help="Checkpoint interval in seconds.")
+    checkpoint_every_steps: int | None = option(None, flag="--checkpoint-every-steps", help="Also checkpoint every "
+                                                                                            "N steps.")
+    resume: bool | None = option(None, flag="--resume/--no-resume",
+                                 help="Resume from the run folder's checkpoint (default: automatically when it holds "
+                                      "one of the same settings); --no-resume starts over, discarding them.")
+    export: bool = option(True, flag="--export/--no-export",
+                          help="Export model.onnx + manifest.json at the end (parity-checked in onnxruntime).")
     alast: AlastConfig = field(default_factory=AlastConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     light_peft: LightPeftConfig = field(default_factory=LightPeftConfig)
@@ -114,23 +262,20 @@ class TrainConfig:
     def __post_init__(self):
         for key in SECTIONS:  # the Python API may pass the sections as plain mappings, as a run file does
             setattr(self, key, _section(key, getattr(self, key), "config"))
-        _check_numbers(self, lambda field_name: f"--{field_name.replace('_', '-')}")
+        _check_numbers(self, self.name)
+
+    def name(self, key: str) -> str:
+        return field_name(TrainConfig, key)
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad field."""
-        def bad(name: str, why: str) -> ConfigError:
-            return ConfigError(f"--{name.replace('_', '-')}: {why}")
+        def bad(key: str, why: str) -> ConfigError:
+            return ConfigError(f"{self.name(key)}: {why}")
 
-        if self.method not in METHODS:
-            raise bad("method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.precision is not None and self.precision not in PRECISIONS:
-            raise bad("precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.schedule not in SCHEDULES:
-            raise bad("schedule", f"must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise bad("optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.device is not None and self.device not in ("cpu", "cuda"):
-            raise bad("device", f"must be cpu or cuda, got {self.device!r}")
+        for f in dataclasses.fields(self):
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                raise bad(f.name, f"must be one of {', '.join(choices)}, got {value!r}")
         if self.steps is not None and self.epochs is not None:
             raise bad("steps", "give --steps or --epochs, not both")
         if self.steps is not None and self.steps < 1:
@@ -139,9 +284,9 @@ class TrainConfig:
             raise bad("epochs", f"must be > 0, got {self.epochs}")
         if self.eval_batch_size is not None and self.eval_batch_size < 1:
             raise bad("eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
-        for name in ("img_size", "token_multiple"):
-            if getattr(self, name) < 1:
-                raise bad(name, f"must be >= 1, got {getattr(self, name)}")
+        for key in ("img_size", "token_multiple"):
+            if getattr(self, key) < 1:
+                raise bad(key, f"must be >= 1, got {getattr(self, key)}")
         if self.freeze_below < 0:
             raise bad("freeze_below", f"must be >= 0, got {self.freeze_below}")
         if any(not isinstance(i, int) or i < 0 for i in self.recompute_blocks):
@@ -162,13 +307,17 @@ class TrainConfig:
             raise bad("checkpoint_every_steps", f"must be >= 1, got {self.checkpoint_every_steps}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise bad("max_bad_fraction", f"must be in [0, 1], got {self.max_bad_fraction}")
-        if self.method in LORA_METHODS:
+        spec = METHODS[self.method]
+        if spec.alast:
+            self.alast.validate()
+        if spec.lora:
             self.lora.validate()
-        if self.method in LIGHT_PEFT_METHODS:
+        if spec.light_peft:
             self.light_peft.validate()
             if self.steps is not None and self.steps <= self.light_peft.estimation_steps:
-                raise bad("steps", f"must exceed --estimation-steps ({self.light_peft.estimation_steps}) for "
-                                   f"{self.method}: steps count estimation and fine-tuning, got {self.steps}")
+                raise bad("steps", f"must exceed {self.light_peft.name('estimation_steps')} "
+                                   f"({self.light_peft.estimation_steps}) for {self.method}: steps count estimation "
+                                   f"and fine-tuning, got {self.steps}")
 
     # Fields that may change between an interrupted run and its resumption without changing the result.
     RESUME_FREE = ("resume", "checkpoint_every_seconds", "checkpoint_every_steps", "out")

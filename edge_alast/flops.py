@@ -30,6 +30,8 @@ from torch.utils import flop_counter
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
+from .trainable import TrainableSet
+
 KINDS = ("fwd", "weight", "input", "both")
 
 
@@ -77,6 +79,12 @@ def block_kinds(trainable: Sequence[bool], train_below: bool = False) -> list[st
     return kinds
 
 
+def stores_activations(trainable: Sequence[bool], train_below: bool = False) -> list[bool]:
+    """Per block, whether it stores activations for backward (any kind but ``fwd``): the blocks whose
+    recomputation saves memory. The one definition the mechanism, the FLOP counter and the planner share."""
+    return [kind != "fwd" for kind in block_kinds(trainable, train_below)]
+
+
 @contextmanager
 def _sdpa_as_cpu_flash():
     original = F.scaled_dot_product_attention
@@ -93,13 +101,6 @@ def _sdpa_as_cpu_flash():
         yield
     finally:
         F.scaled_dot_product_attention = original
-
-
-def trainable_flags(module: nn.Module) -> list[bool]:
-    """Per parameter of a block, whether it trains when the block trains: those marked ``requires_grad`` (a LoRA
-    block's adapters), or all of them when none is marked (a block that only the mechanism will unfreeze)."""
-    flags = [p.requires_grad for p in module.parameters()]
-    return flags if any(flags) else [True] * len(flags)
 
 
 def count_flops(module: nn.Module, inputs: Sequence[torch.Tensor], kind: str, recompute: bool = False,
@@ -129,11 +130,16 @@ def count_flops(module: nn.Module, inputs: Sequence[torch.Tensor], kind: str, re
 class StepFlopCounter:
     """Counts forward+backward FLOPs of a training step of a timm ViT for the step's actual shapes."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, trainable: TrainableSet | None = None):
+        """``trainable``: what can ever train (default: what is marked ``requires_grad`` now); a block that trains
+        gets weight gradients for its parameters in this set (its adapters, for LoRA)."""
+        trainable = trainable or TrainableSet.from_flags(model)
         # Meta copies hold no storage, so keeping them costs no memory and counting on them costs no compute.
         self._blocks = [copy.deepcopy(b).to("meta") for b in model.blocks]
-        self._trainable = [trainable_flags(b) for b in self._blocks]  # as set on the model now
+        self._trainable = [trainable.block_flags(model, i) for i in range(len(self._blocks))]
         self._stem = copy.deepcopy(model.patch_embed).to("meta")
+        patch = model.patch_embed.patch_size
+        self.patch_size = (patch, patch) if isinstance(patch, int) else tuple(patch)
         # DeiT's distilled models have a second head on the distillation token.
         self._heads = [copy.deepcopy(h).to("meta") for h in (model.head, getattr(model, "head_dist", None))
                        if h is not None]

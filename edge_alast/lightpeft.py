@@ -20,38 +20,12 @@ Stage 3 is ordinary LoRA fine-tuning (optionally ALaST) of the pruned model in t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .errors import ConfigError
-
+from .config import LightPeftConfig
 from .lora import LoRALinear, keep_ranks, lora_modules, remove_adapter
-
-
-@dataclass
-class LightPeftConfig:
-    """Light-PEFT settings (run-file key ``light_peft``); defaults are the paper's."""
-
-    estimation_steps: int = 200
-    mask_l1: float = 1e-4
-    head_prune_ratio: float = 1 / 3
-    ffn_prune_ratio: float = 1 / 3
-    module_keep_ratio: float = 0.25
-    rank_keep_ratio: float = 0.5
-
-    def validate(self) -> None:
-        if not isinstance(self.estimation_steps, int) or self.estimation_steps < 2:
-            raise ConfigError(f"--estimation-steps: must be an integer >= 2, got {self.estimation_steps!r}")
-        if self.mask_l1 < 0:
-            raise ConfigError(f"--mask-l1: must be >= 0, got {self.mask_l1!r}")
-        for name in ("head_prune_ratio", "ffn_prune_ratio"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"--{name.replace('_', '-')}: must be in [0, 1), got {getattr(self, name)!r}")
-        for name in ("module_keep_ratio", "rank_keep_ratio"):
-            if not 0.0 < getattr(self, name) <= 1.0:
-                raise ConfigError(f"--{name.replace('_', '-')}: must be in (0, 1], got {getattr(self, name)!r}")
 
 
 class InputMask(nn.Module):

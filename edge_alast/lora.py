@@ -12,45 +12,13 @@ rows/columns of adapters, which is a few lines here and a fight with peft's modu
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError
+from .config import LoraConfig
 
-LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
 TARGET_PATHS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
-
-
-@dataclass
-class LoraConfig:
-    """LoRA settings (run-file key ``lora``).
-
-    Attributes:
-        r: Rank of every adapter.
-        alpha: Scaling numerator: the update is ``alpha / r * B A x`` (LoRA paper, section 4.1).
-        dropout: Dropout on the adapter's input (training only).
-        targets: Which Linears of each block get an adapter, from ``qkv``, ``proj``, ``fc1``, ``fc2``.
-    """
-
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: list = field(default_factory=lambda: list(LORA_TARGETS))
-
-    def validate(self) -> None:
-        if not isinstance(self.r, int) or self.r < 1:
-            raise ConfigError(f"--lora-r: must be an integer >= 1, got {self.r!r}")
-        if not self.alpha > 0:
-            raise ConfigError(f"--lora-alpha: must be > 0, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"--lora-dropout: must be in [0, 1), got {self.dropout!r}")
-        unknown = [t for t in self.targets if t not in LORA_TARGETS]
-        if unknown or not self.targets:
-            raise ConfigError(f"--lora-targets: must be a non-empty subset of {', '.join(LORA_TARGETS)}, "
-                              f"got {', '.join(map(str, self.targets)) or 'nothing'}")
 
 
 class LoRALinear(nn.Module):

@@ -13,7 +13,7 @@ import timm
 
 from .errors import ConfigError
 
-HEAD_PREFIXES = ("head.", "head_dist.")
+from .trainable import HEAD_PREFIXES
 
 
 def create_model(name: str, num_classes: int, img_size: int, **kwargs) -> nn.Module:

@@ -40,6 +40,7 @@ from . import __version__
 from .atomic import atomic_write, atomic_write_json, atomic_write_path
 from .errors import ConfigError, EdgeAlastError
 from .images import load_image, scan_image_folder, scan_warnings, split_samples
+from .metrics import read_metrics, steady
 from .predict import MAX_IR_VERSION, build_metadata, import_onnxruntime, limit_ir_version, set_metadata
 
 ARTIFACTS_DIR = "ort_training"
@@ -54,17 +55,11 @@ class OrtTrainingError(EdgeAlastError):
 
 # ---------------------------------------------------------------------------------------------- policy (pure)
 def average_budgets(metrics_path: str | os.PathLike, depth: int) -> list[float]:
-    """Per-block ``budget/keep_ratio`` averaged over a run's steps; 1.0 per block when the file has none."""
+    """Per-block ALaST budget (``budget/raw``; runs before it was logged: ``budget/keep_ratio``) averaged over a
+    run's steps; 1.0 per block when the file has none."""
     sums, count = [0.0] * depth, 0
-    try:
-        lines = Path(metrics_path).read_text().splitlines()
-    except FileNotFoundError:
-        lines = []
-    for line in lines:
-        try:
-            ratios = json.loads(line).get("budget/keep_ratio")
-        except ValueError:
-            continue  # a torn last line of an interrupted run
+    for record in read_metrics(metrics_path):
+        ratios = record.get("budget/raw", record.get("budget/keep_ratio"))
         if isinstance(ratios, list) and len(ratios) == depth:
             sums = [s + float(r) for s, r in zip(sums, ratios)]
             count += 1
@@ -341,14 +336,13 @@ def train_ort(artifacts_dir: str | os.PathLike, data: str | os.PathLike, out: st
         emit({"event": "eval", "val_accuracy": val_accuracy, "val_loss": val_loss, "val_images": len(val_samples)})
 
     # ---------------------------------------------------------------- summary, checkpoint, inference model
-    warm = min(5, len(step_seconds) // 5)
-    steady = step_seconds[warm:] or step_seconds
+    steady_seconds = steady(step_seconds)
     summary = {
         "edge_alast_version": __version__, "method": "ort-training", "model": meta.get("base_model"),
         "profile": meta.get("profile") or None, "device": "cpu", "precision": "fp32", "batch_size": batch,
         "img_size": meta["img_size"], "steps": len(losses), "final_loss": losses[-1], "val_accuracy": val_accuracy,
-        "val_loss": val_loss, "mean_step_seconds": sum(steady) / len(steady), "median_step_seconds":
-        statistics.median(steady), "peak_rss_bytes": peak_rss_bytes(), "trainable_blocks": info["trainable_blocks"],
+        "val_loss": val_loss, "mean_step_seconds": sum(steady_seconds) / len(steady_seconds), "median_step_seconds":
+        statistics.median(steady_seconds), "peak_rss_bytes": peak_rss_bytes(), "trainable_blocks": info["trainable_blocks"],
         "classes": meta["class_names"], "artifacts": str(art), "source_run": info.get("source_run"),
     }
     _save_checkpoint(api, state, out / "checkpoint")

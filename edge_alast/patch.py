@@ -1,7 +1,7 @@
 """ALaST mechanism: acts on a timm Vision Transformer according to a :class:`~edge_alast.policy.StepPlan`.
 
-``handle = apply_patch(model)`` hooks every block; ``handle.set_plan(plan)`` freezes/unfreezes blocks (the
-parameters that had ``requires_grad`` when the patch was applied: all of a block, or its LoRA adapters) and sets their
+``handle = apply_patch(model, trainable=record)`` hooks every block; ``handle.set_plan(plan)`` freezes/unfreezes
+blocks (the parameters of the run's :class:`~edge_alast.trainable.TrainableSet`: all of a block, or its LoRA adapters) and sets their
 token budgets; ``handle.remove()`` restores the model. Nothing of timm's Block/Attention forward is copied: a
 forward hook on each block's ``attn.qkv`` takes the class-token attention row from q_cls and K (one query row,
 O(N*D)) while the block keeps its own fused attention, LayerScale, qk-norm, drop-path; a forward hook on the
@@ -19,15 +19,17 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .flops import stores_activations
 from .lora import LoRALinear
 from .policy import StepPlan, count_kept
 from .tokens import cls_attention, select_tokens
+from .trainable import TrainableSet
 
 
 class AlastHandle:
     """Hooks on a timm ViT that carry out step plans. Made by :func:`apply_patch`."""
 
-    def __init__(self, model: nn.Module, token_multiple: int = 1):
+    def __init__(self, model: nn.Module, token_multiple: int = 1, trainable: TrainableSet | None = None):
         blocks = getattr(model, "blocks", None)
         if blocks is None or len(blocks) == 0:
             raise TypeError(f"{type(model).__name__} has no `blocks`: ALaST needs a timm VisionTransformer-style model")
@@ -39,7 +41,11 @@ class AlastHandle:
         self.deltas: list[torch.Tensor | None] = [None] * len(self.blocks)
         self.tokens_in: list[int] = [0] * len(self.blocks)
         self._scores: list[torch.Tensor | None] = [None] * len(self.blocks)
-        self._requires_grad = {p: p.requires_grad for p in model.parameters()}
+        # What a block that trains trains (all of it, or its LoRA adapters): from the run's record, never from flags
+        # the plan itself toggles.
+        self.trainable = trainable or TrainableSet.from_flags(model)
+        self._block_params = [list(zip(blk.parameters(), self.trainable.block_flags(model, i)))
+                              for i, blk in enumerate(self.blocks)]
         self._forwards: dict[int, object] = {}
         self._hooks = []
         for i, blk in enumerate(self.blocks):
@@ -89,24 +95,28 @@ class AlastHandle:
         self.plan = plan
         if plan is None:
             return
-        for i, blk in enumerate(self.blocks):
+        stores = stores_activations(plan.trainable, train_below=self.trainable.embeddings)
+        for i, params in enumerate(self._block_params):
             train = plan.trainable[i]
-            for p in blk.parameters():
-                # Only what could train when the patch was applied: a LoRA block's frozen base stays frozen and
-                # its adapters follow the plan.
-                p.requires_grad_(train and self._requires_grad[p])
+            for p, can_train in params:
+                # Only what can ever train: a LoRA block's frozen base stays frozen and its adapters follow the plan.
+                p.requires_grad_(train and can_train)
                 if not train:
                     p.grad = None  # frozen this step: no grad, so the optimizer skips it (its state is kept)
-            self._set_recompute(i, plan.recompute[i] and train_or_above(plan, i))
+            self._set_recompute(i, plan.recompute[i] and stores[i])
         self.deltas = [None] * self.depth
 
     def _set_recompute(self, i: int, on: bool) -> None:
         blk = self.blocks[i]
         if on and i not in self._forwards:
-            self._forwards[i] = blk.forward
-            blk.forward = partial(_checkpointed, self._forwards[i])
+            self._forwards[i] = vars(blk).get("forward")  # an instance attribute of its own, if it had one
+            blk.forward = partial(_checkpointed, blk.forward)
         elif not on and i in self._forwards:
-            blk.forward = self._forwards.pop(i)
+            own = self._forwards.pop(i)
+            if own is None:
+                del blk.forward  # the class's forward again
+            else:
+                blk.forward = own
 
     def step_deltas(self) -> list[float]:
         """This step's per-block importances (batch mean), as floats."""
@@ -121,21 +131,19 @@ class AlastHandle:
         self._hooks.clear()
         for i in list(self._forwards):
             self._set_recompute(i, False)
-        for p, flag in self._requires_grad.items():
-            p.requires_grad_(flag)
+        for params in self._block_params:
+            for p, can_train in params:
+                p.requires_grad_(can_train)
         self.plan = None
-
-
-def train_or_above(plan: StepPlan, i: int) -> bool:
-    """Whether block ``i`` stores activations at all: it is at or above the lowest trainable block."""
-    lo = plan.lowest_trainable
-    return lo is not None and i >= lo
 
 
 def _checkpointed(forward, x, *args, **kwargs):
     return checkpoint(forward, x, *args, use_reentrant=False, **kwargs)
 
 
-def apply_patch(model: nn.Module, token_multiple: int = 1) -> AlastHandle:
-    """Hook a timm ViT for ALaST. Returns the handle that applies plans and removes the patch."""
-    return AlastHandle(model, token_multiple=token_multiple)
+def apply_patch(model: nn.Module, token_multiple: int = 1, trainable: TrainableSet | None = None) -> AlastHandle:
+    """Hook a timm ViT for ALaST. Returns the handle that applies plans and removes the patch.
+
+    ``trainable``: what can ever train (the run's record); default: what is marked ``requires_grad`` now.
+    """
+    return AlastHandle(model, token_multiple=token_multiple, trainable=trainable)

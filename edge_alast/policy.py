@@ -12,8 +12,8 @@ from typing import Sequence
 
 import torch
 
-SAMPLING_MODES = ("softmax", "topk")
-
+from .config import AlastConfig
+from .methods import BLOCKS_NONE, MethodSpec
 
 @dataclass(frozen=True)
 class StepPlan:
@@ -98,6 +98,19 @@ class StaticPolicy:
             return replace(self._plan, recompute=tuple(caps.recompute))  # the memory guard may add recomputation
         return self._plan
 
+    @property
+    def budgets(self) -> list[float]:
+        """No budgets: every block keeps every token (for metrics that compare with ALaST's)."""
+        return [1.0] * self.depth
+
+    def trainable_count(self, caps: PolicyCaps | None = None) -> int:
+        """Blocks trained per step: every block, or none."""
+        return self.depth if self._plan.trainable[0] else 0
+
+    def worst_plans(self, caps: PolicyCaps | None = None) -> list[StepPlan]:
+        """The plans to cost for the most expensive step under ``caps``: this policy's only plan."""
+        return [self.decide(caps)]
+
     def observe(self, deltas: Sequence[float]) -> None:
         pass
 
@@ -106,33 +119,6 @@ class StaticPolicy:
 
     def load_state_dict(self, state: dict) -> None:
         pass
-
-
-@dataclass
-class AlastConfig:
-    """ALaST policy settings. See :class:`AlastPolicy` for the source of each default."""
-
-    b_init: float = 0.9
-    b_min: float = 0.5
-    alpha: float | None = None
-    k_trainable: int | None = None
-    sampling: str = "softmax"
-    temperature: float = 1.0
-    seed: int = 0
-
-    def validate(self, depth: int) -> None:
-        if not 0.0 < self.b_min <= 1.0:
-            raise ValueError(f"alast.b_min must be in (0, 1], got {self.b_min}")
-        if not self.b_min <= self.b_init <= 1.0:
-            raise ValueError(f"alast.b_init must be in [b_min, 1] = [{self.b_min}, 1], got {self.b_init}")
-        if self.alpha is not None and self.alpha < 0:
-            raise ValueError(f"alast.alpha must be >= 0, got {self.alpha}")
-        if self.k_trainable is not None and not 1 <= self.k_trainable <= depth:
-            raise ValueError(f"alast.k_trainable must be in [1, {depth}], got {self.k_trainable}")
-        if self.sampling not in SAMPLING_MODES:
-            raise ValueError(f"alast.sampling must be one of {SAMPLING_MODES}, got {self.sampling!r}")
-        if self.temperature <= 0:
-            raise ValueError(f"alast.temperature must be > 0, got {self.temperature}")
 
 
 # With batch-mean deltas, alpha = lr * ALPHA_REFERENCE_BATCH reproduces the reference code's update (alpha = lr on
@@ -186,18 +172,47 @@ class AlastPolicy:
         self._gen = torch.Generator().manual_seed(int(self.config.seed))
 
     # -- deciding -----------------------------------------------------------------------------------------------
+    def trainable_count(self, caps: PolicyCaps | None = None) -> int:
+        """K under ``caps``: the configured K, at most ``caps.max_trainable`` and the blocks from the lowest
+        trainable one up."""
+        caps = caps or PolicyCaps()
+        return min(self.k, caps.max_trainable or self.depth, self.depth - max(0, caps.lowest_trainable))
+
     def decide(self, caps: PolicyCaps | None = None) -> StepPlan:
         caps = caps or PolicyCaps()
         keep = list(self.budgets)
         if caps.max_keep is not None:
             keep = [min(b, c) for b, c in zip(keep, caps.max_keep)]
-        lo = max(0, caps.lowest_trainable)
-        k = min(self.k, caps.max_trainable or self.depth, self.depth - lo)
         trainable = [False] * self.depth
-        for i in self._choose(k, lo):
+        for i in self._choose(self.trainable_count(caps), max(0, caps.lowest_trainable)):
             trainable[i] = True
         recompute = tuple(caps.recompute) if caps.recompute is not None else ()
         return StepPlan(keep_ratios=tuple(keep), trainable=tuple(trainable), recompute=recompute)
+
+    def worst_plans(self, caps: PolicyCaps | None = None) -> list[StepPlan]:
+        """The plans :meth:`decide` can return under ``caps`` at their most expensive, for a planner to cost.
+
+        Budgets sit at their caps (every token without one) and the lowest trainable block is
+        ``caps.lowest_trainable``. The other K-1 trainable blocks are placed three ways (the costliest is the
+        planner's to find): on the lowest non-recomputed blocks (the most tokens, so the most stored activations: a
+        recomputed block keeps only its input whether it trains or not), on the lowest blocks (most FLOPs), on the
+        top blocks (their gradients exist while everything below is still stored).
+        """
+        caps = caps or PolicyCaps()
+        depth = self.depth
+        recompute = tuple(caps.recompute) if caps.recompute is not None else (False,) * depth
+        keep = tuple(min(1.0, c) for c in caps.max_keep) if caps.max_keep is not None else (1.0,) * depth
+        lo, k = max(0, caps.lowest_trainable), self.trainable_count(caps)
+        if k <= 0:
+            return [StepPlan(keep, (False,) * depth, recompute)]
+        # Tokens never grow with depth, so the lowest blocks hold the most.
+        rest = sorted(range(lo + 1, depth), key=lambda i: (recompute[i], i))[:k - 1]
+        placements = {
+            tuple(i == lo or i in rest for i in range(depth)),
+            tuple(lo <= i < lo + k for i in range(depth)),
+            tuple(i == lo or i >= depth - (k - 1) for i in range(depth)),
+        }
+        return [StepPlan(keep, t, recompute) for t in sorted(placements)]
 
     def _choose(self, k: int, lo: int) -> list[int]:
         candidates = list(range(lo, self.depth))
@@ -242,3 +257,11 @@ class AlastPolicy:
         self._gen.set_state(state["generator"])
         self.alpha = float(state["alpha"])
         self.k = int(state["k"])
+
+
+def make_policy(spec: MethodSpec, stage: str, depth: int, config: AlastConfig | None = None, *,
+                lr: float = 1e-4) -> AlastPolicy | StaticPolicy:
+    """The policy a method uses in ``stage``: ALaST's budgets, or every block (none, for head-only) every step."""
+    if spec.uses_alast(stage):
+        return AlastPolicy(depth, config, lr=lr)
+    return StaticPolicy(depth, train_blocks=spec.blocks != BLOCKS_NONE)

@@ -239,11 +239,20 @@ def test_recompute_blocks_option(image_folder, tmp_path):
     assert result.exit_code == 2 and "--recompute-blocks" in result.output
 
 
-def test_method_choices_are_the_config_methods():
-    from edge_alast.config import METHODS
+def test_options_come_from_the_config_dataclasses():
+    import dataclasses
 
-    option = next(p for p in main.commands["train"].params if p.name == "method")
-    assert tuple(option.type.choices) == METHODS
+    from edge_alast.config import TrainConfig
+    from edge_alast.methods import METHODS
+
+    params = {p.name: p for p in main.commands["train"].params}
+    assert tuple(params["method"].type.choices) == tuple(METHODS)
+    for f in dataclasses.fields(TrainConfig):  # every flagged field is an option, its default in the help
+        if f.metadata.get("flag"):
+            assert f.name in params, f.name
+            if isinstance(f.default, (int, float, str)) and not isinstance(f.default, bool):
+                assert f"[default: {f.default}]" in params[f.name].help, f.name
+    assert "[default: 8]" in params["lora_r"].help
 
 
 def test_light_peft_options_reach_the_run(image_folder, tmp_path):

@@ -8,7 +8,7 @@ from torch.testing import assert_close
 from conftest import TINY_MODELS, tiny_model
 from edge_alast.patch import apply_patch
 from edge_alast.policy import StepPlan, count_kept
-from edge_alast.tokens import cls_attention, select_tokens
+from edge_alast.tokens import cls_attention
 
 
 def _plan(depth, keep=1.0, trainable=True, recompute=False):
@@ -31,28 +31,6 @@ def test_budgets_one_nothing_frozen_equals_unpatched(kind):
         if q.grad is not None:
             assert_close(p.grad, q.grad, msg=n)
     assert all(d is not None for d in handle.deltas)
-
-
-@pytest.mark.parametrize("kind", ["vit", "deit_distilled", "vit_qknorm_reg"])
-def test_cls_attention_matches_explicit_attention(kind):
-    model = tiny_model(kind).eval()
-    attn = model.blocks[0].attn
-    x = torch.randn(2, 17 + model.num_prefix_tokens - 1, 32)
-    qkv = attn.qkv(x)
-    b, n, _ = qkv.shape
-    q, k, _v = qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    full = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1)  # timm's non-fused path
-    assert_close(cls_attention(qkv, attn.num_heads, attn.scale, attn.q_norm, attn.k_norm), full[:, :, 0].mean(1))
-
-
-def test_select_tokens_keeps_prefix_and_topk_in_order():
-    x = torch.arange(2 * 7, dtype=torch.float32).reshape(2, 7, 1).repeat(1, 1, 3)
-    scores = torch.tensor([[9, 0.1, 0.5, 0.2, 0.9, 0.3, 0.8], [9, 0.9, 0.1, 0.8, 0.2, 0.7, 0.3]])
-    out = select_tokens(x, scores, keep=3, num_prefix_tokens=1)
-    assert out[0, :, 0].tolist() == [0, 2, 4, 6]
-    assert out[1, :, 0].tolist() == [7, 8, 10, 12]
-    assert select_tokens(x, scores, keep=6, num_prefix_tokens=1) is x
 
 
 @pytest.mark.parametrize("kind", ["vit", "deit_distilled", "vit_qknorm_reg"])

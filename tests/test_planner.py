@@ -6,10 +6,15 @@ import torch
 import torch.nn.functional as F
 
 from edge_alast.errors import ConfigError
+from edge_alast.calibration import calibrate, saved_tensor_bytes
+from edge_alast.costmodel import CostModel
+from edge_alast.guard import MemoryGuard
+from edge_alast.methods import METHODS
 from edge_alast.patch import apply_patch
-from edge_alast.planner import CostModel, MemoryGuard, calibrate, plan_run, saved_tensor_bytes
-from edge_alast.policy import AlastConfig, AlastPolicy, PolicyCaps, StepPlan
+from edge_alast.planner import KEEP_LEVELS, plan_run
+from edge_alast.policy import AlastConfig, AlastPolicy, PolicyCaps, StepPlan, make_policy
 from edge_alast.profiles import parse_profile
+from edge_alast.trainable import TrainableSet
 
 from conftest import TINY, tiny_model
 
@@ -28,13 +33,19 @@ def cal(model):
     return calibrate(model, img_size=IMG)
 
 
+def trainable_for(model, method):
+    return TrainableSet.for_method(model, METHODS[method])
+
+
 def cost_for(model, cal, method="alast", **kw):
-    return CostModel(model, cal, img_size=IMG, method=method, baseline_bytes=BASELINE, **kw)
+    return CostModel(model, cal, img_size=IMG, trainable=trainable_for(model, method), baseline_bytes=BASELINE, **kw)
 
 
-def plan_tiny(model, cal, profile=None, **kw):
+def plan_tiny(model, cal, profile=None, method="alast", alast_config=None, **kw):
+    spec = METHODS[method]
     kw = {"img_size": IMG, "calibration": cal, "baseline_bytes": BASELINE, "eval_batch_size": 1, **kw}
-    return plan_run(model, profile, **kw)
+    return plan_run(model, profile, policy=make_policy(spec, spec.stages[0], len(model.blocks), alast_config),
+                    kind=spec.plan_kind, trainable=trainable_for(model, method), **kw)
 
 
 def test_calibration_positive_and_monotone(cal):
@@ -162,7 +173,7 @@ def test_full_never_drops_tokens(model, cal, fraction):
     assert plan.predicted_peak_bytes <= ceiling
 
 
-def test_guard_tightens_above_threshold_only():
+def test_guard_tightens_above_threshold_only_in_the_planner_order():
     guard = MemoryGuard(1000, depth=3, threshold=0.9)
     caps = PolicyCaps(recompute=(False,) * 3)
     same, event = guard.check(899, caps)
@@ -174,12 +185,22 @@ def test_guard_tightens_above_threshold_only():
     caps2, _ = guard.check(960, caps1)
     caps3, _ = guard.check(970, caps2)
     assert caps3.recompute == (True, True, True)
-    caps4, event = guard.check(980, caps3)  # every block recomputed: the keep cap comes down next
-    assert caps4.max_keep == (0.9,) * 3 and "keep" in event["action"]
+    # every block recomputed: as in the planner's search, the lowest trainable block rises next, then the keep cap
+    caps4, event = guard.check(980, caps3)
+    assert caps4.lowest_trainable == 1 and caps4.max_keep is None and "lowest trainable" in event["action"]
+    caps5, _ = guard.check(981, caps4)
+    assert caps5.lowest_trainable == 2
+    caps6, event = guard.check(982, caps5)
+    assert caps6.max_keep == (0.9,) * 3 and "keep" in event["action"]
+    reading = 983
+    while event["action"] != "none left":  # bounded: it stops at the planner's lowest keep level
+        caps6, event = guard.check(reading, caps6)
+        reading += 1
+    assert caps6.max_keep == (KEEP_LEVELS[-1],) * 3 and reading < 1000
 
 
 def test_guard_full_only_recomputes():
-    guard = MemoryGuard(1000, depth=2, method="full")
+    guard = MemoryGuard(1000, depth=2, kind="full")
     caps = PolicyCaps(recompute=(True, True))
     new, event = guard.check(999, caps)
     assert new.max_keep is None and event["action"].startswith("none")
@@ -192,8 +213,9 @@ def test_lora_costs_only_adapter_gradients_and_optimizer_state(cal):
     plain = tiny_model()
     lora = tiny_model()
     apply_lora(lora, LoraConfig(r=2))
-    kw = dict(img_size=32, method="full", baseline_bytes=0, eval_batch_size=4, train_embeddings=False)
-    full_cost, lora_cost = CostModel(plain, cal, **kw), CostModel(lora, cal, **kw)
+    kw = dict(img_size=32, baseline_bytes=0, eval_batch_size=4)
+    full_cost = CostModel(plain, cal, trainable=trainable_for(plain, "alast"), **kw)
+    lora_cost = CostModel(lora, cal, trainable=trainable_for(lora, "lora"), **kw)
     adapter_bytes = sum(p.numel() * 4 for n, p in lora.blocks.named_parameters() if "lora_" in n)
     assert sum(lora_cost.block_train_bytes) == adapter_bytes
     tail = full_cost.tail_bytes
@@ -208,15 +230,16 @@ def test_lora_and_light_peft_models_plan_under_a_tight_ceiling():
     slack applies, and a ceiling below the free plan is met by recomputation as for full tuning."""
     from edge_alast.lightpeft import add_masks
     from edge_alast.lora import LoraConfig, apply_lora
-    from edge_alast.planner import ALLOCATOR_SLACK_ADAPTERS
+    from edge_alast.costmodel import ALLOCATOR_SLACK_ADAPTERS
 
     model = tiny_model()
     apply_lora(model, LoraConfig(r=2))
     add_masks(model)
-    cal = calibrate(model, img_size=IMG)
-    assert cost_for(model, cal, method="full").allocator_slack == ALLOCATOR_SLACK_ADAPTERS
-    free = plan_tiny(model, cal, None, batch_size=16, method="full")
-    plan = plan_tiny(model, cal, None, batch_size=16, method="full", memory_ceiling_bytes=free.predicted_peak_bytes - 1)
+    cal = calibrate(model, img_size=IMG, trainable=trainable_for(model, "light-peft"))
+    assert cost_for(model, cal, method="light-peft").allocator_slack == ALLOCATOR_SLACK_ADAPTERS
+    free = plan_tiny(model, cal, None, batch_size=16, method="light-peft")
+    plan = plan_tiny(model, cal, None, batch_size=16, method="light-peft",
+                     memory_ceiling_bytes=free.predicted_peak_bytes - 1)
     assert plan.predicted_peak_bytes < free.predicted_peak_bytes and plan.caps.recompute[0]
     # calibration left the flags as they were: adapters and masks train, base weights do not
     assert all(p.requires_grad == ("lora_" in n or n.endswith(".mask")) for n, p in model.blocks.named_parameters())

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from conftest import REPO, TINY
-from edge_alast.config import ALAST_METHODS, LORA_METHODS, METHODS, TrainConfig
+from edge_alast.config import TrainConfig
+from edge_alast.methods import METHODS
 from edge_alast.errors import ConfigError, DataError
 from edge_alast.trainer import train
 
@@ -21,7 +22,7 @@ def tiny_config(data, out, **kw):
     return TrainConfig(**base)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_runs_and_writes_run_folder(image_folder, tmp_path, method):
     events = []
     extra = {"light_peft": {"estimation_steps": 2}} if method.startswith("light-peft") else {}
@@ -39,14 +40,15 @@ def test_every_method_runs_and_writes_run_folder(image_folder, tmp_path, method)
     kinds = [e["event"] for e in events]
     assert kinds[0] == "start" and kinds[-1] == "done" and kinds.count("step") == 3
     tokens = lines[0]["tokens/per_block"]
-    if method in ALAST_METHODS and method != "light-peft+alast":
+    spec = METHODS[method]
+    if spec.alast and not spec.light_peft:
         assert tokens[0] == 17 and tokens[-1] < 17 and len(lines[0]["blocks/trainable"]) == 3  # ceil(3/4*3)
     else:
         assert tokens == [17, 17, 17]
         assert len(lines[0]["blocks/trainable"]) == (0 if method == "head" else 3)
     params = summary["trainable_params"]
     assert 0 < params <= summary["base_params_original"]
-    if method in LORA_METHODS:
+    if spec.lora:
         assert params < summary["base_params_original"] / 2
 
 
@@ -217,17 +219,3 @@ def test_reduced_precision_trains_and_resumes(image_folder, tmp_path, precision)
     resumed = train(tiny_config(image_folder, tmp_path / "r", steps=4, precision=precision)).summary
     assert _losses(tmp_path / "r") == pytest.approx(_losses(tmp_path / "ref"), rel=1e-6)
     assert resumed["val_loss"] == pytest.approx(reference["val_loss"], rel=1e-6)
-
-
-def test_auto_precision_follows_measurement_not_flags(monkeypatch):
-    import edge_alast.trainer as trainer_module
-
-    assert isinstance(trainer_module.cpu_bf16_is_faster.__wrapped__((64, 64, 64), 2), bool)  # the real probe runs
-    monkeypatch.setattr(trainer_module, "read_cpu_flags", lambda: {"avx512_bf16"})
-    monkeypatch.setattr(trainer_module, "cpu_bf16_is_faster", lambda: False)
-    assert trainer_module.resolve_precision("auto", "cpu") == "fp32"
-    monkeypatch.setattr(trainer_module, "cpu_bf16_is_faster", lambda: True)
-    assert trainer_module.resolve_precision("auto", "cpu") == "bf16"
-    monkeypatch.setattr(trainer_module, "read_cpu_flags", lambda: set())
-    assert trainer_module.resolve_precision("auto", "cpu") == "fp32"  # no bf16 instructions: never probed
-    assert trainer_module.resolve_precision("bf16", "cpu") == "bf16"  # an explicit choice is kept

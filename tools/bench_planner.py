@@ -69,61 +69,31 @@ def run_config(args, name: str, model_args: dict, weights: bool, img: int, batch
 
 
 def predict(config_path: str) -> dict:
-    """In a fresh process: build the model as the trainer does, then plan (no training)."""
+    """In a fresh process: set the run up as the trainer does (``setup_run``), then plan it without ceilings."""
+    import dataclasses
+
     import edge_alast.cli  # noqa: F401  (the same libraries a training process holds)
-    from edge_alast import trainer
     from edge_alast.config import TrainConfig
-    try:
-        from edge_alast.images import scan_image_folder
-    except ImportError:  # before the image scanning moved out of edge_alast.data
-        from edge_alast.data import scan_image_folder
-    from edge_alast.models import create_model, load_weights
-    from dataclasses import replace
+    from edge_alast.metrics import read_metrics
+    from edge_alast.run import plan_for, setup_run
 
-    from edge_alast.planner import CostModel, calibrate, plan_run
-    from edge_alast.profiles import load_profile
-
-    data = yaml.safe_load(Path(config_path).read_text())
-    config = TrainConfig.from_dict(data)
-    folder = scan_image_folder(config.data, option="--data")
-    val = scan_image_folder(config.val_data, classes=folder.classes, option="--val-data")
-    model = create_model(config.model, num_classes=len(folder.classes), img_size=config.img_size,
-                         **config.model_args)
-    if config.weights:
-        load_weights(model, config.weights)
-    train_embeddings = config.train_embeddings or config.method == "full"
-    for n, p in model.named_parameters():
-        if not n.startswith("blocks."):
-            is_head = n.startswith(("head.", "head_dist."))
-            is_embedding = n.startswith(trainer.EMBEDDING_PARAMS)
-            p.requires_grad_(is_head if config.method == "head" else (train_embeddings if is_embedding else True))
-    profile = load_profile(config.profile) if config.profile else None
-    plan = plan_run(model, profile, img_size=config.img_size, batch_size=config.batch_size,
-                    precision=config.precision or "fp32", method=config.method, alast_config=config.alast,
-                    train_embeddings=train_embeddings, eval_batch_size=min(config.eval_batch_size or config.batch_size, len(val.samples)),
-                    token_multiple=config.token_multiple)
+    config = TrainConfig.from_dict(yaml.safe_load(Path(config_path).read_text()))
+    with tempfile.TemporaryDirectory(prefix="bench_planner_predict_") as scratch:
+        run = setup_run(dataclasses.replace(config, out=scratch, profile=None, resume=False))
+        plan = plan_for(run, None)
     # The same cost model on the steps the run took (tokens and trainable blocks from metrics.jsonl): the
     # model's accuracy, where predicted_peak_bytes is the bound over every step the policy could take.
     actual = None
-    metrics = Path(config.out) / "metrics.jsonl"
-    if metrics.exists():
-        cost = CostModel(model, calibrate(model, img_size=config.img_size, precision=config.precision or "fp32"),
-                         img_size=config.img_size, method=config.method, baseline_bytes=plan.breakdown["baseline"],
-                         train_embeddings=train_embeddings, eval_batch_size=min(config.eval_batch_size or config.batch_size,
-                                                                                len(val.samples)))
-        depth = len(model.blocks)
-        for line in metrics.read_text().splitlines():
-            rec = json.loads(line)
-            if rec.get("event", "step") != "step":
-                continue
-            trainable = [i in rec["blocks/trainable"] for i in range(depth)]
-            tokens = rec["tokens/per_block"]
-            keep = rec["budget/keep_ratio"]
-            shape = cost.shape(config.batch_size, keep, trainable)
-            if list(shape.tokens) != tokens:
-                shape = replace(shape, tokens=tuple(tokens))
-            peak = cost.peak(shape, 0 if config.method != "head" else None)["peak"]
-            actual = peak if actual is None else max(actual, peak)
+    for rec in read_metrics(Path(config.out) / "metrics.jsonl"):
+        if rec.get("event") != "step":
+            continue
+        trainable = [i in rec["blocks/trainable"] for i in range(run.depth)]
+        keep = rec.get("plan/keep_ratio", rec.get("budget/keep_ratio"))
+        shape = plan.cost.shape(run.order.batch_size, keep, trainable)
+        if list(shape.tokens) != rec["tokens/per_block"]:
+            shape = dataclasses.replace(shape, tokens=tuple(rec["tokens/per_block"]))
+        peak = plan.cost.peak(shape)["peak"]
+        actual = peak if actual is None else max(actual, peak)
     return {"predicted_peak_bytes": plan.predicted_peak_bytes, "predicted_steps_taken_bytes": actual,
             "batch_size": plan.batch_size,
             "predicted_flops_per_step": plan.predicted_flops_per_step, "notes": plan.notes,

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from edge_alast.metrics import read_metrics, steady
+
 
 def parse_value(text: str):
     return yaml.safe_load(text)
@@ -50,10 +52,8 @@ def run_method(name: str, config: dict, workdir: Path) -> dict:
 def read_run(run_dir: Path) -> dict:
     """A run's summary plus the median steady-state step time (robust to a step disturbed by other work)."""
     summary = json.loads((run_dir / "summary.json").read_text())
-    steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    seconds = [s["time/step_seconds"] for s in steps if s.get("event") == "step"]
-    warm = min(5, len(seconds) // 5)
-    summary["median_step_seconds"] = statistics.median(seconds[warm:] or seconds)
+    seconds = [s["time/step_seconds"] for s in read_metrics(run_dir / "metrics.jsonl") if s.get("event") == "step"]
+    summary["median_step_seconds"] = statistics.median(steady(seconds))
     manifest = run_dir / "manifest.json"
     if manifest.exists():
         fp32 = json.loads(manifest.read_text())["formats"]["fp32"]

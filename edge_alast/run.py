@@ -1,0 +1,259 @@
+"""Setting a run up: everything the training loop needs, resolved from a :class:`~edge_alast.config.TrainConfig`.
+
+:func:`setup_run` resolves the device profile, device, precision and threads, prepares the run folder, scans the
+data, builds the model (weights, adapters, masks), makes the one record of what can ever train, plans against the
+profile's ceilings, and finds the checkpoint to resume. The trainer, ``tools/`` and the fleet node all call it; the
+loop itself never resolves configuration.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import checkpoints, load_latest
+from .config import TrainConfig
+from .data import BatchOrder, Preprocess
+from .errors import ConfigError, DataError
+from .flops import StepFlopCounter
+from .guard import MemoryGuard
+from .images import scan_image_folder, scan_warnings, split_samples
+from .lightpeft import add_masks
+from .lora import apply_lora
+from .methods import METHODS, MethodSpec
+from .models import create_model, data_config, load_weights
+from .planner import RunPlan, plan_run
+from .policy import PolicyCaps, make_policy
+from .precision import resolve_precision
+from .profiles import DeviceProfile, ProfileError, load_profile
+from .trainable import TrainableSet
+
+
+@dataclass
+class Run:
+    """A run, set up (see module docstring).
+
+    Attributes:
+        config: The validated configuration.
+        spec: The method's record.
+        profile: The device profile (None without one).
+        device, precision: Resolved (``auto`` measured).
+        run_dir: The run folder (exists and is writable).
+        classes, train_samples, val_samples: The data; ``warnings`` names skipped files and empty classes.
+        order: The training batches as a function of the step (its batch size is the plan's, or the resumed
+            checkpoint's).
+        total_steps: Steps of the whole run.
+        model: The model on its device, adapters and masks in place, ``requires_grad`` set to ``trainable``.
+        preprocess: Image to tensor, from the model's data config.
+        trainable: What can ever train in the first stage.
+        flop_counter: The FLOP model of the model as built (the first stage's).
+        base_params: Parameters of the model before adapters, masks or pruning.
+        plan: The planner's decision (None without a profile).
+        caps: The caps in force (the plan's, or the resumed checkpoint's).
+        guard: The runtime memory guard (None without a memory ceiling).
+        checkpoint: The checkpoint to resume from (None: start at step 0); the trainer drops it once restored.
+        resume_notes: Checkpoints passed over, in words.
+    """
+
+    config: TrainConfig
+    spec: MethodSpec
+    profile: DeviceProfile | None
+    device: str
+    precision: str
+    run_dir: Path
+    classes: list[str]
+    train_samples: list
+    val_samples: list
+    warnings: list[str]
+    order: BatchOrder
+    total_steps: int
+    model: nn.Module
+    preprocess: Preprocess
+    trainable: TrainableSet
+    flop_counter: StepFlopCounter
+    base_params: int
+    plan: RunPlan | None
+    caps: PolicyCaps
+    guard: MemoryGuard | None
+    checkpoint: dict[str, Any] | None = None
+    resume_notes: list[str] = field(default_factory=list)
+
+    @property
+    def depth(self) -> int:
+        return len(self.model.blocks)
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.config.eval_batch_size or self.order.batch_size
+
+
+def setup_run(config: TrainConfig) -> Run:
+    """Resolve ``config`` into a :class:`Run` (see module docstring).
+
+    Raises:
+        ConfigError: a bad option, profile, weights file, output folder, or a plan that cannot fit (exit 2).
+        DataError: unusable data (exit 3).
+    """
+    config.validate()
+    spec = METHODS[config.method]
+
+    # ---------------------------------------------------------------- device profile, precision, threads
+    profile = None
+    if config.profile is not None:
+        try:
+            profile = load_profile(config.profile)
+        except ProfileError as e:
+            raise ConfigError(f"--profile: {e}") from e
+    device = config.device or (profile.device if profile else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--profile {profile.name if profile else ''} runs on cuda, and this host has no CUDA device; "
+                          "pass --device cpu to apply the profile's ceilings on this CPU")
+    precision = resolve_precision(config.precision or (profile.default_precision if profile else "fp32"), device,
+                                  tuple(profile.fast_precisions) if profile else ())
+    batch_size = config.batch_size or (profile.default_batch_size if profile else 16)
+    if profile is not None and profile.threads:
+        torch.set_num_threads(int(profile.threads))
+    torch.manual_seed(config.seed)
+    run_dir = _prepare_run_dir(Path(config.out))
+
+    # ---------------------------------------------------------------- data
+    folder = scan_image_folder(config.data, option="--data", max_bad_fraction=config.max_bad_fraction)
+    warnings = scan_warnings(folder, "--data")
+    if len(folder.classes) < 2:
+        raise DataError(f"--data: {config.data} has one usable class ({folder.classes[0]}); a classifier needs "
+                        "at least two class folders with images")
+    if config.val_data:
+        val_folder = scan_image_folder(config.val_data, classes=folder.classes, option="--val-data",
+                                       max_bad_fraction=config.max_bad_fraction)
+        warnings += scan_warnings(val_folder, "--val-data")
+        train_samples, val_samples = folder.samples, val_folder.samples
+    else:
+        train_samples, val_samples = split_samples(folder, config.val_fraction, config.seed)
+
+    # ---------------------------------------------------------------- model, adapters, what can ever train
+    model = create_model(config.model, num_classes=len(folder.classes), img_size=config.img_size,
+                         **config.model_args)
+    if config.weights:
+        load_weights(model, config.weights)
+    preprocess = Preprocess(config.img_size, **data_config(model))
+    base_params = sum(p.numel() for p in model.parameters())
+    try:  # a model these methods cannot adapt is a configuration error (exit 2), named
+        if spec.lora:
+            apply_lora(model, config.lora)
+        if spec.light_peft:
+            add_masks(model)
+    except TypeError as e:
+        raise ConfigError(f"--method {config.method}: {config.model}: {e}") from e
+    model.to(device)
+    depth = len(model.blocks)
+    if config.freeze_below >= depth or any(i >= depth for i in config.recompute_blocks):
+        raise ConfigError(f"--freeze-below/--recompute-blocks: {config.model} has {depth} blocks (0..{depth - 1})")
+    if spec.alast:
+        config.alast.validate(depth)
+    trainable = TrainableSet.for_method(model, spec, train_embeddings=config.train_embeddings)
+    trainable.apply(model)
+    flop_counter = StepFlopCounter(model, trainable)
+
+    # ---------------------------------------------------------------- plan against the profile's ceilings
+    recompute = tuple(i in config.recompute_blocks for i in range(depth))
+    run = Run(config=config, spec=spec, profile=profile, device=device, precision=precision, run_dir=run_dir,
+              classes=folder.classes, train_samples=train_samples, val_samples=val_samples, warnings=warnings,
+              order=BatchOrder(len(train_samples), batch_size, config.seed), total_steps=0, model=model,
+              preprocess=preprocess, trainable=trainable, flop_counter=flop_counter, base_params=base_params,
+              plan=None, caps=PolicyCaps(lowest_trainable=config.freeze_below, recompute=recompute), guard=None)
+    if profile is not None:
+        try:
+            run.plan = plan_for(run, profile)
+        except ConfigError as e:
+            raise ConfigError(f"--profile {profile.name}: no plan fits this device: {e}") from e
+        run.caps = run.plan.caps
+        if run.plan.batch_size != run.order.batch_size:
+            run.order = BatchOrder(len(train_samples), run.plan.batch_size, config.seed)
+        if run.plan.memory_ceiling_bytes:
+            run.guard = MemoryGuard(run.plan.memory_ceiling_bytes, depth, kind=spec.plan_kind,
+                                    train_below=trainable.embeddings)
+
+    # ---------------------------------------------------------------- the checkpoint to resume
+    run.checkpoint, run.resume_notes = _find_checkpoint(config, run_dir)
+    if run.checkpoint is not None:
+        # The plan in force when the checkpoint was written (a fresh plan could differ: it measures live RSS).
+        run.caps = caps_from_state(run.checkpoint["caps"])
+        if run.checkpoint["batch_size"] != run.order.batch_size:
+            run.order = BatchOrder(len(train_samples), run.checkpoint["batch_size"], config.seed)
+        if run.guard is not None and run.checkpoint.get("guard"):
+            run.guard.load_state_dict(run.checkpoint["guard"])
+    run.total_steps = _total_steps(config, run.order)
+    if spec.light_peft and run.total_steps <= config.light_peft.estimation_steps:
+        raise ConfigError(f"{config.light_peft.name('estimation_steps')}: {config.method} runs {run.total_steps} "
+                          f"steps in all, which leaves none for fine-tuning after "
+                          f"{config.light_peft.estimation_steps} estimation steps; train longer or estimate shorter")
+    return run
+
+
+def plan_for(run: Run, profile: DeviceProfile | None) -> RunPlan:
+    """The planner's decision for ``run``'s model, method and batch under ``profile``'s ceilings (None: no
+    ceilings, the free plan and its predictions). Call before any optimizer state exists: the planner measures
+    this process's baseline RSS and calibrates activation bytes on a copy of one block (see planner.py)."""
+    config, spec = run.config, run.spec
+    return plan_run(run.model, profile, policy=make_policy(spec, spec.stages[0], run.depth, config.alast, lr=config.lr),
+                    kind=spec.plan_kind, trainable=run.trainable, img_size=config.img_size,
+                    batch_size=run.order.batch_size, precision=run.precision, device=run.device,
+                    lowest_trainable=config.freeze_below, recompute=run.caps.recompute,
+                    token_multiple=config.token_multiple, flop_counter=run.flop_counter,
+                    eval_batch_size=min(run.eval_batch_size, max(1, len(run.val_samples))))
+
+
+def _prepare_run_dir(run_dir: Path) -> Path:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+        for stale in run_dir.glob(".*.tmp"):  # temp files of atomic writes cut short by a power loss
+            stale.unlink()
+    except OSError as e:
+        raise ConfigError(f"--out: cannot write to {run_dir}: {e}") from e
+    return run_dir
+
+
+def _find_checkpoint(config: TrainConfig, run_dir: Path) -> tuple[dict | None, list[str]]:
+    """The newest valid checkpoint of a run with these settings, or None; ``--no-resume`` deletes them."""
+    if config.resume is False:
+        for _, path in checkpoints(run_dir):  # starting over: a stale checkpoint must not be resumed later
+            path.with_suffix(".sha256").unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+        return None, []
+    checkpoint, notes = load_latest(run_dir)
+    notes = [f"--out: {note}" for note in notes]
+    if checkpoint is None:
+        if config.resume:
+            raise ConfigError(f"--resume: no valid checkpoint in {run_dir}")
+        return None, notes
+    differs = sorted(k for k, v in config.resume_key().items() if checkpoint["config"].get(k) != v)
+    if differs:
+        raise ConfigError(f"--out: {run_dir} holds a checkpoint of a run with other settings "
+                          f"({', '.join(differs)}); use another --out, or the same settings to resume")
+    return checkpoint, notes
+
+
+def _total_steps(config: TrainConfig, order: BatchOrder) -> int:
+    if config.steps is not None:
+        return config.steps
+    return max(1, math.ceil((config.epochs or 1.0) * order.batches_per_epoch))
+
+
+def caps_state(caps: PolicyCaps) -> dict:
+    """Caps as plain values (checkpoints load with ``weights_only=True``)."""
+    return {"max_keep": None if caps.max_keep is None else list(caps.max_keep), "max_trainable": caps.max_trainable,
+            "lowest_trainable": caps.lowest_trainable,
+            "recompute": None if caps.recompute is None else list(caps.recompute)}
+
+
+def caps_from_state(state: dict) -> PolicyCaps:
+    as_tuple = lambda v: None if v is None else tuple(v)  # noqa: E731
+    return PolicyCaps(max_keep=as_tuple(state["max_keep"]), max_trainable=state["max_trainable"],
+                      lowest_trainable=state["lowest_trainable"], recompute=as_tuple(state["recompute"]))
