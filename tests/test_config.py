@@ -1,0 +1,102 @@
+"""The run configuration: run files, number coercion, validation errors that name real flags or run-file keys."""
+import dataclasses
+
+import pytest
+
+from edge_alast.config import (AlastConfig, LightPeftConfig, LoraConfig, TrainConfig, field_name, parse_number)
+from edge_alast.errors import ConfigError
+from edge_alast.methods import METHODS
+
+
+def cfg(**kw):
+    return TrainConfig(**{"data": "d", "out": "o", **kw})
+
+
+def test_from_dict_names_unknown_and_missing_keys():
+    with pytest.raises(ConfigError, match="run.yaml: unknown keys lerning_rate"):
+        TrainConfig.from_dict({"data": "d", "out": "o", "lerning_rate": 1}, source="run.yaml")
+    with pytest.raises(ConfigError, match="missing required keys out"):
+        TrainConfig.from_dict({"data": "d"})
+    with pytest.raises(ConfigError, match="unknown alast keys bmin"):
+        TrainConfig.from_dict({"data": "d", "out": "o", "alast": {"bmin": 0.5}})
+
+
+@pytest.mark.parametrize("text,value", [("1e-3", 1e-3), ("2.5E+2", 250.0), (".5", 0.5), (3, 3.0)])
+def test_yaml_1_1_number_strings_are_numbers(text, value):
+    assert parse_number(text) == value
+    assert cfg(lr=text).lr == value
+    assert TrainConfig.from_dict({"data": "d", "out": "o", "alast": {"alpha": text}}).alast.alpha == value
+
+
+@pytest.mark.parametrize("bad", ["fast", True, "nan", None])
+def test_parse_number_refuses_non_numbers(bad):
+    assert parse_number(bad) is None
+
+
+@pytest.mark.parametrize("build,message", [
+    (lambda: cfg(lr="fast"), "--lr: must be a number, got 'fast'"),
+    (lambda: cfg(steps=2.5), "--steps: must be an integer"),
+    (lambda: cfg(token_multiple="x"), "token_multiple: must be an integer"),  # a run-file key: named as such
+    (lambda: AlastConfig(b_min="low"), "alast.b_min: must be a number"),
+    (lambda: LightPeftConfig(mask_l1="x"), "light_peft.mask_l1: must be a number"),
+])
+def test_number_errors_name_the_field(build, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        build()
+
+
+@pytest.mark.parametrize("config,message", [
+    (dict(method="qlora"), "--method: must be one of alast, full, head"),
+    (dict(precision="fp8"), "--precision: must be one of"),
+    (dict(optimizer="sgd"), "optimizer: must be one of adamw, adam"),
+    (dict(val_fraction=1.5), "--val-fraction: must be in (0, 1)"),
+    (dict(steps=3, epochs=1.0), "--steps: give --steps or --epochs"),
+    (dict(alast={"b_min": 0.0}), "alast.b_min: must be in (0, 1]"),
+    (dict(alast={"sampling": "random"}), "alast.sampling: must be one of softmax, topk"),
+    (dict(method="lora", lora={"targets": ["qkv", "head"]}), "--lora-targets: must be a non-empty subset"),
+    (dict(method="light-peft", light_peft={"mask_l1": -1.0}), "light_peft.mask_l1: must be >= 0"),
+    (dict(method="light-peft", steps=10, light_peft={"estimation_steps": 10}),
+     "--steps: must exceed --estimation-steps (10)"),
+])
+def test_validation_names_real_flags_or_run_file_keys(config, message):
+    with pytest.raises(ConfigError) as e:
+        cfg(**config).validate()
+    assert message in str(e.value)
+
+
+def test_every_flag_named_in_an_error_is_a_flag():
+    """field_name gives a flag only for fields the CLI offers; everything else by its run-file key."""
+    from edge_alast.cli import main
+
+    flags = {opt for p in main.commands["train"].params for opt in p.opts}
+    for cls, section in ((TrainConfig, None), (AlastConfig, "alast"), (LoraConfig, "lora"),
+                         (LightPeftConfig, "light_peft")):
+        for f in dataclasses.fields(cls):
+            name = field_name(cls, f.name, section)
+            if name.startswith("--"):
+                assert name.split("/")[0] in flags, name
+            else:
+                assert name == (f"{section}.{f.name}" if section else f.name)
+
+
+def test_k_trainable_is_checked_against_depth_once_the_model_is_known():
+    AlastConfig(k_trainable=13).validate()  # depth unknown: only >= 1
+    with pytest.raises(ConfigError, match=r"alast.k_trainable: must be in \[1, 12\]"):
+        AlastConfig(k_trainable=13).validate(12)
+
+
+def test_method_choices_are_the_method_table():
+    field = next(f for f in dataclasses.fields(TrainConfig) if f.name == "method")
+    assert tuple(field.metadata["choices"]) == tuple(METHODS)
+
+
+def test_resume_key_ignores_only_what_cannot_change_the_result():
+    a, b = cfg(checkpoint_every_seconds=5, out="x"), cfg(checkpoint_every_seconds=60, out="y", resume=True)
+    assert a.resume_key() == b.resume_key()
+    assert cfg(lr=1e-3).resume_key() != cfg(lr=1e-4).resume_key()
+
+
+def test_sections_accept_mappings_from_the_python_api():
+    c = TrainConfig(data="d", out="o", lora={"r": 4}, alast={"b_init": 0.8})
+    assert isinstance(c.lora, LoraConfig) and c.lora.r == 4 and c.alast.b_init == 0.8
+    assert TrainConfig.from_dict(c.to_dict()) == c
