@@ -227,6 +227,12 @@ class TrainConfig:
                                                                      "without one).")
     eval_batch_size: int | None = option(None, flag="--eval-batch-size",
                                          help="Evaluation batch size; default: the training batch size.")
+    eval_every: int | None = option(None, flag="--eval-every",
+                                    help="Also evaluate every N steps on a fixed validation subset (--eval-images), "
+                                         "recorded as eval lines in metrics.jsonl (off by default).")
+    eval_images: int = option(256, flag="--eval-images",
+                              help="Size of the fixed validation subset --eval-every evaluates on (spread evenly "
+                                   "over the validation images; all of them when fewer).")
     lr: float = option(3e-5, flag="--lr", help="Learning rate.")
     weight_decay: float = 0.05
     optimizer: str = option("adamw", choices=OPTIMIZERS)
@@ -282,8 +288,11 @@ class TrainConfig:
             raise bad("steps", f"must be >= 1, got {self.steps}")
         if self.epochs is not None and self.epochs <= 0:
             raise bad("epochs", f"must be > 0, got {self.epochs}")
-        if self.eval_batch_size is not None and self.eval_batch_size < 1:
-            raise bad("eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
+        for key in ("eval_batch_size", "eval_every"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise bad(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.eval_images < 1:
+            raise bad("eval_images", f"must be >= 1, got {self.eval_images}")
         for key in ("img_size", "token_multiple"):
             if getattr(self, key) < 1:
                 raise bad(key, f"must be >= 1, got {getattr(self, key)}")
@@ -320,7 +329,7 @@ class TrainConfig:
                                    f"and fine-tuning, got {self.steps}")
 
     # Fields that may change between an interrupted run and its resumption without changing the result.
-    RESUME_FREE = ("resume", "checkpoint_every_seconds", "checkpoint_every_steps", "out")
+    RESUME_FREE = ("resume", "checkpoint_every_seconds", "checkpoint_every_steps", "out", "eval_every", "eval_images")
 
     def resume_key(self) -> dict[str, Any]:
         """The settings a checkpoint must share with this config to be resumed by it."""

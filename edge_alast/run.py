@@ -44,6 +44,7 @@ class Run:
         device, precision: Resolved (``auto`` measured).
         run_dir: The run folder (exists and is writable).
         classes, train_samples, val_samples: The data; ``warnings`` names skipped files and empty classes.
+        eval_samples: The fixed validation subset ``--eval-every`` evaluates on (empty without it).
         order: The training batches as a function of the step (its batch size is the plan's, or the resumed
             checkpoint's).
         total_steps: Steps of the whole run.
@@ -79,6 +80,7 @@ class Run:
     plan: RunPlan | None
     caps: PolicyCaps
     guard: MemoryGuard | None
+    eval_samples: list = field(default_factory=list)
     checkpoint: dict[str, Any] | None = None
     resume_notes: list[str] = field(default_factory=list)
 
@@ -164,7 +166,8 @@ def setup_run(config: TrainConfig) -> Run:
               classes=folder.classes, train_samples=train_samples, val_samples=val_samples, warnings=warnings,
               order=BatchOrder(len(train_samples), batch_size, config.seed), total_steps=0, model=model,
               preprocess=preprocess, trainable=trainable, flop_counter=flop_counter, base_params=base_params,
-              plan=None, caps=PolicyCaps(lowest_trainable=config.freeze_below, recompute=recompute), guard=None)
+              plan=None, caps=PolicyCaps(lowest_trainable=config.freeze_below, recompute=recompute), guard=None,
+              eval_samples=spread(val_samples, config.eval_images) if config.eval_every else [])
     if profile is not None:
         try:
             run.plan = plan_for(run, profile)
@@ -205,6 +208,11 @@ def plan_for(run: Run, profile: DeviceProfile | None) -> RunPlan:
                     lowest_trainable=config.freeze_below, recompute=run.caps.recompute,
                     token_multiple=config.token_multiple, flop_counter=run.flop_counter,
                     eval_batch_size=min(run.eval_batch_size, max(1, len(run.val_samples))))
+
+
+def spread(items: list, limit: int) -> list:
+    """At most ``limit`` of ``items``, evenly spaced (every class of a class-sorted sample list)."""
+    return items[::max(1, len(items) // limit)][:limit]
 
 
 def _prepare_run_dir(run_dir: Path) -> Path:

@@ -174,8 +174,15 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
             if penalty is not None:  # "loss" stays the cross-entropy, comparable across methods
                 record["loss/mask_l1"] = float(penalty.detach())
             log(record)
-            metrics.flush()
             done = step + 1
+            if config.eval_every and done % config.eval_every == 0:  # a point of the validation curve
+                stage.handle.set_plan(None)
+                accuracy, val_loss = evaluate(model, run.eval_samples, run.preprocess, run.eval_batch_size, device,
+                                              autocast)
+                log({"event": "eval", "step": done, "val_accuracy": accuracy, "val_loss": val_loss,
+                     "val_images": len(run.eval_samples), "elapsed_seconds": sum(history["step_seconds"]),
+                     "flops_total": int(sum(history["step_flops"]))})
+            metrics.flush()
             if should_stop is not None and should_stop() and done < run.total_steps:
                 metrics.flush()
                 save(done)

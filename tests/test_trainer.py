@@ -219,3 +219,17 @@ def test_reduced_precision_trains_and_resumes(image_folder, tmp_path, precision)
     resumed = train(tiny_config(image_folder, tmp_path / "r", steps=4, precision=precision)).summary
     assert _losses(tmp_path / "r") == pytest.approx(_losses(tmp_path / "ref"), rel=1e-6)
     assert resumed["val_loss"] == pytest.approx(reference["val_loss"], rel=1e-6)
+
+
+def test_eval_every_records_a_validation_curve_on_a_fixed_subset(image_folder, tmp_path):
+    summary = train(tiny_config(image_folder, tmp_path / "r", steps=4, eval_every=2, eval_images=2)).summary
+    lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in lines if r["event"] == "eval"]
+    assert [e["step"] for e in evals] == [2, 4] and all(e["val_images"] == 2 for e in evals)
+    steps = [r for r in lines if r["event"] == "step"]
+    assert evals[0]["elapsed_seconds"] == pytest.approx(sum(r["time/step_seconds"] for r in steps[:2]))
+    assert evals[1]["flops_total"] == summary["total_train_flops"]
+    assert all(0.0 <= e["val_accuracy"] <= 1.0 for e in evals)
+    # evaluating in between changes nothing about training
+    plain = train(tiny_config(image_folder, tmp_path / "p", steps=4)).summary
+    assert plain["final_loss"] == summary["final_loss"] and plain["val_loss"] == summary["val_loss"]
