@@ -20,7 +20,11 @@ SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adamw", "adam")
 DEVICES = ("cpu", "cuda")
 SAMPLING_MODES = ("softmax", "topk")
+# How ALaST's budgets move (see edge_alast.policy.AlastPolicy): the paper's update, the scale-free relative one, or
+# the baselines that keep per-block keep ratios fixed and train the same K blocks (static) or K drawn uniformly.
+ALAST_UPDATES = ("reference", "relative", "static", "random")
 LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
+AUGMENTATIONS = ("none", "flip", "rrc-flip")  # = edge_alast.images.AUGMENTATIONS (this module stays import-light)
 
 # PyYAML follows YAML 1.1, where ``1e-3`` and ``1.2e12`` (no dot / no sign in the exponent) are strings, not floats;
 # numeric strings like them are accepted wherever a number is expected, so the natural spelling works.
@@ -102,6 +106,17 @@ class AlastConfig(_Section):
     sampling: str = "softmax"
     temperature: float = 1.0
     seed: int = 0
+    update: str = option("reference", flag="--alast-update", choices=ALAST_UPDATES,
+                         help="How budgets move: reference (paper Eq. 6), relative (scale-free, from each block's "
+                              "class-token change relative to the token), or the baselines static and random "
+                              "(fixed keep ratios: --alast-from RUN_DIR).")
+    spread: float = 1.5
+    smoothing: float = 0.9
+    keep_ratios: list | None = None
+    trainable_blocks: list | None = None
+    from_run: str | None = option(None, flag="--alast-from",
+                                  help="static/random baselines: take per-block keep ratios (their means) and the "
+                                       "K most-trained blocks from this ALaST run folder.")
 
     def validate(self, depth: int | None = None) -> None:
         """Raise :class:`ConfigError` naming the first bad key (``k_trainable`` is checked against ``depth`` when
@@ -118,6 +133,19 @@ class AlastConfig(_Section):
             raise self.bad("sampling", f"must be one of {', '.join(SAMPLING_MODES)}")
         if self.temperature <= 0:
             raise self.bad("temperature", "must be > 0")
+        if self.update not in ALAST_UPDATES:
+            raise self.bad("update", f"must be one of {', '.join(ALAST_UPDATES)}")
+        if self.spread <= 0:
+            raise self.bad("spread", "must be > 0")
+        if not 0.0 <= self.smoothing < 1.0:
+            raise self.bad("smoothing", "must be in [0, 1)")
+        if self.keep_ratios is not None and (
+                not all(isinstance(r, (int, float)) and 0 < r <= 1 for r in self.keep_ratios)
+                or (depth is not None and len(self.keep_ratios) != depth)):
+            raise self.bad("keep_ratios", f"must be {depth or 'depth'} numbers in (0, 1]")
+        if self.trainable_blocks is not None and (
+                not all(isinstance(i, int) and 0 <= i < (depth or i + 1) for i in self.trainable_blocks)):
+            raise self.bad("trainable_blocks", f"must be block indices in [0, {depth or 'depth'})")
 
 
 @dataclass
@@ -252,6 +280,14 @@ class TrainConfig:
     trim_memory: bool = True
     max_bad_fraction: float = option(0.5, flag="--max-bad-fraction",
                                      help="Fail (exit 3) when more than this share of image files is unreadable.")
+    augment: str = option("none", flag="--augment", choices=AUGMENTATIONS,
+                          help="Training augmentation: none (the model's eval view: resize by its crop_pct, centre "
+                               "crop), flip (that view flipped left-right half the time), rrc-flip (timm's "
+                               "RandomResizedCrop, scale 0.08-1, ratio 3/4-4/3, then the flip). Evaluation and "
+                               "prediction never augment.")
+    loader_threads: int | None = option(None, flag="--loader-threads",
+                                        help="Threads decoding the next batches while a step computes; default: the "
+                                             "profile's threads, else min(2, CPUs); 0 decodes inside the step.")
     checkpoint_every_seconds: float | None = option(300.0, flag="--checkpoint-every-seconds",
                                                     help="Checkpoint interval in seconds.")
     checkpoint_every_steps: int | None = option(None, flag="--checkpoint-every-steps", help="Also checkpoint every "
@@ -316,6 +352,8 @@ class TrainConfig:
             raise bad("checkpoint_every_steps", f"must be >= 1, got {self.checkpoint_every_steps}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise bad("max_bad_fraction", f"must be in [0, 1], got {self.max_bad_fraction}")
+        if self.loader_threads is not None and self.loader_threads < 0:
+            raise bad("loader_threads", f"must be >= 0, got {self.loader_threads}")
         spec = METHODS[self.method]
         if spec.alast:
             self.alast.validate()
@@ -329,7 +367,8 @@ class TrainConfig:
                                    f"and fine-tuning, got {self.steps}")
 
     # Fields that may change between an interrupted run and its resumption without changing the result.
-    RESUME_FREE = ("resume", "checkpoint_every_seconds", "checkpoint_every_steps", "out", "eval_every", "eval_images")
+    RESUME_FREE = ("resume", "checkpoint_every_seconds", "checkpoint_every_steps", "out", "eval_every", "eval_images",
+                   "loader_threads")
 
     def resume_key(self) -> dict[str, Any]:
         """The settings a checkpoint must share with this config to be resumed by it."""

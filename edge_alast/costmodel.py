@@ -29,7 +29,7 @@ from torch import nn
 from .calibration import Calibration, full_tokens
 from .flops import StepFlopCounter, block_kinds
 from .lora import LoRALinear
-from .policy import StepPlan, count_kept
+from .policy import StepPlan, tokens_per_block
 from .trainable import TrainableSet, is_embedding, is_head
 
 __all__ = ["CostModel", "StepShape"]
@@ -135,10 +135,7 @@ class CostModel:
     def shape(self, batch_size: int, keep_ratios: Sequence[float], trainable: Sequence[bool],
               recompute: Sequence[bool] | None = None) -> StepShape:
         """The step's tokens per block from its keep ratios (cumulative, as the mechanism drops them)."""
-        tokens, n = [], self.tokens_in
-        for r in keep_ratios:
-            tokens.append(n)
-            n = count_kept(n - self.prefix, r, self.token_multiple) + self.prefix
+        *tokens, n = tokens_per_block(self.tokens_in, self.prefix, keep_ratios, self.token_multiple)
         return StepShape(int(batch_size), tuple(tokens), n, tuple(bool(t) for t in trainable),
                          tuple(bool(r) for r in (recompute or (False,) * self.depth)), tuple(keep_ratios))
 

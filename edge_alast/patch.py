@@ -39,6 +39,7 @@ class AlastHandle:
         self.token_multiple = int(token_multiple)
         self.plan: StepPlan | None = None
         self.deltas: list[torch.Tensor | None] = [None] * len(self.blocks)
+        self.streams: list[torch.Tensor | None] = [None] * len(self.blocks)
         self.tokens_in: list[int] = [0] * len(self.blocks)
         self._scores: list[torch.Tensor | None] = [None] * len(self.blocks)
         # What a block that trains trains (all of it, or its LoRA adapters): from the run's record, never from flags
@@ -76,8 +77,11 @@ class AlastHandle:
             return None
         x_in = args[0]
         with torch.no_grad():
-            # ALaST importance: squared L2 norm of the class token's change, batch mean (see AlastPolicy).
-            self.deltas[i] = (out[:, 0].float() - x_in[:, 0].float()).pow(2).sum(-1).mean()
+            # ALaST importance: squared L2 norm of the class token's change, batch mean (see AlastPolicy), and the
+            # squared norm of the class token entering the block, for the scale-free relative importance.
+            cls_in = x_in[:, 0].float()
+            self.deltas[i] = (out[:, 0].float() - cls_in).pow(2).sum(-1).mean()
+            self.streams[i] = cls_in.pow(2).sum(-1).mean()
         self.tokens_in[i] = int(x_in.shape[1])
         ratio = self.plan.keep_ratios[i]
         if ratio >= 1.0:
@@ -105,6 +109,7 @@ class AlastHandle:
                     p.grad = None  # frozen this step: no grad, so the optimizer skips it (its state is kept)
             self._set_recompute(i, plan.recompute[i] and stores[i])
         self.deltas = [None] * self.depth
+        self.streams = [None] * self.depth
 
     def _set_recompute(self, i: int, on: bool) -> None:
         blk = self.blocks[i]
@@ -123,6 +128,12 @@ class AlastHandle:
         if any(d is None for d in self.deltas):
             raise RuntimeError("no importance measured for some blocks: run a training forward after set_plan")
         return [float(d) for d in self.deltas]
+
+    def step_streams(self) -> list[float]:
+        """This step's per-block squared norm of the class token entering the block (batch mean), as floats."""
+        if any(s is None for s in self.streams):
+            raise RuntimeError("no class-token norm measured for some blocks: run a training forward after set_plan")
+        return [float(s) for s in self.streams]
 
     def remove(self) -> None:
         """Remove hooks and wrappers and restore every parameter's ``requires_grad``."""

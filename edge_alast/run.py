@@ -8,6 +8,7 @@ loop itself never resolves configuration.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,19 +16,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from .baselines import baseline_config
+from .calibration import full_tokens
 from .checkpoint import checkpoints, load_latest
-from .config import TrainConfig
-from .data import BatchOrder, Preprocess
+from .config import AlastConfig, TrainConfig
+from .data import BatchLoader, BatchOrder, Preprocess
 from .errors import ConfigError, DataError
 from .flops import StepFlopCounter
 from .guard import MemoryGuard
-from .images import scan_image_folder, scan_warnings, split_samples
+from .images import BadImages, scan_image_folder, scan_warnings, split_samples
 from .lightpeft import add_masks
 from .lora import apply_lora
 from .methods import METHODS, MethodSpec
 from .models import create_model, data_config, load_weights
 from .planner import RunPlan, plan_run
-from .policy import PolicyCaps, make_policy
+from .policy import PolicyCaps, make_policy, tokens_per_block
 from .precision import resolve_precision
 from .profiles import DeviceProfile, ProfileError, load_profile
 from .trainable import TrainableSet
@@ -56,8 +59,13 @@ class Run:
         plan: The planner's decision (None without a profile).
         caps: The caps in force (the plan's, or the resumed checkpoint's).
         guard: The runtime memory guard (None without a memory ceiling).
+        alast: The ALaST settings the policy uses (the config's, with a baseline's keep ratios and blocks filled
+            in from ``--alast-from``); ``baseline``: what that matched, for the summary.
         checkpoint: The checkpoint to resume from (None: start at step 0); the trainer drops it once restored.
         resume_notes: Checkpoints passed over, in words.
+        bad_images: Training files that failed to decode when used, counted against ``--max-bad-fraction`` with the
+            scan's skips (checkpointed); ``val_bad_images`` the same for validation (the same record when the
+            validation images are a split of ``--data``).
     """
 
     config: TrainConfig
@@ -81,8 +89,12 @@ class Run:
     caps: PolicyCaps
     guard: MemoryGuard | None
     eval_samples: list = field(default_factory=list)
+    alast: AlastConfig = field(default_factory=AlastConfig)
+    baseline: dict | None = None
     checkpoint: dict[str, Any] | None = None
     resume_notes: list[str] = field(default_factory=list)
+    bad_images: BadImages | None = None
+    val_bad_images: BadImages | None = None
 
     @property
     def depth(self) -> int:
@@ -135,6 +147,9 @@ def setup_run(config: TrainConfig) -> Run:
         train_samples, val_samples = folder.samples, val_folder.samples
     else:
         train_samples, val_samples = split_samples(folder, config.val_fraction, config.seed)
+    bad_images = BadImages(folder, "--data", config.max_bad_fraction)
+    val_bad_images = (BadImages(val_folder, "--val-data", config.max_bad_fraction) if config.val_data
+                      else bad_images)
 
     # ---------------------------------------------------------------- model, adapters, what can ever train
     model = create_model(config.model, num_classes=len(folder.classes), img_size=config.img_size,
@@ -159,6 +174,9 @@ def setup_run(config: TrainConfig) -> Run:
     trainable = TrainableSet.for_method(model, spec, train_embeddings=config.train_embeddings)
     trainable.apply(model)
     flop_counter = StepFlopCounter(model, trainable)
+    alast, baseline = config.alast, None
+    if spec.alast and alast.update in ("static", "random") and alast.from_run:
+        alast, baseline = _baseline(config, model, trainable, flop_counter, batch_size)
 
     # ---------------------------------------------------------------- plan against the profile's ceilings
     recompute = tuple(i in config.recompute_blocks for i in range(depth))
@@ -167,7 +185,9 @@ def setup_run(config: TrainConfig) -> Run:
               order=BatchOrder(len(train_samples), batch_size, config.seed), total_steps=0, model=model,
               preprocess=preprocess, trainable=trainable, flop_counter=flop_counter, base_params=base_params,
               plan=None, caps=PolicyCaps(lowest_trainable=config.freeze_below, recompute=recompute), guard=None,
-              eval_samples=spread(val_samples, config.eval_images) if config.eval_every else [])
+              eval_samples=spread(val_samples, config.eval_images) if config.eval_every else [], alast=alast,
+              baseline=baseline)
+    run.bad_images, run.val_bad_images = bad_images, val_bad_images
     if profile is not None:
         try:
             run.plan = plan_for(run, profile)
@@ -202,7 +222,7 @@ def plan_for(run: Run, profile: DeviceProfile | None) -> RunPlan:
     ceilings, the free plan and its predictions). Call before any optimizer state exists: the planner measures
     this process's baseline RSS and calibrates activation bytes on a copy of one block (see planner.py)."""
     config, spec = run.config, run.spec
-    return plan_run(run.model, profile, policy=make_policy(spec, spec.stages[0], run.depth, config.alast, lr=config.lr),
+    return plan_run(run.model, profile, policy=make_policy(spec, spec.stages[0], run.depth, run.alast, lr=config.lr),
                     kind=spec.plan_kind, trainable=run.trainable, img_size=config.img_size,
                     batch_size=run.order.batch_size, precision=run.precision, device=run.device,
                     lowest_trainable=config.freeze_below, recompute=run.caps.recompute,
@@ -210,9 +230,44 @@ def plan_for(run: Run, profile: DeviceProfile | None) -> RunPlan:
                     eval_batch_size=min(run.eval_batch_size, max(1, len(run.val_samples))))
 
 
+def _baseline(config: TrainConfig, model: nn.Module, trainable: TrainableSet, flop_counter: StepFlopCounter,
+              batch_size: int) -> tuple[AlastConfig, dict]:
+    """The static/random baseline's settings from ``--alast-from``, at the FLOPs of that run (baselines.py)."""
+    tokens_in = full_tokens(model, config.img_size)
+    prefix = int(getattr(model, "num_prefix_tokens", 1))
+
+    def flops_of(keep, train) -> int:
+        tokens = tokens_per_block(tokens_in, prefix, keep, config.token_multiple)[:-1]
+        return flop_counter.step_flops(batch_size, config.img_size, tokens, train, train_embeddings=trainable.embeddings,
+                                       keep_ratios=keep, train_final_norm=trainable.final_norm)
+
+    try:
+        return baseline_config(config.alast, len(model.blocks), flops_of)
+    except OSError as e:
+        raise ConfigError(f"--alast-from: cannot read {config.alast.from_run}: {e}") from e
+
+
 def spread(items: list, limit: int) -> list:
     """At most ``limit`` of ``items``, evenly spaced (every class of a class-sorted sample list)."""
     return items[::max(1, len(items) // limit)][:limit]
+
+
+def loader_threads(config: TrainConfig, profile: DeviceProfile | None) -> int:
+    """Background decoding threads: ``--loader-threads``, else the profile's threads, else min(2, CPUs)."""
+    if config.loader_threads is not None:
+        return config.loader_threads
+    if profile is not None and profile.threads:
+        return int(profile.threads)
+    return min(2, os.cpu_count() or 1)
+
+
+def make_loader(run: Run, on_warning=None) -> BatchLoader:
+    """The training loader of ``run`` (:class:`~edge_alast.data.BatchLoader`): its batch order, augmentation and
+    record of unreadable files, decoding ahead on :func:`loader_threads` threads. ``close()`` it when done."""
+    config = run.config
+    return BatchLoader(run.train_samples, run.order, run.preprocess, bad=run.bad_images, augment=config.augment,
+                       seed=config.seed, threads=loader_threads(config, run.profile), steps=run.total_steps,
+                       on_warning=on_warning)
 
 
 def _prepare_run_dir(run_dir: Path) -> Path:

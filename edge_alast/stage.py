@@ -112,7 +112,7 @@ def _build(run: Run, name: str, trainable: TrainableSet, flop_counter: StepFlopC
            end_step: int | None = None, recorder: ImportanceRecorder | None = None,
            pruning: dict | None = None) -> Stage:
     config = run.config
-    policy = make_policy(run.spec, name, run.depth, config.alast, lr=config.lr)
+    policy = make_policy(run.spec, name, run.depth, run.alast, lr=config.lr)
     handle = apply_patch(run.model, token_multiple=config.token_multiple, trainable=trainable)
     # One optimizer over every parameter that can ever train, created once per stage: freezing leaves grads None
     # so the optimizer skips those parameters and keeps their state (never edits param groups).

@@ -18,13 +18,13 @@ from . import __version__
 from .atomic import atomic_write, atomic_write_json
 from .checkpoint import save_checkpoint
 from .config import TrainConfig
-from .data import iter_batches, load_batch
+from .data import iter_batches
 from .lightpeft import mask_penalty
 from .lora import merge_lora
 from .memory import peak_rss_bytes, rss_bytes, trim_heap
 from .metrics import steady
 from .precision import autocast as autocast_for
-from .run import caps_state, setup_run
+from .run import caps_state, make_loader, setup_run
 from .stage import first_stage, next_stage, pruning_summary
 
 CHECKPOINT_FORMAT = 1
@@ -61,6 +61,8 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
         emit({"event": "plan", "message": note})
     model, device = run.model, run.device
     stage = first_stage(run)
+    # Decodes the next batches in the background; leaves out, names and counts files that fail to decode.
+    loader = make_loader(run, on_warning=lambda message: emit({"event": "warning", "message": message}))
     autocast = autocast_for(device, run.precision)
     # fp16 gradients underflow without loss scaling; bf16 and fp32 need none (the scaler is then a no-op).
     scaler = torch.amp.GradScaler(device, enabled=run.precision == "fp16")
@@ -73,6 +75,8 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
             stage = next_stage(run, stage, pruning=checkpoint["pruning"])
         model.load_state_dict(checkpoint["model"])
         stage.load_state_dict(checkpoint)
+        if checkpoint.get("bad_images"):  # files found unreadable before the checkpoint stay left out
+            run.bad_images.load_state_dict(checkpoint["bad_images"])
         scaler.load_state_dict(checkpoint["scaler"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
         history = {k: list(v) for k, v in checkpoint["history"].items()}
@@ -94,7 +98,8 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
                  "model": model.state_dict(), **stage.state_dict(),
                  "rng": {"torch": torch.get_rng_state()}, "history": history, "caps": caps_state(caps),
                  "batch_size": run.order.batch_size, "scaler": scaler.state_dict(),
-                 "guard": run.guard.state_dict() if run.guard else None}
+                 "guard": run.guard.state_dict() if run.guard else None,
+                 "bad_images": run.bad_images.state_dict()}
         try:
             path = save_checkpoint(run.run_dir, step, state)
             emit({"event": "checkpoint", "step": step, "path": str(path)})
@@ -122,7 +127,9 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
             plan = stage.policy.decide(caps)
             budgets = stage.policy.budgets
             stage.handle.set_plan(plan)
-            x, y = load_batch(run.train_samples, run.order.indices(step), run.preprocess)
+            x, y = loader.get(step)
+            if len(y) == 0:  # every file of this batch failed to decode: no update; step s+1 still reads batch s+1
+                continue
             x, y = x.to(device), y.to(device)
             recorder = stage.recorder
             if recorder is not None:
@@ -142,7 +149,7 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
             scaler.update()
             stage.optimizer.zero_grad(set_to_none=True)
             stage.scheduler.step()
-            stage.policy.observe(stage.handle.step_deltas())
+            stage.policy.observe(stage.handle.step_deltas(), stage.handle.step_streams())
             if config.trim_memory:
                 trim_heap()
             if run.guard is not None:  # near the ceiling: tighten the caps for the steps that follow
@@ -178,7 +185,7 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
             if config.eval_every and done % config.eval_every == 0:  # a point of the validation curve
                 stage.handle.set_plan(None)
                 accuracy, val_loss = evaluate(model, run.eval_samples, run.preprocess, run.eval_batch_size, device,
-                                              autocast)
+                                              autocast, bad=run.val_bad_images, on_warning=loader.on_warning)
                 log({"event": "eval", "step": done, "val_accuracy": accuracy, "val_loss": val_loss,
                      "val_images": len(run.eval_samples), "elapsed_seconds": sum(history["step_seconds"]),
                      "flops_total": int(sum(history["step_flops"]))})
@@ -196,6 +203,7 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
                 save(done)
                 last_save = time.monotonic()
 
+    loader.close()
     if interrupted:
         stage.close()
         result = {"interrupted": True, "resumable": True, "steps": len(history["losses"]),
@@ -205,7 +213,9 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
 
     # ---------------------------------------------------------------- evaluation (all tokens, no budgets)
     stage.handle.set_plan(None)
-    val_accuracy, val_loss = evaluate(model, run.val_samples, run.preprocess, run.eval_batch_size, device, autocast)
+    val_accuracy, val_loss = evaluate(model, run.val_samples, run.preprocess, run.eval_batch_size, device, autocast,
+                                      bad=run.val_bad_images,
+                                      on_warning=lambda message: emit({"event": "warning", "message": message}))
     emit({"event": "eval", "val_accuracy": val_accuracy, "val_loss": val_loss, "val_images": len(run.val_samples)})
     stage.close()
     from .export import save_model
@@ -226,6 +236,7 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
         "precision": run.precision,
         "batch_size": run.order.batch_size,
         "img_size": config.img_size,
+        "eval_transform": run.preprocess.eval_transform,  # export/eval/predict reproduce it (old runs: squash)
         "steps": len(history["step_seconds"]),
         "final_loss": history["losses"][-1] if history["losses"] else None,
         "val_accuracy": val_accuracy,
@@ -244,6 +255,8 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
         "flop_ceiling_per_step": plan_.flop_ceiling_per_step if plan_ else None,
         "predicted_flops_per_step": plan_.predicted_flops_per_step if plan_ else None,
         "planner_notes": list(plan_.notes) if plan_ else [],
+        "alast_update": run.alast.update if run.spec.alast else None,
+        "baseline": run.baseline,
         "classes": run.classes,
         "warnings": run.warnings,
     }
@@ -282,18 +295,28 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, samples, preprocess, batch_size: int, device: str, autocast=None) -> tuple[float | None, float | None]:
-    """Accuracy and mean loss over ``samples`` with every token (eval mode)."""
+def evaluate(model, samples, preprocess, batch_size: int, device: str, autocast=None, bad=None,
+             on_warning=None) -> tuple[float | None, float | None]:
+    """Accuracy and mean loss over ``samples`` with every token (eval mode), never augmented.
+
+    Args:
+        bad: An :class:`~edge_alast.images.BadImages`: files that fail to decode are left out (accuracy and loss
+            are over the images evaluated), named through ``on_warning`` and counted against its limit (DataError
+            above it). None: such a file raises DataError.
+    """
     if not samples:
         return None, None
     was_training = model.training
     model.eval()
-    correct, loss_sum = 0, 0.0
-    for x, y in iter_batches(samples, batch_size, preprocess):
+    correct, loss_sum, count = 0, 0.0, 0
+    for x, y in iter_batches(samples, batch_size, preprocess, bad=bad, on_warning=on_warning):
         x, y = x.to(device), y.to(device)
         with autocast or nullcontext():
             logits = model(x)
         loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
         correct += int((logits.argmax(-1) == y).sum())
+        count += len(y)
     model.train(was_training)
-    return correct / len(samples), loss_sum / len(samples)
+    if not count:
+        return None, None
+    return correct / count, loss_sum / count

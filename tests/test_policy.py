@@ -113,3 +113,97 @@ def test_plan_validation():
     with pytest.raises(ValueError):
         StepPlan((1.0,), (True, False))
     assert math.isclose(StepPlan((0.5,), (True,)).keep_ratios[0], 0.5)
+
+
+# -- the relative update and the baselines --------------------------------------------------------------------
+REL = AlastConfig(update="relative", seed=3)
+
+
+def drive(config, deltas_fn, streams_fn, steps=30, depth=6):
+    policy = AlastPolicy(depth, config)
+    trajectory = []
+    for t in range(steps):
+        policy.observe(deltas_fn(t), streams_fn(t))
+        trajectory.append(list(policy.budgets))
+    return policy, trajectory
+
+
+def _deltas(t):
+    return [1.0 + 0.1 * t, 0.2, 5.0, 0.05 * (1 + t % 3), 2.0, 80.0]
+
+
+def _streams(t):
+    return [0.5, 1.5, 4.0, 4.0, 15.0, 300.0]
+
+
+def test_relative_update_is_scale_free_per_block():
+    """A block whose residual stream is 1000x larger (its class-token change and norm both 1000x) keeps exactly
+    the budget trajectory; so does scaling every block's measurements together."""
+    _, reference = drive(REL, _deltas, _streams)
+    def scaled(f):
+        return lambda t: [v * (1000.0 if i == 2 else 1.0) for i, v in enumerate(f(t))]
+
+    _, one_block = drive(REL, scaled(_deltas), scaled(_streams))
+    assert sum(one_block, []) == pytest.approx(sum(reference, []), rel=1e-9, abs=1e-12)
+    _, everything = drive(REL, lambda t: [7.0 * v for v in _deltas(t)], lambda t: [7.0 * v for v in _streams(t)])
+    assert sum(everything, []) == pytest.approx(sum(reference, []), rel=1e-9, abs=1e-12)
+
+
+def test_relative_budgets_follow_importance_and_average_b_init():
+    policy, trajectory = drive(REL, _deltas, _streams)
+    b = policy.budgets
+    rho = [d / s for d, s in zip(_deltas(29), _streams(29))]
+    assert sum(b) / len(b) == pytest.approx(REL.b_init, abs=1e-6)
+    assert all(REL.b_min <= v <= 1.0 for v in b)
+    assert max(b) - min(b) > 0.2  # budgets differ where blocks differ (the mean is pinned at b_init = 0.9)
+    assert b.index(max(b)) == rho.index(max(rho)) and b.index(min(b)) == rho.index(min(rho))
+
+
+def test_relative_sampling_prefers_important_blocks():
+    policy, _ = drive(REL, _deltas, _streams)
+    counts = [0] * 6
+    for _ in range(400):
+        for i, t in enumerate(policy.decide().trainable):
+            counts[i] += t
+    order = sorted(range(6), key=lambda i: policy.budgets[i])
+    assert counts[order[-1]] > 1.5 * counts[order[0]]
+
+
+def test_relative_state_resumes_exactly():
+    a, _ = drive(REL, _deltas, _streams, steps=10)
+    b = AlastPolicy(6, REL)
+    b.load_state_dict(a.state_dict())
+    for t in range(10, 20):
+        a.observe(_deltas(t), _streams(t))
+        b.observe(_deltas(t), _streams(t))
+        assert a.decide() == b.decide()
+
+
+def test_relative_budgets_edge_cases():
+    from edge_alast.policy import relative_budgets
+
+    assert relative_budgets([1.0, 2.0], 1.0, 0.5, 1.5) == [1.0, 1.0]
+    assert relative_budgets([1.0, 2.0], 0.5, 0.5, 1.5) == [0.5, 0.5]
+    assert relative_budgets([3.0, 3.0, 3.0], 0.8, 0.5, 1.5) == pytest.approx([0.8] * 3)
+
+
+def test_reference_update_needs_no_stream_and_relative_does():
+    AlastPolicy(3, AlastConfig()).observe([1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="class token's squared norm"):
+        AlastPolicy(3, REL).observe([1.0, 2.0, 3.0])
+
+
+def test_static_and_random_baselines_keep_their_ratios():
+    keep = [0.9, 0.7, 0.8, 0.6]
+    static = AlastPolicy(4, AlastConfig(update="static", keep_ratios=keep, trainable_blocks=[1, 3], k_trainable=2))
+    random_ = AlastPolicy(4, AlastConfig(update="random", keep_ratios=keep, k_trainable=2))
+    seen = set()
+    for _ in range(50):
+        static.observe([1.0] * 4, [1.0] * 4)
+        assert static.decide() == StepPlan(tuple(keep), (False, True, False, True))
+        plan = random_.decide()
+        assert plan.keep_ratios == tuple(keep) and sum(plan.trainable) == 2
+        seen.add(plan.trainable)
+    assert len(seen) == 6  # every pair of 4 blocks is drawn
+    with pytest.raises(ValueError, match="keep_ratios"):
+        AlastPolicy(4, AlastConfig(update="random"))

@@ -233,3 +233,24 @@ def test_eval_every_records_a_validation_curve_on_a_fixed_subset(image_folder, t
     # evaluating in between changes nothing about training
     plain = train(tiny_config(image_folder, tmp_path / "p", steps=4)).summary
     assert plain["final_loss"] == summary["final_loss"] and plain["val_loss"] == summary["val_loss"]
+
+
+def test_baselines_run_at_the_flops_of_the_alast_run_they_come_from(image_folder, tmp_path):
+    alast = {"update": "relative", "k_trainable": 2}
+    source = train(tiny_config(image_folder, tmp_path / "a", steps=6, alast=alast)).summary
+    assert source["alast_update"] == "relative" and source["baseline"] is None
+    for update in ("static", "random"):
+        summary = train(tiny_config(image_folder, tmp_path / update, steps=6,
+                                    alast={**alast, "update": update, "from_run": str(tmp_path / "a")})).summary
+        matched = summary["baseline"]
+        assert matched["target_flops_per_step"] == source["train_flops_per_step"]
+        assert matched["expected_flops_per_step"] == pytest.approx(source["train_flops_per_step"], rel=0.05)
+        lines = [json.loads(x) for x in (tmp_path / update / "metrics.jsonl").read_text().splitlines()]
+        keep = {tuple(r["plan/keep_ratio"]) for r in lines if r["event"] == "step"}
+        assert len(keep) == 1  # constant per-block keep ratios
+        if update == "static":
+            assert {tuple(r["blocks/trainable"]) for r in lines if r["event"] == "step"} == {
+                tuple(matched["trainable_blocks"])}
+            assert summary["train_flops_per_step"] == pytest.approx(matched["expected_flops_per_step"])
+    with pytest.raises(ConfigError, match="alast.update static: needs alast.keep_ratios"):
+        train(tiny_config(image_folder, tmp_path / "bad", alast={"update": "static"}))
