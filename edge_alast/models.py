@@ -12,6 +12,7 @@ from . import _compat  # noqa: F401  (timm import fix)
 import timm
 
 from .errors import ConfigError
+from .images import CROP_MODES
 
 from .trainable import HEAD_PREFIXES
 
@@ -92,6 +93,11 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> dict[str, list[st
 
 
 def data_config(model: nn.Module) -> dict:
-    """Preprocessing facts (mean, std, interpolation) from the model's timm data config."""
+    """Preprocessing facts from the model's timm data config: mean, std, interpolation, and the eval transform's
+    ``crop_pct`` and ``crop_mode`` (``center`` or ``squash``; timm's ``border``, letterboxing, is read as
+    ``center``: see :mod:`edge_alast.images`)."""
     cfg = timm.data.resolve_data_config({}, model=model)
-    return {"mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]), "interpolation": cfg.get("interpolation", "bicubic")}
+    crop_mode = cfg.get("crop_mode") or "center"
+    return {"mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]), "interpolation": cfg.get("interpolation", "bicubic"),
+            "crop_pct": float(cfg.get("crop_pct") or 0.875),  # timm's DEFAULT_CROP_PCT when a model names none
+            "crop_mode": crop_mode if crop_mode in CROP_MODES else "center"}

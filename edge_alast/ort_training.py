@@ -41,7 +41,7 @@ from .atomic import atomic_write, atomic_write_json, atomic_write_path
 from .errors import ConfigError, EdgeAlastError
 from .images import load_image, scan_image_folder, scan_warnings, split_samples
 from .metrics import read_metrics, steady
-from .predict import MAX_IR_VERSION, build_metadata, import_onnxruntime, limit_ir_version, set_metadata
+from .predict import MAX_IR_VERSION, build_metadata, image_args, import_onnxruntime, limit_ir_version, set_metadata
 
 ARTIFACTS_DIR = "ort_training"
 META_FILE = "meta.json"
@@ -172,7 +172,8 @@ def generate_training_artifacts(run_dir: str | os.PathLike, out_dir: str | os.Pa
         info = {
             "metadata": build_metadata(class_names=meta["classes"], img_size=meta["img_size"], mean=meta["mean"],
                                        std=meta["std"], base_model=meta["model_name"], profile=meta["profile"],
-                                       summary=meta["summary"], interpolation=meta["interpolation"]),
+                                       summary=meta["summary"], interpolation=meta["interpolation"],
+                                       crop_pct=meta["crop_pct"], crop_mode=meta["crop_mode"]),
             "trainable_blocks": blocks, "average_budgets": budgets, "trainable_fraction": trainable_fraction,
             "requires_grad": requires_grad, "frozen_params": len(frozen), "opset": opset,
             "source_run": str(run_dir), "edge_alast_version": __version__,
@@ -221,11 +222,13 @@ def training_api():
 
 
 class _Loader:
+    """The model's eval transform (metadata of artifacts made before it travelled there: the old squash)."""
+
     def __init__(self, meta: dict[str, Any]):
-        self.args = (meta["img_size"], meta["mean"], meta["std"], meta.get("interpolation", "bicubic"))
+        self.args = image_args(meta)
 
     def __call__(self, samples, indices):
-        x = np.stack([load_image(samples[i][0], *self.args) for i in indices]).astype(np.float32)
+        x = np.stack([load_image(samples[i][0], **self.args) for i in indices]).astype(np.float32)
         y = np.asarray([samples[i][1] for i in indices], dtype=np.int64)
         return x, y
 
@@ -355,7 +358,8 @@ def train_ort(artifacts_dir: str | os.PathLike, data: str | os.PathLike, out: st
         os.unlink(tmp)
     props = build_metadata(class_names=meta["class_names"], img_size=meta["img_size"], mean=meta["mean"],
                            std=meta["std"], base_model=meta.get("base_model"), profile=meta.get("profile"),
-                           summary=summary, interpolation=meta.get("interpolation", "bicubic"))
+                           summary=summary, interpolation=load.args["interpolation"],
+                           crop_pct=load.args["crop_pct"], crop_mode=load.args["crop_mode"])
     set_metadata(proto, props)
     limit_ir_version(proto)
     blob = proto.SerializeToString()

@@ -1,6 +1,7 @@
 """Deployment-side prediction with an exported ONNX model: onnxruntime, PIL and numpy only, never torch.
 
-Everything the model needs to be used (class names, input size, mean/std) travels inside the ONNX file as
+Everything the model needs to be used (class names, input size, mean/std, the eval transform's interpolation,
+crop_pct and crop_mode) travels inside the ONNX file as
 ``metadata_props`` under the ``edge_alast.`` prefix; :func:`build_metadata` writes them (for the torch exporter and
 for ONNX Runtime training alike) and :func:`read_metadata` reads them back.
 
@@ -21,7 +22,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from .errors import ConfigError
-from .images import load_image
+from .images import LEGACY_CROP, load_image
 
 METADATA_PREFIX = "edge_alast."
 # key -> whether the value is JSON (lists, dicts, numbers) rather than a plain string
@@ -31,6 +32,8 @@ METADATA_KEYS = {
     "mean": True,
     "std": True,
     "interpolation": False,
+    "crop_pct": True,
+    "crop_mode": False,
     "base_model": False,
     "profile": False,
     "version": False,
@@ -78,14 +81,16 @@ def session(model: str | os.PathLike | bytes, threads: int | None = None):
 # ---------------------------------------------------------------------------------------------- metadata
 def build_metadata(*, class_names: Sequence[str], img_size: int, mean: Sequence[float], std: Sequence[float],
                    base_model: str | None, profile: str | None, summary: dict | None,
-                   interpolation: str = "bicubic", version: str | None = None) -> dict[str, str]:
+                   interpolation: str = "bicubic", crop_pct: float = LEGACY_CROP["crop_pct"],
+                   crop_mode: str = LEGACY_CROP["crop_mode"], version: str | None = None) -> dict[str, str]:
     """The ``metadata_props`` of an exported model: prefixed keys, string values (JSON where structured)."""
     from . import __version__
 
     values = {
         "class_names": list(class_names), "img_size": int(img_size),
         "mean": [float(v) for v in mean], "std": [float(v) for v in std], "interpolation": interpolation,
-        "base_model": base_model or "", "profile": profile or "", "version": version or __version__,
+        "crop_pct": float(crop_pct), "crop_mode": crop_mode, "base_model": base_model or "", "profile": profile or "",
+        "version": version or __version__,
         "summary": summary or {},
     }
     return {METADATA_PREFIX + k: (json.dumps(v, sort_keys=True, default=str) if METADATA_KEYS[k] else str(v))
@@ -134,6 +139,16 @@ def set_metadata(proto, props: dict[str, str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- preprocessing
+def image_args(meta: dict[str, Any]) -> dict[str, Any]:
+    """:func:`~edge_alast.images.load_image`'s arguments for a model's metadata: its eval transform. A model
+    exported before ``crop_pct``/``crop_mode`` travelled gets the whole image squashed to a square, as it was
+    trained (:data:`~edge_alast.images.LEGACY_CROP`)."""
+    return {"img_size": int(meta["img_size"]), "mean": meta["mean"], "std": meta["std"],
+            "interpolation": meta.get("interpolation", "bicubic"),
+            "crop_pct": float(meta.get("crop_pct", LEGACY_CROP["crop_pct"])),
+            "crop_mode": meta.get("crop_mode", LEGACY_CROP["crop_mode"])}
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)
@@ -160,8 +175,7 @@ def predict(model_path: str | os.PathLike, images: Iterable[str | os.PathLike], 
     results = []
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
-        x = np.stack([load_image(p, meta["img_size"], meta["mean"], meta["std"],
-                                       meta.get("interpolation", "bicubic")) for p in chunk])
+        x = np.stack([load_image(p, **image_args(meta)) for p in chunk])
         probs = softmax(sess.run(None, {input_name: x})[0].astype(np.float64))
         for path, p in zip(chunk, probs):
             order = np.argsort(-p, kind="stable")[:top_k]

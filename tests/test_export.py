@@ -172,3 +172,88 @@ def test_cli_export_and_predict(run, tmp_path):
     not_a_run = tmp_path / "empty"
     not_a_run.mkdir()
     assert CliRunner().invoke(export_cmd, [str(not_a_run)]).exit_code == 2
+
+
+# ---------------------------------------------------------------- the eval transform travels with the model
+
+def _photo_folder(root: Path) -> list[tuple[Path, int]]:
+    """Non-square photos of classes a, b, c; two stored in sensor orientation with an EXIF Orientation tag."""
+    rng = np.random.default_rng(7)
+    samples = []
+    for label, cls in enumerate(("a", "b", "c")):
+        (root / cls).mkdir(parents=True)
+        for i, (h, w) in enumerate([(40, 64), (72, 48), (50, 50)]):
+            pixels = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+            path = root / cls / f"{i}.png"
+            Image.fromarray(pixels).save(path)
+            samples.append((path, label))
+        exif = Image.Exif()
+        exif[0x0112] = 6 + 2 * (label % 2)  # 6 or 8: stored turned by a quarter
+        path = root / cls / "rotated.jpg"
+        Image.fromarray(rng.integers(0, 256, size=(96, 60, 3), dtype=np.uint8)).save(path, quality=90, exif=exif)
+        samples.append((path, label))
+    return sorted(samples)
+
+
+def test_predict_and_eval_give_identical_top1_with_the_models_eval_transform(run, tmp_path):
+    from edge_alast.cli import main
+    from edge_alast.data import load_batch
+
+    if not (run / "model.onnx").exists():
+        export_run(run)
+    meta = read_metadata(run / "model.onnx")
+    assert (meta["crop_pct"], meta["crop_mode"]) == (0.9, "center")  # vit_tiny_patch16_224's data config
+    model, run_meta = load_run_model(run)
+    preprocess = Preprocess.from_meta(run_meta)
+    assert preprocess.eval_transform == {"crop_pct": 0.9, "crop_mode": "center", "interpolation": "bicubic"}
+    samples = _photo_folder(tmp_path / "photos")
+    paths = [str(p) for p, _ in samples]
+
+    proc = run_cli_without_torch("predict", [str(run / "model.onnx"), *paths, "--top-k", "3", "--json"])
+    assert proc.returncode == 0, proc.stderr
+    predicted = {r["image"]: r["top"] for r in map(json.loads, proc.stdout.strip().splitlines())}
+    x, labels = load_batch(samples, range(len(samples)), preprocess)  # what `eval` and the trainer feed the model
+    with torch.no_grad():
+        probs = torch.softmax(model(x), -1).numpy()
+    for path, p in zip(paths, probs):
+        assert predicted[path][0]["index"] == int(p.argmax()), path
+        assert predicted[path][0]["probability"] == pytest.approx(float(p.max()), abs=1e-5)
+    top1 = np.array([predicted[p][0]["index"] for p in paths])
+
+    result = CliRunner().invoke(main, ["eval", str(run), "--data", str(tmp_path / "photos"), "--json"])
+    assert result.exit_code == 0, result.output
+    evaluated = json.loads(result.output.strip().splitlines()[-1])
+    assert evaluated["images"] == len(samples) and evaluated["skipped"] == []
+    assert evaluated["accuracy"] == pytest.approx(float((top1 == labels.numpy()).mean()), abs=1e-12)
+
+
+def test_models_from_before_the_eval_transform_travelled_still_squash(run, tmp_path):
+    from edge_alast.predict import predict, softmax
+
+    if not (run / "model.onnx").exists():
+        export_run(run)
+    proto = onnx.load(str(run / "model.onnx"))
+    kept = [(p.key, p.value) for p in proto.metadata_props if p.key not in ("edge_alast.crop_pct",
+                                                                             "edge_alast.crop_mode")]
+    del proto.metadata_props[:]
+    for key, value in kept:
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(tmp_path / "old.onnx"))
+    meta = read_metadata(tmp_path / "old.onnx")
+    assert "crop_pct" not in meta
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, size=(40, 96, 3), dtype=np.uint8)).save(wide)
+    squashed = load_image(wide, 32, meta["mean"], meta["std"])  # what edge-alast did before crop_pct
+    expected = softmax(session(tmp_path / "old.onnx").run(None, {"input": squashed[None]})[0])[0]
+    [got] = predict(tmp_path / "old.onnx", [wide], top_k=5)
+    assert {t["index"]: t["probability"] for t in got["top"]} == pytest.approx(
+        {i: float(expected[i]) for i in range(3)}, abs=1e-6)
+
+    summary = json.loads((run / "summary.json").read_text())  # an old run folder: no eval_transform recorded
+    old_run = tmp_path / "old_run"
+    old_run.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (old_run / name).write_bytes((run / name).read_bytes())
+    (old_run / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "eval_transform"}))
+    assert {k: load_run_model(old_run)[1][k] for k in ("crop_pct", "crop_mode")} == {"crop_pct": 1.0,
+                                                                                   "crop_mode": "squash"}

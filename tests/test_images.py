@@ -1,0 +1,392 @@
+"""Reading camera photos: EXIF orientation, reduced-scale JPEG decoding, the cheap scan and use-time failures."""
+import io
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile, JpegImagePlugin
+
+from conftest import make_image_folder
+from edge_alast.errors import DataError
+from edge_alast.images import BadImages, check_image_file, load_image, scan_image_folder
+
+UNIT = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # load_image then returns RGB in [0, 1]
+
+# How the pixels of an upright image are stored under each EXIF Orientation value, written from the tag's
+# definition (where the stored row 0 and column 0 are shown), not from PIL: stored[i, j] for an H x W upright image.
+STORED = {
+    1: lambda up: up,                            # row 0 top, column 0 left
+    2: lambda up: up[:, ::-1],                   # row 0 top, column 0 right
+    3: lambda up: up[::-1, ::-1],                # row 0 bottom, column 0 right
+    4: lambda up: up[::-1, :],                   # row 0 bottom, column 0 left
+    5: lambda up: up.transpose(1, 0, 2),         # row 0 left, column 0 top
+    6: lambda up: np.rot90(up, 1),               # row 0 right, column 0 top: up[j, W-1-i]
+    7: lambda up: up[::-1, ::-1].transpose(1, 0, 2),  # row 0 right, column 0 bottom
+    8: lambda up: np.rot90(up, -1),              # row 0 left, column 0 bottom: up[H-1-j, i]
+}
+
+# The 8 symmetries of a square CHW array: a wrongly oriented result equals one of these applied to the right one.
+SYMMETRIES = {
+    "identity": lambda x: x,
+    "flip_lr": lambda x: x[:, :, ::-1],
+    "flip_tb": lambda x: x[:, ::-1, :],
+    "rot180": lambda x: x[:, ::-1, ::-1],
+    "transpose": lambda x: x.transpose(0, 2, 1),
+    "transverse": lambda x: x[:, ::-1, ::-1].transpose(0, 2, 1),
+    "rot90": lambda x: np.rot90(x, 1, axes=(1, 2)),
+    "rot270": lambda x: np.rot90(x, -1, axes=(1, 2)),
+}
+
+
+def upright(h: int = 192, w: int = 256) -> np.ndarray:
+    """Four differently coloured quadrants (no symmetry maps the image onto itself) plus smooth gradients."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    img = np.empty((h, w, 3))
+    top, left = y < h / 2, x < w / 2
+    img[top & left] = (220, 40, 40)
+    img[top & ~left] = (40, 200, 40)
+    img[~top & left] = (40, 40, 220)
+    img[~top & ~left] = (230, 230, 230)
+    img += (x / w * 30 - 15)[..., None] + (y / h * 20 - 10)[..., None]
+    return img.clip(0, 255).astype(np.uint8)
+
+
+def photo(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """Photo-like content: smooth gradients, a few blobs and mild noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.stack([x / w * 200 + 30, y / h * 180 + 40, (x + y) / (w + h) * 150 + 60], -1)
+    for _ in range(4):
+        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(0.05, 0.2) * min(h, w)
+        img[(y - cy) ** 2 + (x - cx) ** 2 < r * r] = rng.uniform(0, 255, 3)
+    img += rng.normal(0, 6, img.shape).astype(np.float32)
+    return img.clip(0, 255).astype(np.uint8)
+
+
+def save_jpeg(path, pixels: np.ndarray, orientation: int | None = None, mode: str = "RGB"):
+    im = Image.fromarray(pixels).convert(mode)
+    if orientation is None:
+        im.save(path, quality=95)
+    else:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        im.save(path, quality=95, exif=exif)
+    return path
+
+
+def mean_abs(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).mean())
+
+
+# ---------------------------------------------------------------- EXIF orientation
+
+@pytest.mark.parametrize("draft", [True, False])
+@pytest.mark.parametrize("orientation", sorted(STORED))
+def test_exif_orientation_gives_the_upright_image(tmp_path, orientation, draft):
+    up = upright()
+    Image.fromarray(up).save(tmp_path / "upright.png")
+    path = save_jpeg(tmp_path / f"o{orientation}.jpg", np.ascontiguousarray(STORED[orientation](up)), orientation)
+    # 32 px from 256 x 192 (or 192 x 256): draft decodes at 1/4, so both decode paths are covered.
+    ref = load_image(tmp_path / "upright.png", 32, **UNIT)
+    out = load_image(path, 32, draft=draft, **UNIT)
+    assert out.shape == ref.shape == (3, 32, 32) and out.dtype == np.float32
+    diffs = {name: mean_abs(f(out), ref) for name, f in SYMMETRIES.items()}
+    assert diffs["identity"] < 0.02  # JPEG q95 and resampling
+    assert min(d for name, d in diffs.items() if name != "identity") > 10 * diffs["identity"]
+
+
+def test_images_without_exif_or_with_an_invalid_orientation_are_read_as_stored(tmp_path):
+    up = upright(64, 96)
+    ref = load_image(save_jpeg(tmp_path / "plain.jpg", up), 32, **UNIT)
+    for value in (0, 9):  # outside 1..8: ignored, not an error
+        out = load_image(save_jpeg(tmp_path / f"tag{value}.jpg", up, orientation=value), 32, **UNIT)
+        assert mean_abs(out, ref) < 1e-3
+
+
+@pytest.mark.parametrize("mode,fmt", [("L", "JPEG"), ("RGBA", "PNG"), ("I;16", "PNG")])
+def test_orientation_applies_before_mode_conversion(tmp_path, mode, fmt):
+    up = upright(64, 96)
+    if mode == "I;16":
+        upright_im = Image.fromarray(up[..., 0].astype(np.uint16) * 250)
+        stored_im = Image.fromarray(np.ascontiguousarray(STORED[6](up)[..., 0]).astype(np.uint16) * 250)
+    else:
+        upright_im = Image.fromarray(up).convert(mode)
+        stored_im = Image.fromarray(np.ascontiguousarray(STORED[6](up))).convert(mode)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    upright_im.save(tmp_path / "up.png")
+    stored_im.save(tmp_path / f"o6.{fmt.lower()}", fmt, exif=exif, **({"quality": 95} if fmt == "JPEG" else {}))
+    ref = load_image(tmp_path / "up.png", 32, **UNIT)
+    out = load_image(tmp_path / f"o6.{fmt.lower()}", 32, **UNIT)
+    diffs = {name: mean_abs(f(out), ref) for name, f in SYMMETRIES.items()}
+    assert diffs["identity"] < 0.02
+    assert min(d for name, d in diffs.items() if name != "identity") > 10 * diffs["identity"]
+
+
+# ---------------------------------------------------------------- reduced-scale JPEG decoding
+
+def expected_scale(w: int, h: int, target: int) -> int:
+    """The smallest libjpeg scale 1/s whose output is not below ``target`` in either dimension."""
+    return next(s for s in (8, 4, 2, 1) if s == 1 or (w / s >= target and h / s >= target))
+
+
+@pytest.mark.parametrize("size,target", [((2000, 1500), 224), ((1792, 1792), 224), ((1791, 2000), 224),
+                                         ((600, 500), 224), ((200, 150), 224)])
+def test_draft_decodes_at_the_smallest_scale_not_below_the_target(tmp_path, monkeypatch, size, target):
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    path = save_jpeg(tmp_path / "big.jpg", np.stack([x % 256, y % 256, (x + y) % 256], -1).astype(np.uint8))
+    decoded = []
+    real_draft = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, requested):
+        result = real_draft(self, mode, requested)
+        decoded.append(self.size)
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    out = load_image(path, target, **UNIT)
+    s = expected_scale(w, h, target)
+    assert decoded == [(-(-w // s), -(-h // s))]
+    assert min(decoded[0]) >= target or s == 1
+    assert out.shape == (3, target, target) and out.dtype == np.float32
+    assert (2000, 1500) != size or s == 4  # the issue's example: 1/8 would give 187 rows
+
+
+def test_draft_is_close_to_the_full_decode(tmp_path):
+    path = save_jpeg(tmp_path / "photo.jpg", photo(1500, 2000))
+    fast = load_image(path, 224, **UNIT)
+    full = load_image(path, 224, draft=False, **UNIT)
+    assert fast.shape == full.shape and fast.dtype == full.dtype == np.float32
+    assert mean_abs(fast, full) < 0.005  # of a [0, 1] range; measured 0.0012
+    assert np.percentile(np.abs(fast - full), 99) < 0.02  # measured 0.004 (1 of 255)
+
+
+def test_draft_leaves_other_formats_untouched(tmp_path):
+    Image.fromarray(photo(300, 400)).save(tmp_path / "p.png")
+    a = load_image(tmp_path / "p.png", 64, **UNIT)
+    b = load_image(tmp_path / "p.png", 64, draft=False, **UNIT)
+    assert np.array_equal(a, b)
+
+
+# ---------------------------------------------------------------- the cheap scan
+
+def jpeg_bytes(h: int = 96, w: int = 128) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(photo(h, w)).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def damaged_inside(data: bytes) -> bytes:
+    """A JPEG whose header parses and which ends with EOI, but whose Huffman table libjpeg rejects on decode."""
+    i = data.index(b"\xff\xc4")
+    return data[:i + 5] + b"\xff" * 16 + data[i + 21:]
+
+
+def test_scan_checks_complete_jpeg_and_png_without_decoding(tmp_path, monkeypatch):
+    (tmp_path / "a.jpg").write_bytes(jpeg_bytes())
+    Image.fromarray(photo(40, 50)).save(tmp_path / "b.png")
+
+    decoded = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.filename))  # decoders' entry
+    assert check_image_file(tmp_path / "a.jpg") is None
+    assert check_image_file(tmp_path / "b.png") is None
+    assert decoded == []
+
+
+def test_scan_still_catches_truncated_files_and_keeps_files_with_trailing_bytes(tmp_path):
+    good = jpeg_bytes()
+    (tmp_path / "cut.jpg").write_bytes(good[: len(good) * 2 // 3])
+    (tmp_path / "trailer.jpg").write_bytes(good + b"camera maker data" * 10)
+    Image.fromarray(photo(40, 50)).save(tmp_path / "p.png")
+    png = (tmp_path / "p.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(png[: len(png) // 2])
+    (tmp_path / "no_iend.png").write_bytes(png[:-12])  # pixel data complete, only the IEND chunk lost
+    Image.fromarray(photo(40, 50)).save(tmp_path / "p.bmp")
+    (tmp_path / "cut.bmp").write_bytes((tmp_path / "p.bmp").read_bytes()[:-300])
+    assert "truncated" in check_image_file(tmp_path / "cut.jpg")
+    assert check_image_file(tmp_path / "cut.png") is not None
+    assert check_image_file(tmp_path / "cut.bmp") is not None  # no end marker: decoded at scan time, as before
+    # Decodable files without their end marker are decoded to decide, and kept: no readable file is skipped.
+    assert check_image_file(tmp_path / "trailer.jpg") is None
+    assert check_image_file(tmp_path / "no_iend.png") is None
+    assert check_image_file(tmp_path / "p.bmp") is None
+
+
+# ---------------------------------------------------------------- use-time failures
+
+@pytest.fixture
+def folder_with_hidden_damage(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_class=3)
+    (root / "a" / "damaged.jpg").write_bytes(damaged_inside(jpeg_bytes()))
+    (root / "b" / "empty.png").write_bytes(b"")
+    return root
+
+
+def test_damage_inside_a_complete_file_shows_at_use_time(folder_with_hidden_damage):
+    folder = scan_image_folder(folder_with_hidden_damage)
+    assert [p.name for p, _ in folder.skipped] == ["empty.png"]
+    damaged = next(p for p, _ in folder.samples if p.name == "damaged.jpg")
+    with pytest.raises(DataError, match="damaged.jpg: cannot read image"):
+        load_image(damaged, 16, **UNIT)
+
+
+def test_bad_images_leaves_failures_out_of_the_batch_and_reads_them_once(folder_with_hidden_damage):
+    folder = scan_image_folder(folder_with_hidden_damage)
+    bad = BadImages(folder, option="--data", max_bad_fraction=0.5)
+    paths = [p for p, _ in folder.samples]
+    reads = []
+
+    def load(path):
+        reads.append(path.name)
+        return load_image(path, 16, **UNIT)
+
+    kept, values, new = bad.load_each(paths, load)
+    i = [p.name for p in paths].index("damaged.jpg")
+    assert kept == [j for j in range(len(paths)) if j != i] and len(values) == len(kept)
+    assert all(v.shape == (3, 16, 16) for v in values)
+    assert [p for p, _ in new] == [str(paths[i])] and "cannot read image" in new[0][1]
+    assert paths[i] in bad and (bad.count, bad.total) == (2, 8)
+    assert "damaged.jpg" in bad.warning(new[0]) and "2 of 8" in bad.warning(new[0])
+    reads.clear()
+    kept2, _, new2 = bad.load_each(paths, load)
+    assert kept2 == kept and new2 == [] and "damaged.jpg" not in reads  # known bad: not read again
+    assert bad.count == 2
+
+
+def test_bad_images_over_the_limit_is_a_data_error_naming_the_first_file(folder_with_hidden_damage):
+    folder = scan_image_folder(folder_with_hidden_damage)
+    bad = BadImages(folder, option="--data", max_bad_fraction=0.2)  # 1 of 8 at scan time; 2 of 8 is over
+    with pytest.raises(DataError, match=r"--data: 2 of 8 image files in .* are unreadable \(more than 20%\); "
+                                        r"first: .*empty\.png"):
+        bad.load_each([p for p, _ in folder.samples], lambda p: load_image(p, 16, **UNIT))
+    no_scan_skips = BadImages(scan_image_folder(make_image_folder(folder.root.parent / "clean", per_class=2)),
+                              option="--val-data", max_bad_fraction=0.0)
+    with pytest.raises(DataError, match=r"--val-data: 1 of 4 .*first: x\.jpg: broken"):
+        no_scan_skips.record("x.jpg", "broken")
+        no_scan_skips.check()
+
+
+def test_bad_images_state_round_trips(folder_with_hidden_damage):
+    folder = scan_image_folder(folder_with_hidden_damage)
+    bad = BadImages(folder)
+    bad.load_each([p for p, _ in folder.samples], lambda p: load_image(p, 16, **UNIT))
+    state = bad.state_dict()
+    assert state["paths"] and all(isinstance(s, str) for s in state["paths"] + state["reasons"])
+    resumed = BadImages(folder)
+    resumed.load_state_dict(state)
+    assert resumed.failures == bad.failures and resumed.count == bad.count
+    assert not resumed.record(state["paths"][0], "again")  # counted once
+    with pytest.raises(ValueError, match="2 paths but 1 reasons"):
+        resumed.load_state_dict({"paths": ["a", "b"], "reasons": ["x"]})
+
+
+# ---------------------------------------------------------------- the eval transform (timm's, torch-free)
+
+def test_eval_transform_resizes_the_shorter_side_by_crop_pct_and_crops_the_centre(tmp_path):
+    pixels = photo(90, 130)
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    out = load_image(tmp_path / "wide.png", 32, crop_pct=0.875, crop_mode="center", **UNIT)
+    # By hand: shorter side 90 -> floor(32 / 0.875) = 36, longer 130 -> int(36 * 130 / 90) = 52; the centre 32 x 32
+    # starts round((52 - 32) / 2) = 10 from the left and round((36 - 32) / 2) = 2 from the top.
+    hand = Image.fromarray(pixels).resize((52, 36), Image.BICUBIC).crop((10, 2, 42, 34))
+    assert np.array_equal(out, np.asarray(hand, dtype=np.float32).transpose(2, 0, 1) / np.float32(255))
+    Image.fromarray(pixels.transpose(1, 0, 2).copy()).save(tmp_path / "tall.png")  # portrait: the same rules
+    tall = load_image(tmp_path / "tall.png", 32, crop_pct=0.875, crop_mode="center", **UNIT)
+    hand = Image.fromarray(pixels.transpose(1, 0, 2).copy()).resize((36, 52), Image.BICUBIC).crop((2, 10, 34, 42))
+    assert np.array_equal(tall, np.asarray(hand, dtype=np.float32).transpose(2, 0, 1) / np.float32(255))
+
+
+@pytest.mark.parametrize("crop_pct,crop_mode,size", [(0.875, "center", (130, 90)), (0.9, "center", (77, 101)),
+                                                     (1.0, "center", (130, 90)), (0.95, "squash", (130, 90))])
+def test_eval_transform_equals_timms(tmp_path, crop_pct, crop_mode, size):
+    from edge_alast import _compat  # noqa: F401  (before timm)
+    from timm.data.transforms_factory import transforms_imagenet_eval
+
+    im = Image.fromarray(photo(size[1], size[0]))
+    im.save(tmp_path / "p.png")
+    timm_eval = transforms_imagenet_eval(img_size=32, crop_pct=crop_pct, crop_mode=crop_mode,
+                                         interpolation="bicubic", mean=UNIT["mean"], std=UNIT["std"])
+    ours = load_image(tmp_path / "p.png", 32, crop_pct=crop_pct, crop_mode=crop_mode, **UNIT)
+    assert np.array_equal(ours, timm_eval(im).numpy())
+
+
+def test_squash_at_crop_pct_1_is_the_old_resize_and_centre_equals_it_on_square_images(tmp_path):
+    Image.fromarray(photo(90, 130)).save(tmp_path / "wide.png")
+    Image.fromarray(photo(100, 100)).save(tmp_path / "square.png")
+    old = np.asarray(Image.open(tmp_path / "wide.png").resize((32, 32), Image.BICUBIC), dtype=np.float32)
+    assert np.array_equal(load_image(tmp_path / "wide.png", 32, **UNIT), old.transpose(2, 0, 1) / np.float32(255))
+    assert np.array_equal(load_image(tmp_path / "square.png", 32, crop_pct=1.0, crop_mode="center", **UNIT),
+                          load_image(tmp_path / "square.png", 32, crop_pct=1.0, crop_mode="squash", **UNIT))
+
+
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_eval_transform_crops_the_upright_image(tmp_path, orientation):
+    up = upright(120, 200)  # landscape upright; stored portrait with the tag
+    Image.fromarray(up).save(tmp_path / "upright.png")
+    path = save_jpeg(tmp_path / "o.jpg", np.ascontiguousarray(STORED[orientation](up)), orientation)
+    ref = load_image(tmp_path / "upright.png", 32, crop_pct=0.875, crop_mode="center", **UNIT)
+    for draft in (True, False):
+        out = load_image(path, 32, crop_pct=0.875, crop_mode="center", draft=draft, **UNIT)
+        assert mean_abs(out, ref) < 0.02
+
+
+def test_draft_reaches_the_eval_transforms_resize_side(tmp_path, monkeypatch):
+    path = save_jpeg(tmp_path / "big.jpg", photo(1500, 2000))
+    decoded = []
+    real_draft = JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
+                        lambda self, mode, size: (real_draft(self, mode, size), decoded.append(self.size))[0])
+    load_image(path, 224, crop_pct=0.875, crop_mode="center", **UNIT)  # resize side 256: 1/4 gives 375 rows
+    load_image(path, 160, crop_pct=0.875, crop_mode="center", **UNIT)  # resize side 182: 1/8 gives 187.5 rows
+    assert decoded == [(500, 375), (250, 188)]
+
+
+# ---------------------------------------------------------------- training augmentation
+
+def test_augmentation_is_a_pure_function_of_seed_step_and_position(tmp_path):
+    from edge_alast.images import augment_rng
+
+    path = save_jpeg(tmp_path / "p.jpg", photo(150, 200))
+
+    def view(seed, step, index, augment="rrc-flip"):
+        return load_image(path, 32, crop_pct=0.875, crop_mode="center", augment=augment,
+                          rng=augment_rng(seed, step, index), **UNIT)
+
+    a = view(0, 5, 3)
+    assert np.array_equal(a, view(0, 5, 3))  # again, later, in any order: the same view
+    for other in (view(0, 6, 3), view(0, 5, 4), view(1, 5, 3)):
+        assert not np.array_equal(a, other)
+    assert len({view(0, step, 0).tobytes() for step in range(8)}) == 8  # a new crop every step
+
+    eval_view = load_image(path, 32, crop_pct=0.875, crop_mode="center", **UNIT)
+    flips = [view(0, step, 0, "flip") for step in range(16)]
+    mirrored = [np.array_equal(f, eval_view[:, :, ::-1]) for f in flips]
+    assert all(m or np.array_equal(f, eval_view) for f, m in zip(flips, mirrored))
+    assert 0 < sum(mirrored) < 16  # flipped about half the time
+    with pytest.raises(ValueError, match="needs a generator"):
+        load_image(path, 32, augment="flip", **UNIT)
+
+
+def test_random_resized_crop_draws_timms_ranges():
+    from edge_alast.images import RRC_RATIO, RRC_SCALE, augment_rng, random_resized_crop
+
+    boxes = [random_resized_crop(augment_rng(0, s, 0), 400, 300) for s in range(400)]
+    areas = np.array([w * h / (400 * 300) for _, _, w, h in boxes])
+    ratios = np.array([w / h for _, _, w, h in boxes])
+    assert all(0 <= left and 0 <= top and left + w <= 400 and top + h <= 300 for left, top, w, h in boxes)
+    assert RRC_SCALE[0] * 0.95 <= areas.min() and areas.max() <= RRC_SCALE[1] + 1e-9
+    assert RRC_RATIO[0] * 0.95 <= ratios.min() and ratios.max() <= RRC_RATIO[1] * 1.05
+    assert areas.min() < 0.2 and areas.max() > 0.8  # the whole range is used
+    # 1000 x 10: no try fits (a crop 10 rows high holds at most 1.3 % of the area): timm's fallback, the widest
+    # centred crop within the ratio range.
+    assert random_resized_crop(augment_rng(0, 0, 0), 1000, 10) == (493, 0, 13, 10)
+
+
+def test_random_resized_crop_with_draft_is_close_to_the_full_decode(tmp_path):
+    from edge_alast.images import augment_rng
+
+    path = save_jpeg(tmp_path / "photo.jpg", photo(1500, 2000))
+    for step in range(4):
+        fast = load_image(path, 224, augment="rrc-flip", rng=augment_rng(0, step, 0), **UNIT)
+        full = load_image(path, 224, augment="rrc-flip", rng=augment_rng(0, step, 0), draft=False, **UNIT)
+        assert mean_abs(fast, full) < 0.01
