@@ -23,22 +23,84 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB, macOS bytes
 
 
-def trim_heap() -> bool:
-    """Give freed glibc heap pages back to the OS (``malloc_trim(0)``).
+def _release_call():
+    """The call that hands freed heap pages back to the OS, for the allocator this process runs on (an allocator
+    preloaded with ``LD_PRELOAD`` comes first in the process's symbols), or None."""
+    try:
+        proc = ctypes.CDLL(None)
+    except OSError:
+        return None
+    if hasattr(proc, "MallocExtension_ReleaseFreeMemory"):  # tcmalloc (gperftools): it keeps freed spans otherwise
+        return proc.MallocExtension_ReleaseFreeMemory
+    if hasattr(proc, "mallctl"):  # jemalloc: purge every arena's unused dirty pages (MALLCTL_ARENAS_ALL = 4096)
+        return lambda: proc.mallctl(b"arena.4096.purge", None, None, None, ctypes.c_size_t(0))
+    if hasattr(proc, "malloc_trim"):  # glibc
+        return lambda: proc.malloc_trim(0)
+    return None
 
-    ALaST changes activation shapes every step; glibc keeps the freed, fragmented chunks, so the process's RSS
-    creeps above what its tensors need. Trimming after each step keeps RSS near the live tensor bytes.
-    Returns False where there is no glibc (musl, macOS, Windows).
+
+def trim_heap() -> bool:
+    """Give freed heap pages back to the OS: ``malloc_trim(0)`` on glibc, ``ReleaseFreeMemory`` on tcmalloc, an
+    arena purge on jemalloc.
+
+    ALaST changes activation shapes every step; an allocator keeps the freed, fragmented chunks, so the process's RSS
+    creeps above what its tensors need (tcmalloc keeps freed memory altogether). Trimming after each step keeps RSS
+    near the live tensor bytes, and before the export lets it start from there. Returns False where no allocator
+    offers the call (musl, macOS, Windows).
     """
     global _libc
     if _libc is None:
-        name = ctypes.util.find_library("c")
-        try:
-            lib = ctypes.CDLL(name) if name else None
-            _libc = lib if lib is not None and hasattr(lib, "malloc_trim") else False
-        except OSError:
-            _libc = False
+        _libc = _release_call() or False
     if not _libc:
         return False
-    _libc.malloc_trim(0)
+    _libc()
     return True
+
+
+_STATUS = "/proc/self/status"
+_CLEAR_REFS = "/proc/self/clear_refs"
+
+
+def _vm_hwm_bytes() -> int | None:
+    """The kernel's resident high-water mark (VmHWM) since the last reset, or None where /proc has none."""
+    try:
+        with open(_STATUS) as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class PeakTracker:
+    """Peak RSS per interval (a training step) and over the whole process.
+
+    Linux resets the resident high-water mark when ``5`` is written to ``/proc/self/clear_refs``; that also resets
+    ``getrusage``'s ``ru_maxrss``, so the tracker folds every interval's peak into its own lifetime peak. Where the
+    reset is not possible (no /proc, macOS, a kernel before 4.0) an interval's peak is the lifetime peak.
+    """
+
+    def __init__(self):
+        self._lifetime = peak_rss_bytes()
+        self._resettable = _vm_hwm_bytes() is not None
+
+    def interval_peak(self, reset: bool = True) -> int:
+        """The peak RSS since the last reset (the process's start for the first call); then reset it."""
+        hwm = _vm_hwm_bytes() if self._resettable else None
+        if hwm is None:
+            self._lifetime = max(self._lifetime, peak_rss_bytes())
+            return self._lifetime
+        self._lifetime = max(self._lifetime, hwm)
+        if reset:
+            try:
+                with open(_CLEAR_REFS, "w") as f:
+                    f.write("5")
+            except OSError:
+                self._resettable = False
+        return hwm
+
+    def lifetime_peak(self) -> int:
+        """The highest RSS of the process so far (every interval, and the one in progress)."""
+        current = _vm_hwm_bytes() if self._resettable else peak_rss_bytes()
+        return max(self._lifetime, current or 0)

@@ -49,12 +49,13 @@ class AlastHandle:
                               for i, blk in enumerate(self.blocks)]
         self._forwards: dict[int, object] = {}
         self._hooks = []
+        self._unscored: set[int] = set()  # blocks without a fused attn.qkv: they train but cannot drop tokens
         for i, blk in enumerate(self.blocks):
             attn = getattr(blk, "attn", None)
-            if not isinstance(getattr(attn, "qkv", None), (nn.Linear, LoRALinear)) or not hasattr(attn, "num_heads"):
-                raise TypeError(
-                    f"block {i} ({type(blk).__name__}) has no fused `attn.qkv` Linear: not a supported timm ViT block")
-            self._hooks.append(attn.qkv.register_forward_hook(partial(self._on_qkv, i)))
+            if isinstance(getattr(attn, "qkv", None), (nn.Linear, LoRALinear)) and hasattr(attn, "num_heads"):
+                self._hooks.append(attn.qkv.register_forward_hook(partial(self._on_qkv, i)))
+            else:
+                self._unscored.add(i)
             self._hooks.append(blk.register_forward_hook(partial(self._on_block, i)))
 
     @property
@@ -96,6 +97,9 @@ class AlastHandle:
         """Apply a step plan: freeze/unfreeze blocks, set recomputation; ``None`` disables token dropping."""
         if plan is not None and plan.depth != self.depth:
             raise ValueError(f"plan has {plan.depth} blocks, model has {self.depth}")
+        if plan is not None and any(plan.keep_ratios[i] < 1.0 for i in self._unscored):
+            raise ValueError(f"blocks {sorted(self._unscored)} have no fused attn.qkv and cannot drop tokens "
+                             "(edge_alast.support.check_model says why)")
         self.plan = plan
         if plan is None:
             return

@@ -39,7 +39,9 @@ class RunPlan:
     Attributes:
         caps: Caps to pass to ``policy.decide`` every step (recompute flags also apply to ``full``).
         batch_size: Images per step (the requested one unless it had to shrink).
-        predicted_peak_bytes: Peak process memory of the most expensive step the capped policy can produce.
+        predicted_peak_bytes: Peak memory of the whole process: the most expensive step the capped policy can
+            produce, evaluation, saving and (planned with ``export``) the ONNX export.
+        predicted_train_peak_bytes: The training steps' own peak.
         memory_ceiling_bytes: The profile's ceiling (None without a profile).
         flop_ceiling_per_step: The profile's FLOP budget per step at the run's precision (None: no budget).
         predicted_flops_per_step: FLOPs of the most expensive step (recomputed forwards included).
@@ -58,16 +60,21 @@ class RunPlan:
     breakdown: dict = field(default_factory=dict, compare=False)
     cost: CostModel | None = field(default=None, compare=False, repr=False)
 
+    @property
+    def predicted_train_peak_bytes(self) -> int:
+        return math.ceil(self.breakdown.get("train_peak", self.predicted_peak_bytes))
+
 
 # ================================================================================================================
 # The tightening order
 # ================================================================================================================
 
 
-def _recompute_from(kind: str, caps: PolicyCaps, train_below: bool) -> int:
+def _recompute_from(caps: PolicyCaps, train_below: bool) -> int:
     """The lowest block whose recomputation can save memory: where blocks start to store activations in the worst
-    step (:func:`edge_alast.flops.stores_activations`): every block when all train or the embeddings do."""
-    return caps.lowest_trainable if kind == "alast" and not train_below else 0
+    step (:func:`edge_alast.flops.stores_activations`): the lowest trainable block, or block 0 when the
+    embeddings train."""
+    return 0 if train_below else caps.lowest_trainable
 
 
 def tighten(caps: PolicyCaps, depth: int, kind: str, train_below: bool = False) -> tuple[PolicyCaps, str] | None:
@@ -79,7 +86,7 @@ def tighten(caps: PolicyCaps, depth: int, kind: str, train_below: bool = False) 
     if kind == "head":
         return None
     flags = list(caps.recompute or (False,) * depth)
-    todo = [i for i in range(_recompute_from(kind, caps, train_below), depth) if not flags[i]]
+    todo = [i for i in range(_recompute_from(caps, train_below), depth) if not flags[i]]
     if todo:
         flags[todo[0]] = True
         return replace(caps, recompute=tuple(flags)), f"recompute block {todo[0]}"
@@ -99,14 +106,14 @@ def _candidates(depth: int, kind: str, base: PolicyCaps, train_below: bool) -> I
     """Caps from the loosest to the tightest in the module's order (each level restarts the ones before it, so the
     first that fits is the cheapest in accuracy): recomputation within lowest trainable block within keep cap."""
     keep_levels, lows = (KEEP_LEVELS, range(base.lowest_trainable, depth)) if kind == "alast" else \
-        ((1.0,), (0 if kind == "full" else base.lowest_trainable,))
+        ((1.0,), (base.lowest_trainable,))
     base_recompute = tuple(base.recompute or (False,) * depth)
     for keep in keep_levels:
         for lo in lows:
             caps = PolicyCaps(max_keep=None if keep >= 1.0 else (keep,) * depth, lowest_trainable=lo,
                               recompute=base_recompute)
             eligible = [] if kind == "head" else [
-                i for i in range(_recompute_from(kind, caps, train_below), depth) if not base_recompute[i]]
+                i for i in range(_recompute_from(caps, train_below), depth) if not base_recompute[i]]
             for r in range(len(eligible) + 1):
                 yield replace(caps, recompute=tuple(base_recompute[i] or i in eligible[:r] for i in range(depth)))
 
@@ -125,7 +132,7 @@ def plan_run(model: nn.Module, profile=None, *, policy: AlastPolicy | StaticPoli
              lowest_trainable: int = 0, recompute: Sequence[bool] | None = None, eval_batch_size: int = 64,
              token_multiple: int = 1, flop_counter: StepFlopCounter | None = None, baseline_bytes: int | None = None,
              calibration: Calibration | None = None, memory_ceiling_bytes: int | None = None,
-             flop_ceiling_per_step: float | None = None) -> RunPlan:
+             flop_ceiling_per_step: float | None = None, export: bool = False) -> RunPlan:
     """Caps that keep the most expensive step ``policy`` can take under the profile's memory and FLOP ceilings.
 
     Call after the model is built and its weights loaded, before optimizer state exists: the process baseline is
@@ -147,7 +154,8 @@ def plan_run(model: nn.Module, profile=None, *, policy: AlastPolicy | StaticPoli
         baseline_bytes = max(0, rss_bytes() - weights)
     cal = calibration or calibrate(model, img_size=img_size, precision=precision, device=device, trainable=trainable)
     cost = CostModel(model, cal, img_size=img_size, trainable=trainable, baseline_bytes=baseline_bytes,
-                     eval_batch_size=eval_batch_size, token_multiple=token_multiple, flop_counter=flop_counter)
+                     eval_batch_size=eval_batch_size, token_multiple=token_multiple, flop_counter=flop_counter,
+                     export=export)
     base = PolicyCaps(lowest_trainable=min(max(0, lowest_trainable), depth - 1),
                       recompute=tuple(bool(r) for r in recompute) if recompute else (False,) * depth)
 
@@ -199,6 +207,9 @@ def _nothing_fits(cost: CostModel, policy, model: nn.Module, last, mem_ceiling, 
         per_param = 4 + (4 + 4 * OPTIMIZER_STATES) * trained / max(1, cost.weight_bytes)
         params_fit = max(0.0, (mem_ceiling - fixed) / per_param)
         hints = []
+        if breakdown["export"] > mem_ceiling:
+            hints.append(f"--no-export (the ONNX export alone needs {_mib(breakdown['export'])}; export later on a "
+                         "larger machine with `edge-alast export`)")
         if breakdown["baseline"] >= mem_ceiling:
             hints.append(f"the process alone (interpreter and libraries) takes {_mib(breakdown['baseline'])}")
         else:

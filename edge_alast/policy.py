@@ -68,6 +68,18 @@ class PolicyCaps:
     lowest_trainable: int = 0
     recompute: tuple[bool, ...] | None = None
 
+    def state_dict(self) -> dict:
+        """Plain values (checkpoints load with ``weights_only=True``)."""
+        return {"max_keep": None if self.max_keep is None else list(self.max_keep),
+                "max_trainable": self.max_trainable, "lowest_trainable": self.lowest_trainable,
+                "recompute": None if self.recompute is None else list(self.recompute)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "PolicyCaps":
+        as_tuple = lambda v: None if v is None else tuple(v)  # noqa: E731
+        return cls(max_keep=as_tuple(state["max_keep"]), max_trainable=state["max_trainable"],
+                   lowest_trainable=state["lowest_trainable"], recompute=as_tuple(state["recompute"]))
+
 
 def count_kept(num_tokens: int, ratio: float, multiple: int = 1) -> int:
     """Patch tokens kept out of ``num_tokens`` at ``ratio``: floor(ratio*N) (ALaST), at least 1.
@@ -105,9 +117,14 @@ class StaticPolicy:
         )
 
     def decide(self, caps: PolicyCaps | None = None) -> StepPlan:
-        if caps is not None and caps.recompute is not None and tuple(caps.recompute) != self._plan.recompute:
-            return replace(self._plan, recompute=tuple(caps.recompute))  # the memory guard may add recomputation
-        return self._plan
+        """Every block from ``caps.lowest_trainable`` up trains (none for head-only), every token; recomputation as
+        the caps say (the memory guard may add some)."""
+        plan = self._plan
+        if caps is not None and caps.lowest_trainable > 0 and plan.trainable[0]:
+            plan = replace(plan, trainable=tuple(i >= caps.lowest_trainable for i in range(self.depth)))
+        if caps is not None and caps.recompute is not None and tuple(caps.recompute) != plan.recompute:
+            plan = replace(plan, recompute=tuple(caps.recompute))
+        return plan
 
     @property
     def budgets(self) -> list[float]:
@@ -116,7 +133,7 @@ class StaticPolicy:
 
     def trainable_count(self, caps: PolicyCaps | None = None) -> int:
         """Blocks trained per step: every block, or none."""
-        return self.depth if self._plan.trainable[0] else 0
+        return sum(self.decide(caps).trainable)
 
     def worst_plans(self, caps: PolicyCaps | None = None) -> list[StepPlan]:
         """The plans to cost for the most expensive step under ``caps``: this policy's only plan."""
@@ -203,7 +220,7 @@ class AlastPolicy:
         self.budgets = [float(r) for r in self.config.keep_ratios] if fixed else [float(self.config.b_init)] * depth
         self.prev_deltas: list[float] | None = None
         self.importance: list[float] | None = None  # relative: smoothed log rho per block
-        self._gen = torch.Generator().manual_seed(int(self.config.seed))
+        self._gen = torch.Generator().manual_seed(int(self.config.seed or 0))
 
     # -- deciding -----------------------------------------------------------------------------------------------
     def trainable_count(self, caps: PolicyCaps | None = None) -> int:

@@ -90,7 +90,8 @@ def next_stage(run: Run, stage: Stage, pruning: dict | None = None) -> Stage:
         stage.recorder.stop()
     stage.close()
     apply_pruning(run.model, pruning)
-    trainable = TrainableSet.for_method(run.model, run.spec, train_embeddings=run.config.train_embeddings)
+    trainable = TrainableSet.for_method(run.model, run.spec, train_embeddings=run.config.train_embeddings,
+                                        freeze_below=run.config.freeze_below)
     trainable.apply(run.model)
     new = _build(run, FINETUNE, trainable, StepFlopCounter(run.model, trainable), first_step=stage.end_step,
                  pruning=pruning)

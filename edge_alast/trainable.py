@@ -43,14 +43,19 @@ class TrainableSet:
     final_norm: bool = True
 
     @classmethod
-    def for_method(cls, model: nn.Module, spec: MethodSpec, *, train_embeddings: bool = False) -> "TrainableSet":
-        """What ``spec`` trains in ``model`` (as built: adapters and masks already added)."""
-        embeddings = (train_embeddings or spec.embeddings) and spec.blocks != BLOCKS_NONE
+    def for_method(cls, model: nn.Module, spec: MethodSpec, *, train_embeddings: bool | None = None,
+                   freeze_below: int = 0) -> "TrainableSet":
+        """What ``spec`` trains in ``model`` (as built: adapters and masks already added). ``train_embeddings``:
+        None for the method's default (``full`` trains them); blocks below ``freeze_below`` never train, and then
+        neither do the embeddings under them (nothing below that block stores activations)."""
+        wanted = spec.embeddings if train_embeddings is None else train_embeddings
+        embeddings = wanted and spec.blocks != BLOCKS_NONE and freeze_below <= 0
         names = set()
         for name, _ in model.named_parameters():
             if name.startswith("blocks."):
                 leaf = name.rsplit(".", 1)[-1]
-                train = spec.blocks == BLOCKS_ALL or (spec.blocks == BLOCKS_ADAPTERS and leaf in ADAPTER_PARAMS)
+                train = int(name.split(".", 2)[1]) >= freeze_below and (
+                    spec.blocks == BLOCKS_ALL or (spec.blocks == BLOCKS_ADAPTERS and leaf in ADAPTER_PARAMS))
             elif spec.blocks == BLOCKS_NONE:
                 train = is_head(name)
             else:

@@ -100,3 +100,9 @@ def test_sections_accept_mappings_from_the_python_api():
     c = TrainConfig(data="d", out="o", lora={"r": 4}, alast={"b_init": 0.8})
     assert isinstance(c.lora, LoraConfig) and c.lora.r == 4 and c.alast.b_init == 0.8
     assert TrainConfig.from_dict(c.to_dict()) == c
+
+
+def test_resolved_precision_is_part_of_the_resume_key():
+    c = cfg(precision="auto")
+    assert c.resume_key("fp32")["precision_resolved"] == "fp32"
+    assert c.resume_key("fp32") != c.resume_key("bf16")

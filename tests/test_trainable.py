@@ -51,3 +51,11 @@ def test_block_flags_and_apply():
     assert {n for n, p in model.named_parameters() if p.requires_grad} == record.names
     assert TrainableSet.from_flags(model).names == record.names
     assert [n for n, _ in record.parameters(model)] == [n for n, _ in model.named_parameters() if n in record.names]
+
+
+def test_full_can_freeze_its_embeddings_to_compare_like_with_like():
+    model, spec = built("full")
+    assert TrainableSet.for_method(model, spec).embeddings  # full's default
+    record = TrainableSet.for_method(model, spec, train_embeddings=False)
+    assert not record.embeddings and not any(is_embedding(n) for n in record.names)
+    assert TrainableSet.for_method(model, spec, freeze_below=1).embeddings is False
