@@ -11,7 +11,7 @@ WEIGHTS ?= $(wildcard $(SHARED_WEIGHTS))
 DEMO_DIR ?= runs/demo
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: bench-peft demo test bench assets clean
+.PHONY: bench-peft bench-tta demo test bench assets clean
 
 # torch is installed first and alone, pinned: an unpinned resolve pulls a CUDA build with GBs of nvidia-* wheels.
 # Every later install runs under the same constraints file, so nothing swaps torch or onnxruntime-training.
@@ -30,11 +30,18 @@ demo: $(STAMP)
 		$(if $(WEIGHTS),--weights $(WEIGHTS)) --out $(DEMO_DIR)/run
 	@echo "run folder: $(DEMO_DIR)/run (summary.json, metrics.jsonl)"
 
-# Real images for the tests marked `assets` (Debian package; installed when running as root).
+# Real images for the tests marked `assets`, and the allocators `train --allocator auto` preloads (Debian packages;
+# installed when running as root, so CI exercises the LD_PRELOAD path).
+ALLOCATOR_LIBS := libtcmalloc_minimal.so.4 libjemalloc.so.2
 assets:
-	@if [ ! -f $(FASHION_MNIST) ] && [ "$$(id -u)" = 0 ]; then \
-		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null; fi
+	@missing=""; [ -f $(FASHION_MNIST) ] || missing="dataset-fashion-mnist"; \
+	for lib in $(ALLOCATOR_LIBS); do /sbin/ldconfig -p 2>/dev/null | grep -q "$$lib " || missing="$$missing $$lib"; done; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist libtcmalloc-minimal4 libjemalloc2) >/dev/null \
+		|| echo "note: apt-get install failed"; fi
 	@[ -f $(FASHION_MNIST) ] || echo "note: Fashion-MNIST missing (apt-get install dataset-fashion-mnist): real-image tests skip"
+	@for lib in $(ALLOCATOR_LIBS); do /sbin/ldconfig -p 2>/dev/null | grep -q "$$lib " || \
+		echo "note: $$lib missing (apt-get install libtcmalloc-minimal4 libjemalloc2): allocator tests skip"; done
 
 test: $(STAMP) assets
 	$(BIN)/python -m pytest -q
@@ -53,6 +60,13 @@ bench-peft: $(STAMP) assets
 		--method-set "lora,alast-lora,light-peft,light-peft+alast:lr=0.001" \
 		--method-set "alast-lora,light-peft+alast:alast.alpha=0.00048" \
 		--method-set "light-peft,light-peft+alast:light_peft.estimation_steps=20"
+
+# Time to accuracy of full, head, ALaST (reference and relative updates), the static/random baselines and the
+# adapter methods, 3 seeds on Fashion-MNIST and scikit-learn's digits at 112 px (hours on 2 cores).
+bench-tta: $(STAMP) assets
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) scikit-learn
+	$(BIN)/python tools/bench_tta.py --weights $(SHARED_WEIGHTS) --img-size 112 --seeds 0,1,2 \
+		--datasets fmnist,digits --out runs/tta
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -18,7 +18,8 @@ import click
 
 from .cli_export import export, predict, train_ort
 from .cli_profiles import profiles
-from .errors import ConfigError, EdgeAlastError
+from .cli_report import report
+from .errors import ConfigError, DataError, EdgeAlastError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_DATA, EXIT_INTERRUPTED = 0, 1, 2, 3, 75
 
@@ -33,6 +34,7 @@ main.add_command(profiles)
 main.add_command(export)
 main.add_command(predict)
 main.add_command(train_ort)
+main.add_command(report)
 
 
 def _load_run_file(path: str | None) -> dict:
@@ -210,6 +212,31 @@ class _StopOnSignal:
             signal.signal(sig, handler)
 
 
+def _use_allocator(config_file: str | None, options: dict) -> str | None:
+    """Run on the allocator that ``--allocator`` (or the run file's ``allocator``, default ``auto``) asks for:
+    re-execute this process once with ``LD_PRELOAD`` (:func:`edge_alast.allocator.reexec_with_allocator`) when it
+    was started as ``edge-alast train`` / ``python -m edge_alast.cli train``; never inside another program (click's
+    test runner, a script calling :func:`main`). Returns a warning when the allocator asked for cannot be had."""
+    from .allocator import CHOICES, allocator_in_use, reexec_with_allocator
+
+    choice = options.get("allocator")
+    if choice is None:
+        try:
+            choice = _load_run_file(config_file).get("allocator")
+        except ConfigError:
+            choice = None  # reported when the run file is read for the run
+    choice = choice or "auto"
+    if choice not in CHOICES:
+        return None  # TrainConfig.validate names the bad value
+    started_as_cli = Path(sys.argv[0]).name == "edge-alast" or Path(sys.argv[0]).resolve() == Path(__file__).resolve()
+    if started_as_cli:
+        return reexec_with_allocator(choice)
+    current = allocator_in_use()
+    if choice not in ("auto", current) and not (choice == "glibc" and current.startswith("glibc")):
+        return f"--allocator {choice}: cannot switch inside this program, running on {current}"
+    return None
+
+
 @main.command()
 @config_options
 @click.option("--config", "config_file", type=str, help="YAML run file whose keys mirror these options.")
@@ -222,11 +249,14 @@ def train(config_file, as_json, **options):
       edge-alast train --data imgs/train --val-data imgs/val \\
         --weights vit_small_patch14_dinov2.safetensors --profile laptop_cpu --steps 80 --out runs/a
     """
+    allocator_warning = _use_allocator(config_file, options)  # may re-execute this process, before torch loads
     from .config import TrainConfig
     from .trainer import train as run_training
 
     as_json = as_json or not sys.stdout.isatty()
     printer = _Printer(as_json)
+    if allocator_warning:
+        printer({"event": "warning", "message": allocator_warning})
     try:
         values = _load_run_file(config_file)
         for section, given in _nested_options(options).items():
@@ -268,22 +298,27 @@ def eval_command(run_dir, data, batch_size, as_json):
     try:
         from .data import Preprocess
         from .export import load_run_model
-        from .images import scan_image_folder, scan_warnings
+        from .images import BadImages, scan_image_folder, scan_warnings
         from .trainer import evaluate
 
         model, meta = load_run_model(run_dir)
         folder = scan_image_folder(data, classes=meta["classes"], option="--data")
         for w in scan_warnings(folder, "--data"):
             click.echo(f"warning: {w}", err=True)
-        preprocess = Preprocess(meta["img_size"], tuple(meta["mean"]), tuple(meta["std"]), meta["interpolation"])
-        accuracy, loss = evaluate(model, folder.samples, preprocess, batch_size, "cpu")
+        # The run's eval transform; files that fail to decode are left out and named, as in training.
+        bad = BadImages(folder, option="--data")
+        accuracy, loss = evaluate(model, folder.samples, Preprocess.from_meta(meta), batch_size, "cpu", bad=bad,
+                                  on_warning=lambda message: click.echo(f"warning: {message}", err=True))
+        if accuracy is None:
+            raise DataError(f"--data: none of the {len(folder.samples)} images in {data} is readable")
     except EdgeAlastError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
-    result = {"run_dir": str(run_dir), "data": str(data), "images": len(folder.samples), "accuracy": accuracy,
-              "loss": loss}
-    click.echo(json.dumps(result) if as_json else
-               f"accuracy {accuracy:.4f}  loss {loss:.4f}  on {len(folder.samples)} images")
+    images = len(folder.samples) - len(bad.failures)
+    skipped = [str(path) for path, _ in folder.skipped] + [path for path, _ in bad.failures]
+    result = {"run_dir": str(run_dir), "data": str(data), "images": images, "accuracy": accuracy, "loss": loss,
+              "skipped": skipped}
+    click.echo(json.dumps(result) if as_json else f"accuracy {accuracy:.4f}  loss {loss:.4f}  on {images} images")
 
 
 @main.command("demo-data")
@@ -310,6 +345,11 @@ def _fail(printer: _Printer, error: Exception, code: int) -> None:
         click.echo(json.dumps({"event": "error", "exit_code": code, "message": str(error)}))
     click.echo(f"error: {error}", err=True)
     sys.exit(code)
+
+
+from .cli_fleet import fleet  # noqa: E402  (its `local` command is built on first use, from config_options above)
+
+main.add_command(fleet)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ SAMPLING_MODES = ("softmax", "topk")
 ALAST_UPDATES = ("reference", "relative", "static", "random")
 LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
 AUGMENTATIONS = ("none", "flip", "rrc-flip")  # = edge_alast.images.AUGMENTATIONS (this module stays import-light)
+ALLOCATORS = ("auto", "tcmalloc", "jemalloc", "glibc")  # = edge_alast.allocator.CHOICES
 
 # PyYAML follows YAML 1.1, where ``1e-3`` and ``1.2e12`` (no dot / no sign in the exponent) are strings, not floats;
 # numeric strings like them are accepted wherever a number is expected, so the natural spelling works.
@@ -105,7 +106,7 @@ class AlastConfig(_Section):
     k_trainable: int | None = None
     sampling: str = "softmax"
     temperature: float = 1.0
-    seed: int = 0
+    seed: int | None = None  # layer sampling's seed; default: the run's --seed
     update: str = option("reference", flag="--alast-update", choices=ALAST_UPDATES,
                          help="How budgets move: reference (paper Eq. 6), relative (scale-free, from each block's "
                               "class-token change relative to the token), or the baselines static and random "
@@ -242,6 +243,7 @@ class TrainConfig:
     weights: str | None = option(None, flag="--weights", help="Local weights file (.safetensors or a torch state_dict).")
     val_data: str | None = option(None, flag="--val-data", help="Validation ImageFolder; default: a seeded split of "
                                                                 "--data (--val-fraction).")
+    classes: list | None = None  # class names in label order; the data folders may lack some (a fleet node's share)
     val_fraction: float = option(0.2, flag="--val-fraction",
                                  help="Share of each class held out for validation when --val-data is not given.")
     img_size: int = option(224, flag="--img-size", help="Input side in pixels.")
@@ -269,15 +271,22 @@ class TrainConfig:
     precision: str | None = option(None, flag="--precision", choices=PRECISIONS,
                                    help="Autocast precision; default: the profile's (fp32 without one).")
     seed: int = option(0, flag="--seed", help="Seed for data order, splits, init and layer sampling.")
-    train_embeddings: bool = option(False, flag="--train-embeddings",
-                                    help="Train the patch and position embeddings too (full always does).")
+    train_embeddings: bool | None = option(None, flag="--train-embeddings",
+                                           help="Train the patch and position embeddings (default: full does, the "
+                                                "other methods do not; never below --freeze-below).")
     freeze_below: int = option(0, flag="--freeze-below",
-                               help="Blocks below this index never train (store no activations).")
+                               help="Blocks below this index never train and store no activations (nor do the "
+                                    "embeddings below them), whatever the method.")
     recompute_blocks: list = option(flag="--recompute-blocks", default_factory=list, parse="int_list",
                                     help="Comma-separated block indices whose activations are recomputed in "
                                          "backward (e.g. 0,1).")
     token_multiple: int = 1
     trim_memory: bool = True
+    allocator: str = option("auto", flag="--allocator", choices=ALLOCATORS,
+                            help="malloc for the training process: auto (tcmalloc, else jemalloc, when installed; "
+                                 "else glibc), one of them by name, or glibc to keep the system's. The CLI "
+                                 "re-executes itself once with LD_PRELOAD; the Python API runs on whatever its "
+                                 "process has.")
     max_bad_fraction: float = option(0.5, flag="--max-bad-fraction",
                                      help="Fail (exit 3) when more than this share of image files is unreadable.")
     augment: str = option("none", flag="--augment", choices=AUGMENTATIONS,
@@ -360,6 +369,9 @@ class TrainConfig:
         if spec.lora:
             self.lora.validate()
         if spec.light_peft:
+            if self.freeze_below:
+                raise bad("freeze_below", f"cannot apply to {self.method}: Light-PEFT estimates the heads and FFN "
+                                          "units of every block to prune them")
             self.light_peft.validate()
             if self.steps is not None and self.steps <= self.light_peft.estimation_steps:
                 raise bad("steps", f"must exceed {self.light_peft.name('estimation_steps')} "
@@ -368,11 +380,15 @@ class TrainConfig:
 
     # Fields that may change between an interrupted run and its resumption without changing the result.
     RESUME_FREE = ("resume", "checkpoint_every_seconds", "checkpoint_every_steps", "out", "eval_every", "eval_images",
-                   "loader_threads")
+                   "loader_threads", "allocator")
 
-    def resume_key(self) -> dict[str, Any]:
-        """The settings a checkpoint must share with this config to be resumed by it."""
-        return {k: v for k, v in self.to_dict().items() if k not in self.RESUME_FREE}
+    def resume_key(self, precision: str | None = None) -> dict[str, Any]:
+        """The settings a checkpoint must share with this config to be resumed by it; ``precision``: the one
+        ``auto`` resolved to (a timing probe decides it, so another day may pick another)."""
+        key = {k: v for k, v in self.to_dict().items() if k not in self.RESUME_FREE}
+        if precision is not None:
+            key["precision_resolved"] = precision
+        return key
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

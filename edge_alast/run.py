@@ -7,6 +7,7 @@ loop itself never resolves configuration.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from .planner import RunPlan, plan_run
 from .policy import PolicyCaps, make_policy, tokens_per_block
 from .precision import resolve_precision
 from .profiles import DeviceProfile, ProfileError, load_profile
+from .support import check_model
 from .trainable import TrainableSet
 
 
@@ -135,7 +137,8 @@ def setup_run(config: TrainConfig) -> Run:
     run_dir = _prepare_run_dir(Path(config.out))
 
     # ---------------------------------------------------------------- data
-    folder = scan_image_folder(config.data, option="--data", max_bad_fraction=config.max_bad_fraction)
+    folder = scan_image_folder(config.data, classes=config.classes, option="--data",
+                               max_bad_fraction=config.max_bad_fraction)
     warnings = scan_warnings(folder, "--data")
     if len(folder.classes) < 2:
         raise DataError(f"--data: {config.data} has one usable class ({folder.classes[0]}); a classifier needs "
@@ -154,6 +157,8 @@ def setup_run(config: TrainConfig) -> Run:
     # ---------------------------------------------------------------- model, adapters, what can ever train
     model = create_model(config.model, num_classes=len(folder.classes), img_size=config.img_size,
                          **config.model_args)
+    if spec.alast:  # refuse, before anything is loaded, a model ALaST would train wrongly or crash on
+        check_model(model, config.model)
     if config.weights:
         load_weights(model, config.weights)
     preprocess = Preprocess(config.img_size, **data_config(model))
@@ -171,10 +176,13 @@ def setup_run(config: TrainConfig) -> Run:
         raise ConfigError(f"--freeze-below/--recompute-blocks: {config.model} has {depth} blocks (0..{depth - 1})")
     if spec.alast:
         config.alast.validate(depth)
-    trainable = TrainableSet.for_method(model, spec, train_embeddings=config.train_embeddings)
+    trainable = TrainableSet.for_method(model, spec, train_embeddings=config.train_embeddings,
+                                        freeze_below=config.freeze_below)
     trainable.apply(model)
     flop_counter = StepFlopCounter(model, trainable)
     alast, baseline = config.alast, None
+    if alast.seed is None:  # --seed seeds layer sampling too, unless alast.seed says otherwise
+        alast = dataclasses.replace(alast, seed=config.seed)
     if spec.alast and alast.update in ("static", "random") and alast.from_run:
         alast, baseline = _baseline(config, model, trainable, flop_counter, batch_size)
 
@@ -189,22 +197,28 @@ def setup_run(config: TrainConfig) -> Run:
               baseline=baseline)
     run.bad_images, run.val_bad_images = bad_images, val_bad_images
     if profile is not None:
+        policy = make_policy(spec, spec.stages[0], depth, alast, lr=config.lr)
         try:
-            run.plan = plan_for(run, profile)
+            run.plan = plan_for(run, profile, policy)
         except ConfigError as e:
             raise ConfigError(f"--profile {profile.name}: no plan fits this device: {e}") from e
         run.caps = run.plan.caps
         if run.plan.batch_size != run.order.batch_size:
             run.order = BatchOrder(len(train_samples), run.plan.batch_size, config.seed)
         if run.plan.memory_ceiling_bytes:
-            run.guard = MemoryGuard(run.plan.memory_ceiling_bytes, depth, kind=spec.plan_kind,
-                                    train_below=trainable.embeddings)
+            cost, batch = run.plan.cost, run.order.batch_size
+
+            def predict(caps: PolicyCaps) -> float:  # the worst training step under caps (the guard's concern)
+                return cost.worst_peak(policy.worst_plans(caps), batch)["train_peak"]
+
+            run.guard = MemoryGuard(run.plan.memory_ceiling_bytes, depth, kind=spec.plan_kind, predict=predict,
+                                    train_below=trainable.embeddings, b_min=alast.b_min if spec.alast else None)
 
     # ---------------------------------------------------------------- the checkpoint to resume
-    run.checkpoint, run.resume_notes = _find_checkpoint(config, run_dir)
+    run.checkpoint, run.resume_notes = _find_checkpoint(config, run_dir, precision)
     if run.checkpoint is not None:
         # The plan in force when the checkpoint was written (a fresh plan could differ: it measures live RSS).
-        run.caps = caps_from_state(run.checkpoint["caps"])
+        run.caps = PolicyCaps.from_state(run.checkpoint["caps"])
         if run.checkpoint["batch_size"] != run.order.batch_size:
             run.order = BatchOrder(len(train_samples), run.checkpoint["batch_size"], config.seed)
         if run.guard is not None and run.checkpoint.get("guard"):
@@ -217,16 +231,18 @@ def setup_run(config: TrainConfig) -> Run:
     return run
 
 
-def plan_for(run: Run, profile: DeviceProfile | None) -> RunPlan:
+def plan_for(run: Run, profile: DeviceProfile | None, policy=None) -> RunPlan:
     """The planner's decision for ``run``'s model, method and batch under ``profile``'s ceilings (None: no
-    ceilings, the free plan and its predictions). Call before any optimizer state exists: the planner measures
-    this process's baseline RSS and calibrates activation bytes on a copy of one block (see planner.py)."""
+    ceilings, the free plan and its predictions), for ``policy`` (default: the first stage's). Call before any
+    optimizer state exists: the planner measures this process's baseline RSS and calibrates activation bytes on a
+    copy of one block (see planner.py)."""
     config, spec = run.config, run.spec
-    return plan_run(run.model, profile, policy=make_policy(spec, spec.stages[0], run.depth, run.alast, lr=config.lr),
+    policy = policy or make_policy(spec, spec.stages[0], run.depth, run.alast, lr=config.lr)
+    return plan_run(run.model, profile, policy=policy,
                     kind=spec.plan_kind, trainable=run.trainable, img_size=config.img_size,
                     batch_size=run.order.batch_size, precision=run.precision, device=run.device,
                     lowest_trainable=config.freeze_below, recompute=run.caps.recompute,
-                    token_multiple=config.token_multiple, flop_counter=run.flop_counter,
+                    token_multiple=config.token_multiple, flop_counter=run.flop_counter, export=config.export,
                     eval_batch_size=min(run.eval_batch_size, max(1, len(run.val_samples))))
 
 
@@ -283,7 +299,7 @@ def _prepare_run_dir(run_dir: Path) -> Path:
     return run_dir
 
 
-def _find_checkpoint(config: TrainConfig, run_dir: Path) -> tuple[dict | None, list[str]]:
+def _find_checkpoint(config: TrainConfig, run_dir: Path, precision: str) -> tuple[dict | None, list[str]]:
     """The newest valid checkpoint of a run with these settings, or None; ``--no-resume`` deletes them."""
     if config.resume is False:
         for _, path in checkpoints(run_dir):  # starting over: a stale checkpoint must not be resumed later
@@ -296,7 +312,7 @@ def _find_checkpoint(config: TrainConfig, run_dir: Path) -> tuple[dict | None, l
         if config.resume:
             raise ConfigError(f"--resume: no valid checkpoint in {run_dir}")
         return None, notes
-    differs = sorted(k for k, v in config.resume_key().items() if checkpoint["config"].get(k) != v)
+    differs = sorted(k for k, v in config.resume_key(precision).items() if checkpoint["config"].get(k) != v)
     if differs:
         raise ConfigError(f"--out: {run_dir} holds a checkpoint of a run with other settings "
                           f"({', '.join(differs)}); use another --out, or the same settings to resume")
@@ -307,16 +323,3 @@ def _total_steps(config: TrainConfig, order: BatchOrder) -> int:
     if config.steps is not None:
         return config.steps
     return max(1, math.ceil((config.epochs or 1.0) * order.batches_per_epoch))
-
-
-def caps_state(caps: PolicyCaps) -> dict:
-    """Caps as plain values (checkpoints load with ``weights_only=True``)."""
-    return {"max_keep": None if caps.max_keep is None else list(caps.max_keep), "max_trainable": caps.max_trainable,
-            "lowest_trainable": caps.lowest_trainable,
-            "recompute": None if caps.recompute is None else list(caps.recompute)}
-
-
-def caps_from_state(state: dict) -> PolicyCaps:
-    as_tuple = lambda v: None if v is None else tuple(v)  # noqa: E731
-    return PolicyCaps(max_keep=as_tuple(state["max_keep"]), max_trainable=state["max_trainable"],
-                      lowest_trainable=state["lowest_trainable"], recompute=as_tuple(state["recompute"]))

@@ -18,13 +18,14 @@ from . import __version__
 from .atomic import atomic_write, atomic_write_json
 from .checkpoint import save_checkpoint
 from .config import TrainConfig
+from .errors import ConfigError
 from .data import iter_batches
 from .lightpeft import mask_penalty
 from .lora import merge_lora
-from .memory import peak_rss_bytes, rss_bytes, trim_heap
+from .memory import PeakTracker, rss_bytes, trim_heap
 from .metrics import steady
 from .precision import autocast as autocast_for
-from .run import caps_state, make_loader, setup_run
+from .run import make_loader, setup_run
 from .stage import first_stage, next_stage, pruning_summary
 
 CHECKPOINT_FORMAT = 1
@@ -32,14 +33,18 @@ CHECKPOINT_FORMAT = 1
 
 @dataclass
 class TrainResult:
-    """What a run produced."""
+    """What a run produced. ``trainable`` and ``policy_state`` (with ``return_state=True``): the tensors of every
+    parameter that could train, as trained (LoRA adapters unmerged), and the policy's state, e.g. for a fleet."""
 
     summary: dict[str, Any]
     run_dir: Path
+    trainable: dict[str, torch.Tensor] | None = None
+    policy_state: dict | None = None
 
 
 def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
-          should_stop: Callable[[], bool] | None = None) -> TrainResult:
+          should_stop: Callable[[], bool] | None = None, *, start: dict | None = None,
+          return_state: bool = False) -> TrainResult:
     """Fine-tune ``config.model`` on ``config.data`` and write the run folder ``config.out``.
 
     Args:
@@ -47,6 +52,10 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
         on_event: Called with each event dict (start, step, warning, eval, done); library code never prints.
         should_stop: Polled after each step; True checkpoints and returns at once (summary ``interrupted``;
             running again with the same config resumes exactly).
+        start: Where to start instead of ``config.weights`` alone (a fleet round): ``trainable``, tensors by
+            parameter name for (a subset of) what can train, loaded over the weights; ``policy``, a policy state
+            (ALaST budgets carried from this node's previous round).
+        return_state: Also return the trainable tensors and the policy state (:class:`TrainResult`).
 
     Returns:
         The summary (as written to ``summary.json``) and the run folder.
@@ -61,6 +70,10 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
         emit({"event": "plan", "message": note})
     model, device = run.model, run.device
     stage = first_stage(run)
+    if start is not None:  # a fleet round: the global model's trainable tensors, this node's budgets
+        _load_trainable(model, stage.trainable, start.get("trainable") or {})
+        if start.get("policy"):
+            stage.policy.load_state_dict(start["policy"])
     # Decodes the next batches in the background; leaves out, names and counts files that fail to decode.
     loader = make_loader(run, on_warning=lambda message: emit({"event": "warning", "message": message}))
     autocast = autocast_for(device, run.precision)
@@ -94,9 +107,9 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
     emit(start)
 
     def save(step: int) -> None:
-        state = {"format": CHECKPOINT_FORMAT, "step": step, "config": config.resume_key(),
+        state = {"format": CHECKPOINT_FORMAT, "step": step, "config": config.resume_key(run.precision),
                  "model": model.state_dict(), **stage.state_dict(),
-                 "rng": {"torch": torch.get_rng_state()}, "history": history, "caps": caps_state(caps),
+                 "rng": {"torch": torch.get_rng_state()}, "history": history, "caps": caps.state_dict(),
                  "batch_size": run.order.batch_size, "scaler": scaler.state_dict(),
                  "guard": run.guard.state_dict() if run.guard else None,
                  "bad_images": run.bad_images.state_dict()}
@@ -109,6 +122,8 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
 
     # ---------------------------------------------------------------- training loop
     interrupted = False
+    peaks = PeakTracker()
+    peaks.interval_peak()  # from here on, each reading is one step's own peak
     last_save = time.monotonic()
     model.train()
     with open(metrics_path, "a") as metrics:
@@ -152,10 +167,12 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
             stage.policy.observe(stage.handle.step_deltas(), stage.handle.step_streams())
             if config.trim_memory:
                 trim_heap()
-            if run.guard is not None:  # near the ceiling: tighten the caps for the steps that follow
-                # On CUDA (Jetson: unified memory) tensors live outside the process RSS: add the allocator's peak.
-                reading = peak_rss_bytes() + (torch.cuda.max_memory_allocated() if device == "cuda" else 0)
-                caps, guard_event = run.guard.check(reading, caps)
+            step_peak = peaks.interval_peak()  # this step's own peak (the lifetime mark never falls)
+            if device == "cuda":  # Jetson (unified memory): tensors live outside the process RSS
+                step_peak += torch.cuda.max_memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            if run.guard is not None:  # near the ceiling: the caps for the steps that follow
+                caps, guard_event = run.guard.check(step_peak, caps)
                 if guard_event is not None:
                     log({**guard_event, "step": step + 1})
             if device == "cuda":
@@ -176,7 +193,8 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
                 "blocks/trainable": [i for i, t in enumerate(plan.trainable) if t],
                 "plan/keep_ratio": [round(r, 6) for r in plan.keep_ratios],
                 "budget/raw": [round(b, 6) for b in budgets],
-                "mem/rss_bytes": rss_bytes(), "mem/peak_rss_bytes": peak_rss_bytes(),
+                "mem/rss_bytes": rss_bytes(), "mem/step_peak_bytes": step_peak,
+                "mem/peak_rss_bytes": peaks.lifetime_peak(),
             }
             if penalty is not None:  # "loss" stays the cross-entropy, comparable across methods
                 record["loss/mask_l1"] = float(penalty.detach())
@@ -211,6 +229,8 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
         emit({"event": "interrupted", **result})
         return TrainResult(summary=result, run_dir=run.run_dir)
 
+    train_peak = peaks.lifetime_peak()  # the training loop's own peak; evaluation, saving and export come next
+
     # ---------------------------------------------------------------- evaluation (all tokens, no budgets)
     stage.handle.set_plan(None)
     val_accuracy, val_loss = evaluate(model, run.val_samples, run.preprocess, run.eval_batch_size, device, autocast,
@@ -221,6 +241,8 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
     from .export import save_model
 
     trainable_params = stage.trainable_params
+    state = ({n: p.detach().clone() for n, p in stage.trainable.parameters(model)} if return_state else None)
+    policy_state = stage.policy.state_dict() if return_state else None
     pruned = pruning_summary(model, stage.pruning, run.base_params) if stage.pruning else None
     merge_lora(model)  # adapters folded into the weights: the saved and exported model is timm's architecture
     save_model(model, run.run_dir)  # the tuned weights, for `export` and `eval` (atomic)
@@ -242,7 +264,8 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
         "val_accuracy": val_accuracy,
         "val_loss": val_loss,
         "mean_step_seconds": sum(steady(history["step_seconds"])) / len(steady(history["step_seconds"])),
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": peaks.lifetime_peak(),  # the whole process; rewritten after the export
+        "train_peak_rss_bytes": train_peak,
         "train_flops_per_step": sum(history["step_flops"]) / len(history["step_flops"]),
         "total_train_flops": int(sum(history["step_flops"])),
         "budgets": list(stage.policy.budgets),
@@ -251,7 +274,8 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
         "base_params_original": run.base_params,
         "pruning": pruned,
         "memory_ceiling_bytes": plan_.memory_ceiling_bytes if plan_ else None,
-        "predicted_peak_bytes": plan_.predicted_peak_bytes if plan_ else None,
+        "predicted_peak_bytes": plan_.predicted_peak_bytes if plan_ else None,  # the whole process
+        "predicted_train_peak_bytes": plan_.predicted_train_peak_bytes if plan_ else None,
         "flop_ceiling_per_step": plan_.flop_ceiling_per_step if plan_ else None,
         "predicted_flops_per_step": plan_.predicted_flops_per_step if plan_ else None,
         "planner_notes": list(plan_.notes) if plan_ else [],
@@ -273,11 +297,31 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
         stage.free()
         del model, stage, run
         trim_heap()
+        before_export = rss_bytes()
+        peaks.interval_peak()
         manifest = export_run(config.out)  # model.onnx + manifest.json, parity-checked in onnxruntime
         emit({"event": "export", "path": str(Path(config.out) / "model.onnx"), "sha256": manifest.get("sha256")})
+        summary.update(rss_before_export_bytes=before_export, export_peak_rss_bytes=peaks.interval_peak())
+        summary["peak_rss_bytes"] = peaks.lifetime_peak()
+        atomic_write_json(Path(config.out) / "summary.json", summary)
     emit({"event": "done", **{k: summary[k] for k in ("steps", "val_accuracy", "mean_step_seconds",
                                                         "peak_rss_bytes", "train_flops_per_step")}})
-    return TrainResult(summary=summary, run_dir=Path(config.out))
+    return TrainResult(summary=summary, run_dir=Path(config.out), trainable=state, policy_state=policy_state)
+
+
+def _load_trainable(model, trainable, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy ``tensors`` into the model's parameters of the same names, each one that can train (named errors)."""
+    params = dict(trainable.parameters(model))
+    unknown = sorted(set(tensors) - set(params))
+    if unknown:
+        raise ConfigError(f"start: {len(unknown)} tensors are not trainable parameters of this run "
+                          f"({', '.join(unknown[:4])}{', ...' if len(unknown) > 4 else ''})")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if tuple(value.shape) != tuple(params[name].shape):
+                raise ConfigError(f"start: {name} has shape {tuple(value.shape)}, the model's is "
+                                  f"{tuple(params[name].shape)}")
+            params[name].copy_(value)
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:

@@ -266,3 +266,17 @@ def test_light_peft_options_reach_the_run(image_folder, tmp_path):
     assert config["light_peft"]["estimation_steps"] == 2
     events = [json.loads(line) for line in result.stdout.splitlines()]
     assert [e["step"] for e in events if e["event"] == "prune"] == [3]
+
+
+def test_file_failing_at_use_is_named_and_too_many_is_exit_3(image_folder, tmp_path):
+    from test_images import damaged_inside, jpeg_bytes
+
+    (image_folder / "a" / "damaged.jpg").write_bytes(damaged_inside(jpeg_bytes()))
+    cfg = run_file(tmp_path, image_folder, tmp_path / "r", batch_size=13, val_data=str(image_folder))
+    result = CliRunner().invoke(main, ["train", "--config", str(cfg)])
+    assert result.exit_code == 0, result.output
+    warnings = [json.loads(x)["message"] for x in result.stdout.splitlines() if '"warning"' in x]
+    assert any("damaged.jpg" in w and "unreadable when loaded" in w for w in warnings)
+    result = CliRunner().invoke(main, ["train", "--config", str(cfg), "--out", str(tmp_path / "r2"),
+                                       "--max-bad-fraction", "0.05"])
+    assert result.exit_code == 3 and "unreadable" in result.output and "damaged.jpg" in result.output

@@ -254,3 +254,136 @@ def test_baselines_run_at_the_flops_of_the_alast_run_they_come_from(image_folder
             assert summary["train_flops_per_step"] == pytest.approx(matched["expected_flops_per_step"])
     with pytest.raises(ConfigError, match="alast.update static: needs alast.keep_ratios"):
         train(tiny_config(image_folder, tmp_path / "bad", alast={"update": "static"}))
+
+
+def test_a_model_alast_cannot_train_is_refused_at_start_and_others_still_train_it(image_folder, tmp_path):
+    no_cls = {**TINY_ARGS, "class_token": False, "global_pool": "avg"}
+    with pytest.raises(ConfigError, match="--model vit_tiny_patch16_224: .*has no class token"):
+        train(tiny_config(image_folder, tmp_path / "a", model_args=no_cls))
+    assert not (tmp_path / "a" / "metrics.jsonl").exists()
+    summary = train(tiny_config(image_folder, tmp_path / "f", method="full", model_args=no_cls)).summary
+    assert summary["steps"] == 3  # full drops no tokens: no class token needed
+
+
+def test_start_from_given_trainable_tensors_and_return_them(image_folder, tmp_path):
+    """What a fleet round does: start from the global model's trainable tensors and this node's policy state."""
+    first = train(tiny_config(image_folder, tmp_path / "a", method="lora", steps=2), return_state=True)
+    assert first.trainable and all("lora_" in n or not n.startswith("blocks.") for n in first.trainable)
+    assert first.policy_state == {}  # lora: a static policy has no state
+    changed = {n: t + 1.0 for n, t in first.trainable.items()}
+    second = train(tiny_config(image_folder, tmp_path / "b", method="lora", steps=1), start={"trainable": changed},
+                   return_state=True)
+    name = next(n for n in changed if "lora_B" in n)
+    assert (second.trainable[name] - changed[name]).abs().max() < 0.1  # one step from the given start
+    with pytest.raises(ConfigError, match="start: 1 tensors are not trainable"):
+        train(tiny_config(image_folder, tmp_path / "c", method="lora", steps=1),
+              start={"trainable": {"blocks.0.attn.qkv.base.weight": torch.zeros(96, 32)}})
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "alast-lora"])
+def test_freeze_below_holds_for_every_method(image_folder, tmp_path, method):
+    from edge_alast.run import setup_run
+
+    run = setup_run(tiny_config(image_folder, tmp_path / "setup", method=method, freeze_below=2))
+    assert not any(n.startswith(("blocks.0.", "blocks.1.", "patch_embed.", "pos_embed", "cls_token"))
+                   for n in run.trainable.names)
+    summary = train(tiny_config(image_folder, tmp_path / "r", method=method, freeze_below=2, steps=2)).summary
+    lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert all(min(r["blocks/trainable"]) >= 2 for r in lines if r["event"] == "step")
+    unfrozen = train(tiny_config(image_folder, tmp_path / "u", method=method, steps=2)).summary
+    assert summary["train_flops_per_step"] < unfrozen["train_flops_per_step"]  # no backward below block 2
+
+
+def test_freeze_below_is_refused_where_it_cannot_apply(image_folder, tmp_path):
+    with pytest.raises(ConfigError, match="--freeze-below: cannot apply to light-peft"):
+        train(tiny_config(image_folder, tmp_path / "r", method="light-peft", freeze_below=1, steps=6,
+                          light_peft={"estimation_steps": 3}))
+
+
+def test_seed_seeds_layer_sampling(image_folder, tmp_path):
+    def drawn(run_seed, out, **alast):  # budgets pinned at 1: the draws depend on the sampler's seed alone
+        train(tiny_config(image_folder, tmp_path / out, seed=run_seed, steps=6,
+                          alast={"k_trainable": 1, "b_init": 1.0, "b_min": 1.0, **alast}))
+        lines = [json.loads(x) for x in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+        return [r["blocks/trainable"] for r in lines if r["event"] == "step"]
+
+    assert drawn(0, "a") == drawn(0, "b")
+    assert drawn(0, "c") != drawn(1, "d")
+    assert drawn(1, "e", seed=0) == drawn(0, "f")  # alast.seed, when given, wins
+
+
+# ---------------------------------------------------------------- files that fail to decode when used
+
+@pytest.fixture
+def data_with_hidden_damage(tmp_path):
+    """13 training files, one of which passes the scan and fails to decode; a validation folder with one too."""
+    from conftest import make_image_folder
+    from test_images import damaged_inside, jpeg_bytes
+
+    data = make_image_folder(tmp_path / "data")
+    (data / "a" / "damaged.jpg").write_bytes(damaged_inside(jpeg_bytes()))
+    val = make_image_folder(tmp_path / "val", per_class=3, seed=1)
+    (val / "b" / "val-damaged.jpg").write_bytes(damaged_inside(jpeg_bytes()))
+    return data, val
+
+
+def test_a_file_that_fails_at_use_is_left_out_named_once_and_checkpointed(data_with_hidden_damage, tmp_path):
+    from edge_alast.checkpoint import checkpoints, load_latest
+
+    data, val = data_with_hidden_damage
+    events = []
+    # Batch 13: one batch an epoch, so every step reads the damaged file; it is named once all the same.
+    config = tiny_config(data, tmp_path / "r", val_data=str(val), batch_size=13, steps=3, checkpoint_every_steps=1)
+    summary = train(config, on_event=events.append).summary
+    warnings = [e["message"] for e in events if e["event"] == "warning"]
+    named = [w for w in warnings if f"{data / 'a' / 'damaged.jpg'}," in w]
+    assert len(named) == 1 and named[0].startswith("--data: skipped") and "unreadable when loaded" in named[0]
+    assert "1 of 13 image files" in named[0]
+    named = [w for w in warnings if "val-damaged.jpg" in w]  # evaluation leaves it out and says so
+    assert len(named) == 1 and named[0].startswith("--val-data: skipped") and "1 of 7 image files" in named[0]
+    assert summary["steps"] == 3 and summary["val_accuracy"] is not None
+    assert next(e for e in events if e["event"] == "eval")["val_images"] == 7
+    checkpoint, _ = load_latest(tmp_path / "r")
+    assert checkpoint["bad_images"]["paths"] == [str(data / "a" / "damaged.jpg")]
+    assert [s for s, _ in checkpoints(tmp_path / "r")] == [2, 1]
+
+
+def test_resume_after_a_use_time_failure_replays_exactly(data_with_hidden_damage, tmp_path):
+    from edge_alast.data import BatchOrder
+
+    data, val = data_with_hidden_damage
+    config = dict(val_data=str(val), batch_size=4, steps=9, augment="rrc-flip")  # 13 files: 3 batches an epoch
+    reference = train(tiny_config(data, tmp_path / "ref", **config)).summary
+    damaged = 6  # sorted class a: 0.png .. 5.png, damaged.jpg
+    met = [s for s in range(9) if damaged in BatchOrder(13, 4, seed=0).indices(s)]
+    assert met[0] + 1 < 5 <= met[-1]  # met before the interruption and again after it (steps 2, 3 and 8)
+    met = met[0]
+    calls, first, events = iter(range(100)), [], []
+    train(tiny_config(data, tmp_path / "r", **config), on_event=first.append,
+          should_stop=lambda: next(calls) == met + 1)  # stop one step after the damaged file was met
+    resumed = train(tiny_config(data, tmp_path / "r", **config), on_event=events.append).summary
+    assert _losses(tmp_path / "r") == pytest.approx(_losses(tmp_path / "ref"), rel=1e-6)
+    assert resumed["val_loss"] == pytest.approx(reference["val_loss"], rel=1e-6)
+    assert len(_losses(tmp_path / "ref")) == 9  # the damaged file's batch trained on its three other images
+    named = [[e for e in run if e["event"] == "warning" and "a/damaged.jpg" in e["message"]] for run in (first, events)]
+    assert (len(named[0]), len(named[1])) == (1, 0)  # restored from the checkpoint: known, not met anew
+
+
+def test_a_batch_of_only_unreadable_files_makes_no_update(data_with_hidden_damage, tmp_path):
+    data, val = data_with_hidden_damage
+    events = []
+    summary = train(tiny_config(data, tmp_path / "r", val_data=str(val), batch_size=1, steps=13),
+                    on_event=events.append).summary  # one epoch of single-image batches: one of them is empty
+    empty = [e["message"] for e in events if e["event"] == "warning" and "every image of its batch" in e["message"]]
+    assert len(empty) == 1 and summary["steps"] == 12
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "r" / "metrics.jsonl").read_text().splitlines())
+             if r["event"] == "step"]
+    skipped = int(empty[0].split(":")[0].removeprefix("step "))
+    assert steps == [s for s in range(1, 14) if s != skipped]
+
+
+def test_too_many_files_failing_at_use_is_a_data_error(data_with_hidden_damage, tmp_path):
+    data, val = data_with_hidden_damage
+    with pytest.raises(DataError, match=r"--data: 1 of 13 image files .* unreadable \(more than 5%\); "
+                                        r"first: .*damaged\.jpg"):
+        train(tiny_config(data, tmp_path / "r", val_data=str(val), batch_size=13, max_bad_fraction=0.05))

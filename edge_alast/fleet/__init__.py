@@ -1,0 +1,1 @@
+"""Federated fine-tuning across devices on Flower (see README, "Fleets")."""
