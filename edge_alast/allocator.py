@@ -26,8 +26,9 @@ __all__ = ["ALLOCATORS", "CHOICES", "AUTO_ORDER", "allocator_in_use", "find_libr
 
 ALLOCATORS = ("tcmalloc", "jemalloc", "glibc")
 CHOICES = ("auto",) + ALLOCATORS
-# What ``auto`` tries, in order (see the README's allocator table for the evidence).
-AUTO_ORDER = ("tcmalloc", "jemalloc")
+# What ``auto`` tries, in order. tcmalloc only: in one benchmark run (README, "Allocators") it cut peak RSS to
+# 0.64-0.93x glibc's at 0.91-1.04x its step time; jemalloc saved as much memory but cost 1.12-1.24x the time.
+AUTO_ORDER = ("tcmalloc",)
 
 # Shared-object names per allocator, preferred first: Debian/Ubuntu/Raspberry Pi OS/Jetson L4T package
 # libtcmalloc-minimal4 (the allocator without the profiler) and libjemalloc2; libgoogle-perftools4's full tcmalloc
@@ -144,17 +145,11 @@ def allocator_in_use() -> str:
             owner = _mapping_of(address, maps) if address else None
         except (OSError, AttributeError, ValueError):
             owner = None
-        if owner is not None:
-            name = _name_of(owner)
-            if name:
-                return name
-            if re.search(r"/libc[.-]", owner):
-                return "glibc-tuned" if _tuned else "glibc"
-        else:  # malloc's address not found: fall back to what is mapped at all
-            for line in maps.splitlines():
-                name = _name_of(line.split()[-1] if len(line.split()) > 5 else None)
-                if name:
-                    return name
+        name = _name_of(owner)
+        if name:
+            return name
+        if owner is not None and re.search(r"/libc[.-]", owner):
+            return "glibc-tuned" if _tuned else "glibc"
     import platform
 
     return ("glibc-tuned" if _tuned else "glibc") if platform.libc_ver()[0] == "glibc" else "system"
@@ -212,19 +207,19 @@ def reexec_with_allocator(choice: str, argv: list[str] | None = None) -> str | N
     signal dispositions); otherwise returns a warning to report, or None.
 
     ``auto`` keeps a tcmalloc or jemalloc the process already has (a user's own ``LD_PRELOAD``) and otherwise
-    takes the first of :data:`AUTO_ORDER` that is installed; ``glibc`` removes a tcmalloc/jemalloc from
+    takes the first of :data:`AUTO_ORDER` that is installed (tcmalloc); ``glibc`` removes a tcmalloc/jemalloc from
     ``LD_PRELOAD``. A library that is missing, or that did not load, leaves the process on what it has, with a
     warning. ``argv``: the command line to re-execute (default: this interpreter's, ``sys.orig_argv``).
     """
     if choice not in CHOICES:
         raise ValueError(f"allocator must be one of {', '.join(CHOICES)}, got {choice!r}")
     current = allocator_in_use()
-    if choice == "auto" and current in AUTO_ORDER:
+    if choice == "auto" and current in SONAMES:  # the user's own LD_PRELOAD of one
         return None
     if choice == "auto":
         target = next((a for a in AUTO_ORDER if find_library(a)), None)
         if target is None:
-            return ("no tcmalloc or jemalloc installed: running on glibc, whose peak memory can be far higher "
+            return ("tcmalloc is not installed: running on glibc, whose peak memory is up to 1.6x higher "
                     "(apt-get install libtcmalloc-minimal4; --allocator glibc silences this)")
     else:
         target = choice

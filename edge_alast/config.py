@@ -283,8 +283,8 @@ class TrainConfig:
     token_multiple: int = 1
     trim_memory: bool = True
     allocator: str = option("auto", flag="--allocator", choices=ALLOCATORS,
-                            help="malloc for the training process: auto (tcmalloc, else jemalloc, when installed; "
-                                 "else glibc), one of them by name, or glibc to keep the system's. The CLI "
+                            help="malloc of the training process: auto (tcmalloc when installed, else glibc with "
+                                 "a warning), tcmalloc or jemalloc by name, or glibc to keep the system's. The CLI "
                                  "re-executes itself once with LD_PRELOAD; the Python API runs on whatever its "
                                  "process has.")
     max_bad_fraction: float = option(0.5, flag="--max-bad-fraction",

@@ -14,8 +14,8 @@ Memory model (bytes of the training process at its peak)::
              + the backward transient of the block in backward (and, recomputed, its re-run activations)
            and of evaluation (no-grad forward at the eval batch) and of saving the weights (one more copy),
            and of the ONNX export after the training state is freed (``EXPORT_WEIGHT_COPIES``)
-         + allocator slack                   ``ALLOCATOR_SLACK`` x the saved activations (see its comment;
-                                             ``ALLOCATOR_SLACK_ADAPTERS`` for models with LoRA adapters)
+         + allocator slack                   ``ALLOCATOR_SLACK[allocator in use]`` x the saved activations (see
+                                             its comment; another value for models with LoRA adapters)
 
 FLOPs come from :class:`edge_alast.flops.StepFlopCounter`, re-run forwards of recomputed blocks included.
 """
@@ -27,6 +27,7 @@ from typing import Sequence
 
 from torch import nn
 
+from .allocator import allocator_in_use
 from .calibration import Calibration, full_tokens
 from .flops import StepFlopCounter, block_kinds
 from .lora import LoRALinear
@@ -36,19 +37,29 @@ from .trainable import TrainableSet, is_embedding, is_head
 __all__ = ["CostModel", "StepShape"]
 
 OPTIMIZER_STATES = 2  # AdamW/Adam: exp_avg and exp_avg_sq, each the parameter's size and dtype
-# Peak RSS above the live tensor bytes, as a share of the step's saved activations: inside a step glibc cannot
-# hand back the heap that the forward's freed intermediates fragment between saved tensors (malloc_trim runs only
-# after the step). Measured, not derived: with the live tensor bytes predicted exactly (tests), full fine-tuning
-# of ViT-S/14 fp32 at batch 16 peaked 0.40 x its activations above them at both 112 px (132 of 335 MiB) and 224 px
-# (524 of 1324 MiB) on glibc 2.x / torch 2.13 CPU. tools/bench_planner.py re-checks it.
-ALLOCATOR_SLACK = 0.40
-# The same with LoRA adapters in the blocks: each adapter saves a small [B, N, r] tensor (A x) that stays live
-# between the large transient tensors of the forward, and the heap fragments much more. Measured on the shared
-# ViT-S/14 at 224 px, batch 16, fp32: LoRA peaked 2847 and 2969 MiB in two runs against 1704 MiB of predicted
-# live bytes (0.98 and 1.08 x its 1170 MiB of activations); with glibc's mmap threshold pinned
-# (MALLOC_MMAP_THRESHOLD_=131072) the same LoRA run peaked at 1692 MiB, i.e. the live bytes. 1.15 leaves a margin
-# over the worst of those runs; Light-PEFT's estimation stage then predicts 3099 MiB against 2945 measured.
-ALLOCATOR_SLACK_ADAPTERS = 1.15
+# Peak RSS above the live tensor bytes, as a share of the step's saved activations, per allocator (the one this
+# process runs on, allocator.allocator_in_use()): (plain model, model with LoRA adapters). Measured, not derived:
+# slack = (measured training peak - predicted live bytes) / predicted saved activations, ViT-S/14 fp32 at 224 px,
+# batch 16, 20 steps, one run per method and allocator (tools/bench_allocators.py; README "Allocators"); each value
+# is the largest of its methods rounded up to the next 0.05.
+# - glibc: inside a step it cannot hand back the heap that the forward's freed intermediates fragment between saved
+#   tensors (malloc_trim runs only after the step): full 0.43, alast 0.29; with adapters each one's small saved
+#   [B, N, r] tensor (A x) pins heap between the large transients: lora 0.93, light-peft 0.97 (earlier runs: 0.98,
+#   1.08; 1.15 keeps the margin over those).
+# - glibc-tuned (allocator.tune_glibc: 4 MiB mmap threshold): full 0.03, alast 0.14, lora 0.03, light-peft 0.03.
+# - jemalloc: full 0.04, alast 0.16, lora 0.07, light-peft 0.08; tcmalloc: full 0.07, alast 0.18, lora 0.12,
+#   light-peft 0.10. Without glibc's heap the adapters cost nothing extra: one value covers both (ALaST's changing
+#   shapes set it).
+ALLOCATOR_SLACK = {"glibc": (0.45, 1.15), "glibc-tuned": (0.15, 0.15), "jemalloc": (0.20, 0.20),
+                   "tcmalloc": (0.20, 0.20)}
+
+
+def allocator_slack(adapters: bool, allocator: str | None = None) -> float:
+    """The slack for ``allocator`` (default: this process's); an unknown one gets glibc's, the largest."""
+    plain, with_adapters = ALLOCATOR_SLACK.get(allocator or allocator_in_use(), ALLOCATOR_SLACK["glibc"])
+    return with_adapters if adapters else plain
+
+
 # save_model: safetensors.torch.save_model turns each tensor into a bytes object before writing, so the weights
 # exist once more while the file is written (was 3 copies with a clone and an in-memory file; head-only runs,
 # where saving sets the peak, measured 515 MiB vs 514 predicted with 1).
@@ -110,7 +121,7 @@ class CostModel:
         self.flop_counter = flop_counter or StepFlopCounter(model, trainable)
         self.export = export
         has_adapters = any(isinstance(m, LoRALinear) for m in model.modules())
-        self.allocator_slack = ALLOCATOR_SLACK_ADAPTERS if has_adapters else ALLOCATOR_SLACK
+        self.allocator_slack = allocator_slack(has_adapters)
         self.pixel_bytes = 3 * img_size * img_size * 4  # a preprocessed fp32 image
 
         def nbytes(params) -> int:

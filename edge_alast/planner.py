@@ -207,10 +207,13 @@ def _nothing_fits(cost: CostModel, policy, model: nn.Module, last, mem_ceiling, 
         per_param = 4 + (4 + 4 * OPTIMIZER_STATES) * trained / max(1, cost.weight_bytes)
         params_fit = max(0.0, (mem_ceiling - fixed) / per_param)
         hints = []
+        training_need = max(breakdown["train_peak"], breakdown["eval"], breakdown["save"])  # all but the export
         if breakdown["export"] > mem_ceiling:
             hints.append(f"--no-export (the ONNX export alone needs {_mib(breakdown['export'])}; export later on a "
                          "larger machine with `edge-alast export`)")
-        if breakdown["baseline"] >= mem_ceiling:
+        if training_need <= mem_ceiling:
+            pass  # only the export does not fit
+        elif breakdown["baseline"] >= mem_ceiling:
             hints.append(f"the process alone (interpreter and libraries) takes {_mib(breakdown['baseline'])}")
         else:
             hints.append(f"a model of at most {params_fit / 1e6:.1f} M parameters "

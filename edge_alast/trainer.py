@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
+from .allocator import allocator_in_use
 from .atomic import atomic_write, atomic_write_json
 from .checkpoint import save_checkpoint
 from .config import TrainConfig
@@ -99,7 +100,8 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
     _truncate_metrics(metrics_path, first_step)
 
     start = {"event": "start", "method": config.method, "model": config.model, "steps": run.total_steps,
-             "batch_size": run.order.batch_size, "precision": run.precision, "device": device,
+             "batch_size": run.order.batch_size, "precision": run.precision, "allocator": allocator_in_use(),
+             "device": device,
              "profile": run.profile.name if run.profile else None, "train_images": len(run.train_samples),
              "val_images": len(run.val_samples), "classes": run.classes, "run_dir": str(run.run_dir),
              "resumed_from_step": first_step}
@@ -256,6 +258,7 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
         "profile": run.profile.name if run.profile else None,
         "device": device,
         "precision": run.precision,
+        "allocator": allocator_in_use(),
         "batch_size": run.order.batch_size,
         "img_size": config.img_size,
         "eval_transform": run.preprocess.eval_transform,  # export/eval/predict reproduce it (old runs: squash)

@@ -74,7 +74,6 @@ def predict(config_path: str) -> dict:
 
     import edge_alast.cli  # noqa: F401  (the same libraries a training process holds)
     from edge_alast.config import TrainConfig
-    from edge_alast.metrics import read_metrics
     from edge_alast.run import plan_for, setup_run
 
     config = TrainConfig.from_dict(yaml.safe_load(Path(config_path).read_text()))
@@ -83,8 +82,20 @@ def predict(config_path: str) -> dict:
         plan = plan_for(run, None)
     # The same cost model on the steps the run took (tokens and trainable blocks from metrics.jsonl): the
     # model's accuracy, where predicted_peak_bytes is the bound over every step the policy could take.
-    actual = None
-    for rec in read_metrics(Path(config.out) / "metrics.jsonl"):
+    actual = max((d["peak"] for d in steps_taken(plan, run, Path(config.out) / "metrics.jsonl")), default=None)
+    return {"predicted_peak_bytes": plan.predicted_peak_bytes, "predicted_steps_taken_bytes": actual,
+            "batch_size": plan.batch_size,
+            "predicted_flops_per_step": plan.predicted_flops_per_step, "notes": plan.notes,
+            "breakdown": {k: int(v) for k, v in plan.breakdown.items()}}
+
+
+def steps_taken(plan, run, metrics_path: Path):
+    """The cost model's breakdown (:meth:`CostModel.peak`) of each training step a run logged in metrics.jsonl."""
+    import dataclasses
+
+    from edge_alast.metrics import read_metrics
+
+    for rec in read_metrics(metrics_path):
         if rec.get("event") != "step":
             continue
         trainable = [i in rec["blocks/trainable"] for i in range(run.depth)]
@@ -92,12 +103,7 @@ def predict(config_path: str) -> dict:
         shape = plan.cost.shape(run.order.batch_size, keep, trainable)
         if list(shape.tokens) != rec["tokens/per_block"]:
             shape = dataclasses.replace(shape, tokens=tuple(rec["tokens/per_block"]))
-        peak = plan.cost.peak(shape)["peak"]
-        actual = peak if actual is None else max(actual, peak)
-    return {"predicted_peak_bytes": plan.predicted_peak_bytes, "predicted_steps_taken_bytes": actual,
-            "batch_size": plan.batch_size,
-            "predicted_flops_per_step": plan.predicted_flops_per_step, "notes": plan.notes,
-            "breakdown": {k: int(v) for k, v in plan.breakdown.items()}}
+        yield plan.cost.peak(shape)
 
 
 def mib(n) -> str:
