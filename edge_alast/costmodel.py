@@ -65,13 +65,15 @@ def allocator_slack(adapters: bool, allocator: str | None = None) -> float:
 # where saving sets the peak, measured 515 MiB vs 514 predicted with 1).
 SAVE_WEIGHT_COPIES = 1
 # The end-of-run ONNX export (export.export_run, after the trainer has freed its state and trimmed the heap): the
-# run's model reloaded (two copies while the file is read), the TorchScript exporter's trace under no_grad (3.5
-# copies above the model), the serialised model and the onnxruntime session of the parity check, plus that check's
-# activations at the run's evaluation batch in PyTorch and in onnxruntime (2 x an evaluation forward). Measured on
-# the shared ViT-S/14 at 224 px in the training process (alast, tcmalloc): 1062 MiB at batch 8 and 1187 MiB at
-# batch 16 over a 367 MiB baseline, i.e. 6.9 x the weights plus the activations (11.2 x the weights before the trace
-# ran under no_grad and the copies were dropped early).
-EXPORT_WEIGHT_COPIES = 6.9
+# run's model reloaded, the exporter's trace of the graph alone (the weights are streamed into the file one tensor
+# at a time, export.write_onnx) and the state the TorchScript exporter keeps after its first use, then -- the
+# PyTorch weights freed -- the onnxruntime session of the parity check with its prepacked weights, plus that
+# check's activations at the run's evaluation batch in PyTorch and in onnxruntime (2 x an evaluation forward).
+# Measured on the shared ViT-S/14 at 224 px, batch 16, in the training process (alast, tcmalloc): 854 MiB over a
+# 367 MiB baseline with 66 MiB of evaluation activations, i.e. 4.3 x the weights plus the activations (it was
+# 6.9 x when the exporter serialised the whole model in memory and the PyTorch weights stayed alive during the
+# check, 11.2 x before the trace ran under no_grad).
+EXPORT_WEIGHT_COPIES = 4.3
 
 
 # ================================================================================================================

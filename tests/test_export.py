@@ -89,19 +89,63 @@ def test_export_run_parity_metadata_and_manifest(run):
     assert temp_files(run) == []
 
 
+def test_streamed_export_is_one_ordinary_onnx_file_with_folded_weights(tmp_path):
+    """write_onnx appends each initializer as its own serialised fragment: the file must still be a single, valid
+    ONNX model (checker, onnxruntime, metadata), every weight an initializer (none left as a graph input, so
+    onnxruntime may fold and prepack them), no Transpose left over a weight, and the same logits as PyTorch and as
+    the exporter's own all-in-memory export."""
+    from edge_alast.export import INPUT_NAME, onnx_bytes, write_onnx
+
+    model = tiny_model().eval()
+    x = torch.randn(3, 3, 32, 32)
+    path = tmp_path / "m.onnx"
+    ir_version = write_onnx(model, x[:2], 17, path, {"edge_alast.probe": "1"})
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    assert proto.ir_version == ir_version <= 10
+    assert [i.name for i in proto.graph.input] == [INPUT_NAME]
+    initializers = {t.name for t in proto.graph.initializer}
+    assert not [n for n in proto.graph.node if n.op_type == "Transpose" and n.input[0] in initializers]
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert len([t for t in proto.graph.initializer if len(t.dims) == 2]) >= len(linear)  # each Linear's weight
+    assert {p.key: p.value for p in proto.metadata_props} == {"edge_alast.probe": "1"}
+    got = session(path).run(None, {INPUT_NAME: x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x).numpy(), atol=1e-5)
+    in_memory = session(onnx_bytes(model, x[:2], 17)).run(None, {INPUT_NAME: x.numpy()})[0]
+    np.testing.assert_allclose(got, in_memory, atol=1e-6)
+
+
+def test_export_error_names_graph_inputs_that_are_not_weights(tmp_path, monkeypatch):
+    import edge_alast.export as export_mod
+    from edge_alast.export import write_onnx
+
+    model = tiny_model().eval()
+    graph_only = export_mod._graph_only
+
+    def extra_input(*args):
+        proto = graph_only(*args)
+        proto.graph.input.add().CopyFrom(onnx.helper.make_tensor_value_info("mystery", onnx.TensorProto.FLOAT, [1]))
+        return proto
+
+    monkeypatch.setattr(export_mod, "_graph_only", extra_input)
+    with pytest.raises(ExportError, match="mystery"):
+        write_onnx(model, torch.randn(2, 3, 32, 32), 17, tmp_path / "m.onnx", {})
+
+
 def test_corrupted_model_fails_parity_and_publishes_nothing(tmp_path, monkeypatch):
     import edge_alast.export as export_mod
 
-    exporter = export_mod.onnx_bytes
+    exporter = export_mod.write_onnx
 
-    def corrupted(model, example, opset, training=False):
+    def corrupted(model, example, opset, path, meta_props):
         broken = tiny_model()
         broken.load_state_dict(model.state_dict())
         with torch.no_grad():
             broken.head.weight.mul_(-1.0)
-        return exporter(broken.eval(), example, opset, training)
+        return exporter(broken.eval(), example, opset, path, meta_props)
 
-    monkeypatch.setattr(export_mod, "onnx_bytes", corrupted)
+    monkeypatch.setattr(export_mod, "write_onnx", corrupted)
     with pytest.raises(ParityError, match="max \\|logit diff\\|") as info:
         export_onnx(tiny_model(), tmp_path / "model.onnx", img_size=32, class_names=list("abcde"), mean=(0.5,) * 3,
                     std=(0.5,) * 3, base_model="tiny", profile=None, summary={})

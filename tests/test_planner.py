@@ -311,13 +311,16 @@ def test_lora_and_light_peft_models_plan_under_a_tight_ceiling():
     assert all(p.requires_grad == ("lora_" in n or n.endswith(".mask")) for n, p in model.blocks.named_parameters())
 
 
-def test_an_export_that_cannot_fit_is_named_with_its_own_figure(model, cal):
+def test_an_export_that_cannot_fit_is_named_with_its_own_figure(model, cal, monkeypatch):
+    import edge_alast.costmodel as costmodel
+
+    # On the tiny model the export's copies of the weights do not set the peak (they do for models whose weights
+    # outweigh their activations): weigh them more so that they do.
+    monkeypatch.setattr(costmodel, "EXPORT_WEIGHT_COPIES", 40.0)
     free = plan_tiny(model, cal, None, batch_size=4, method="alast", export=True)
     export = free.breakdown["export"]
-    assert export > 0  # the export is planned
     ceiling = int(max(free.breakdown["train_peak"], free.breakdown["eval"], free.breakdown["save"]) + 1)
-    if export <= ceiling:
-        pytest.skip("on this model the export does not set the peak")
+    assert export > ceiling  # the export is planned, and here it sets the peak
     with pytest.raises(ConfigError, match="--no-export .the ONNX export alone needs") as e:
         plan_tiny(model, cal, None, batch_size=4, method="alast", export=True, memory_ceiling_bytes=ceiling)
     assert "M parameters" not in str(e.value)  # training itself fits: no model-size hint

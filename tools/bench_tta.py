@@ -85,7 +85,14 @@ def plateaued(evals: list[dict], patience: int, min_gain: float) -> bool:
 
 
 def run(config: dict, out: Path, patience: int, min_gain: float) -> dict:
-    """Train until plateau or max steps; the run's eval curve, peak and how it ended."""
+    """Train until plateau or max steps; the run's eval curve, peak and how it ended (kept in ``OUT.json``: a
+    rerun of the benchmark with the same settings skips the runs already done)."""
+    done = out.with_suffix(".json")
+    if done.exists():
+        result = json.loads(done.read_text())
+        if result.get("config") == config:
+            return result
+    out.parent.mkdir(parents=True, exist_ok=True)
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump({**config, "out": str(out)}))
     proc = subprocess.Popen([sys.executable, "-m", "edge_alast.cli", "train", "--config", str(path), "--json"],
@@ -105,9 +112,12 @@ def run(config: dict, out: Path, patience: int, min_gain: float) -> dict:
     if code not in (0, 75):
         raise SystemExit(f"{out.name} failed ({code}):\n{proc.stderr.read()[-3000:]}")
     steps = [r for r in read_metrics(out / "metrics.jsonl") if r.get("event") == "step"]
-    return {"evals": evals, "stopped_at_plateau": stopped, "steps": len(steps),
-            "peak_rss_bytes": max((r["mem/peak_rss_bytes"] for r in steps), default=None),
-            "flops_per_step": sum(r["flops/step"] for r in steps) / max(1, len(steps))}
+    result = {"config": config, "evals": evals, "stopped_at_plateau": stopped, "steps": len(steps),
+              "peak_rss_bytes": max((r["mem/peak_rss_bytes"] for r in steps), default=None),
+              "flops_per_step": sum(r["flops/step"] for r in steps) / max(1, len(steps)),
+              "torch_threads": os.environ.get("OMP_NUM_THREADS")}
+    done.write_text(json.dumps(result, indent=1))
+    return result
 
 
 def time_to(evals: list[dict], target: float) -> tuple[float | None, float | None]:
