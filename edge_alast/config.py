@@ -289,7 +289,7 @@ class TrainConfig:
                                  "process has.")
     max_bad_fraction: float = option(0.5, flag="--max-bad-fraction",
                                      help="Fail (exit 3) when more than this share of image files is unreadable.")
-    augment: str = option("none", flag="--augment", choices=AUGMENTATIONS,
+    augment: str = option("flip", flag="--augment", choices=AUGMENTATIONS,
                           help="Training augmentation: none (the model's eval view: resize by its crop_pct, centre "
                                "crop), flip (that view flipped left-right half the time), rrc-flip (timm's "
                                "RandomResizedCrop, scale 0.08-1, ratio 3/4-4/3, then the flip). Evaluation and "
