@@ -122,20 +122,22 @@ def _check_plain(model: nn.Module) -> None:
                           "(handle.remove()) before exporting")
 
 
-def onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int, training: bool = False) -> bytes:
-    """Export with the legacy exporter and a dynamic batch axis; returns the serialised model (weights included).
+def onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int, training: bool = False,
+               export_params: bool = True) -> bytes:
+    """Export with the legacy exporter and a dynamic batch axis; returns the serialised model.
 
-    Used for ONNX Runtime training artifacts; the inference export streams its weights (:func:`write_onnx`). An
+    With ``export_params`` (ONNX Runtime training artifacts) the weights are in it; without, each weight is a graph
+    input and constant folding is off, for the inference export that streams its weights (:func:`write_onnx`). An
     inference trace runs under ``torch.no_grad()``: with autograd on, the trace keeps a graph of the example's
     activations.
     """
     buf = io.BytesIO()
-    kwargs = {}
+    kwargs = {} if export_params else {"do_constant_folding": False}
     if training:
         kwargs = {"training": torch.onnx.TrainingMode.TRAINING, "do_constant_folding": False}
     with warnings.catch_warnings(), (nullcontext() if training else torch.no_grad()):
         warnings.simplefilter("ignore")  # TracerWarnings from timm's shape asserts and the exporter's deprecation
-        torch.onnx.export(model, (example,), buf, dynamo=False, opset_version=opset, export_params=True,
+        torch.onnx.export(model, (example,), buf, dynamo=False, opset_version=opset, export_params=export_params,
                           input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, **kwargs)
     return buf.getvalue()
@@ -147,13 +149,7 @@ def _graph_only(model: nn.Module, example: torch.Tensor, opset: int):
     them from (the 2-D weight transposes it would fold are folded by :func:`write_onnx` instead)."""
     import onnx
 
-    buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), buf, dynamo=False, opset_version=opset, export_params=False,
-                          do_constant_folding=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
-    return onnx.load_from_string(buf.getvalue())
+    return onnx.load_from_string(onnx_bytes(model, example, opset, export_params=False))
 
 
 def write_onnx(model: nn.Module, example: torch.Tensor, opset: int, path: Path, meta_props: dict[str, str]) -> int:
