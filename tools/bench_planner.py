@@ -83,7 +83,10 @@ def predict(config_path: str) -> dict:
     # The same cost model on the steps the run took (tokens and trainable blocks from metrics.jsonl): the
     # model's accuracy, where predicted_peak_bytes is the bound over every step the policy could take.
     actual = max((d["peak"] for d in steps_taken(plan, run, Path(config.out) / "metrics.jsonl")), default=None)
+    from edge_alast.allocator import allocator_in_use
+
     return {"predicted_peak_bytes": plan.predicted_peak_bytes, "predicted_steps_taken_bytes": actual,
+            "allocator": allocator_in_use(),
             "batch_size": plan.batch_size,
             "predicted_flops_per_step": plan.predicted_flops_per_step, "notes": plan.notes,
             "breakdown": {k: int(v) for k, v in plan.breakdown.items()}}
@@ -124,6 +127,12 @@ def main(argv=None) -> int:
     ap.add_argument("--json-out", help="also write every result here")
     args = ap.parse_args(argv)
     if args.predict:
+        # Plan under the allocator the run trained on (the CLI's re-execution; it sets the baseline and the slack).
+        from edge_alast.allocator import reexec_with_allocator
+
+        warning = reexec_with_allocator(yaml.safe_load(Path(args.predict).read_text()).get("allocator", "auto"))
+        if warning:
+            print(warning, file=sys.stderr)
         print(json.dumps(predict(args.predict)))
         return 0
     if not (args.data and args.val_data):
