@@ -33,6 +33,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from edge_alast.config import LightPeftConfig  # noqa: E402
 from edge_alast.metrics import read_metrics  # noqa: E402
 
 # name -> run-file settings on top of the common ones; "{alast_run}" is the seed's ALaST (relative) run folder.
@@ -76,6 +77,16 @@ def write_fmnist(root: Path, train: int, val: int) -> Path:
     return root
 
 
+def counted(evals: list[dict], config: dict) -> list[dict]:
+    """The evaluations of the model the run delivers: for Light-PEFT, those after its pruning (before it, the
+    unpruned model is evaluated; its accuracy would otherwise count as the run's best and start the plateau
+    clock, which then stops the run in the dip that follows pruning)."""
+    if not str(config.get("method", "")).startswith("light-peft"):
+        return evals
+    pruned_at = int((config.get("light_peft") or {}).get("estimation_steps", LightPeftConfig().estimation_steps))
+    return [e for e in evals if e["step"] > pruned_at]
+
+
 def plateaued(evals: list[dict], patience: int, min_gain: float) -> bool:
     """No validation gain of ``min_gain`` over the best of the evaluations before the last ``patience``."""
     if len(evals) <= patience:
@@ -105,14 +116,14 @@ def run(config: dict, out: Path, patience: int, min_gain: float) -> dict:
             continue
         if event.get("event") == "eval" and "step" in event:
             evals.append(event)
-            if not stopped and plateaued(evals, patience, min_gain):
+            if not stopped and plateaued(counted(evals, config), patience, min_gain):
                 proc.send_signal(signal.SIGTERM)
                 stopped = True
     code = proc.wait()
     if code not in (0, 75):
         raise SystemExit(f"{out.name} failed ({code}):\n{proc.stderr.read()[-3000:]}")
     steps = [r for r in read_metrics(out / "metrics.jsonl") if r.get("event") == "step"]
-    result = {"config": config, "evals": evals, "stopped_at_plateau": stopped, "steps": len(steps),
+    result = {"config": config, "evals": counted(evals, config), "stopped_at_plateau": stopped, "steps": len(steps),
               "peak_rss_bytes": max((r["mem/peak_rss_bytes"] for r in steps), default=None),
               "flops_per_step": sum(r["flops/step"] for r in steps) / max(1, len(steps)),
               "torch_threads": os.environ.get("OMP_NUM_THREADS")}
