@@ -102,7 +102,7 @@ def run(config: dict, out: Path, patience: int, min_gain: float) -> dict:
     if done.exists():
         result = json.loads(done.read_text())
         if result.get("config") == config:
-            return result
+            return {**result, "evals": counted(result["evals"], config)}  # also for runs cached before counted()
     out.parent.mkdir(parents=True, exist_ok=True)
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump({**config, "out": str(out)}))
@@ -154,7 +154,8 @@ def main(argv=None) -> int:
     ap.add_argument("--img-size", type=int, default=112)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-5,
-                    help="lr for full and ALaST runs (head and adapter methods: 1e-3); 3e-5: full converges (README sweep)")
+                    help="lr for full and ALaST runs (head and adapter methods: 1e-3); at 3e-5 full converges "
+                         "(the README's sweep)")
     ap.add_argument("--max-steps", type=int, default=300)
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--eval-images", type=int, default=500)
@@ -198,9 +199,10 @@ def main(argv=None) -> int:
     for dataset in args.datasets.split(","):
         full = results.get((dataset, "full"), [])
         target = (statistics.mean(max(e["val_accuracy"] for e in r["evals"]) for r in full) - 0.01) if full else None
-        print(f"\n{dataset}: {args.model} @ {args.img_size}px, batch {args.batch_size}, lr {args.lr} (head, adapters 1e-3), "
-              f"eval every {args.eval_every} steps on {args.eval_images} images, seeds {args.seeds}; target = full's "
-              f"final accuracy - 1 pt = {target if target is None else round(target, 4)}\n")
+        print(f"\n{dataset}: {args.model} @ {args.img_size}px, batch {args.batch_size}, lr {args.lr} "
+              f"(head, adapters 1e-3), eval every {args.eval_every} steps on {args.eval_images} images, "
+              f"seeds {args.seeds}; target = full's final accuracy - 1 pt = "
+              f"{target if target is None else round(target, 4)}\n")
         # like with like in time: each method's best accuracy within the training seconds of the shortest method
         totals = [statistics.mean(r["evals"][-1]["elapsed_seconds"] for r in results[(dataset, name)])
                   for name in methods if results.get((dataset, name))]
