@@ -132,9 +132,9 @@ def onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int, training: bo
     activations.
     """
     buf = io.BytesIO()
-    kwargs = {} if export_params else {"do_constant_folding": False}
+    kwargs = {"do_constant_folding": export_params and not training}
     if training:
-        kwargs = {"training": torch.onnx.TrainingMode.TRAINING, "do_constant_folding": False}
+        kwargs["training"] = torch.onnx.TrainingMode.TRAINING
     with warnings.catch_warnings(), (nullcontext() if training else torch.no_grad()):
         warnings.simplefilter("ignore")  # TracerWarnings from timm's shape asserts and the exporter's deprecation
         torch.onnx.export(model, (example,), buf, dynamo=False, opset_version=opset, export_params=export_params,

@@ -102,7 +102,7 @@ def run(config: dict, out: Path, patience: int, min_gain: float) -> dict:
     if done.exists():
         result = json.loads(done.read_text())
         if result.get("config") == config:
-            return {**result, "evals": counted(result["evals"], config)}  # also for runs cached before counted()
+            return {**result, "evals": counted(result["evals"], config)}
     out.parent.mkdir(parents=True, exist_ok=True)
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump({**config, "out": str(out)}))
@@ -123,12 +123,12 @@ def run(config: dict, out: Path, patience: int, min_gain: float) -> dict:
     if code not in (0, 75):
         raise SystemExit(f"{out.name} failed ({code}):\n{proc.stderr.read()[-3000:]}")
     steps = [r for r in read_metrics(out / "metrics.jsonl") if r.get("event") == "step"]
-    result = {"config": config, "evals": counted(evals, config), "stopped_at_plateau": stopped, "steps": len(steps),
+    result = {"config": config, "evals": evals, "stopped_at_plateau": stopped, "steps": len(steps),
               "peak_rss_bytes": max((r["mem/peak_rss_bytes"] for r in steps), default=None),
               "flops_per_step": sum(r["flops/step"] for r in steps) / max(1, len(steps)),
               "torch_threads": os.environ.get("OMP_NUM_THREADS")}
-    done.write_text(json.dumps(result, indent=1))
-    return result
+    done.write_text(json.dumps(result, indent=1))  # every evaluation; counted() picks the delivered model's
+    return {**result, "evals": counted(evals, config)}
 
 
 def time_to(evals: list[dict], target: float) -> tuple[float | None, float | None]:
