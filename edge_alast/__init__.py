@@ -21,12 +21,12 @@ _LAZY = {
     "LightPeftConfig": ".config",
     "METHODS": ".methods",
     "MethodSpec": ".methods",
-    "AlastPolicy": ".policy",
-    "StepPlan": ".policy",
-    "Run": ".run",
-    "setup_run": ".run",
-    "TrainResult": ".trainer",
-    "train": ".trainer",
+    "AlastPolicy": ".alast.policy",
+    "StepPlan": ".alast.policy",
+    "Run": ".training.run",
+    "setup_run": ".training.run",
+    "TrainResult": ".training.trainer",
+    "train": ".training.trainer",
 }
 __all__ = sorted(_LAZY) + ["__version__"]
 

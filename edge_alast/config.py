@@ -20,12 +20,12 @@ SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adamw", "adam")
 DEVICES = ("cpu", "cuda")
 SAMPLING_MODES = ("softmax", "topk")
-# How ALaST's budgets move (see edge_alast.policy.AlastPolicy): the paper's update, the scale-free relative one, or
+# How ALaST's budgets move (see edge_alast.alast.policy.AlastPolicy): the paper's update, the scale-free relative one, or
 # the baselines that keep per-block keep ratios fixed and train the same K blocks (static) or K drawn uniformly.
 ALAST_UPDATES = ("reference", "relative", "static", "random")
 LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
-AUGMENTATIONS = ("none", "flip", "rrc-flip")  # = edge_alast.images.AUGMENTATIONS (this module stays import-light)
-ALLOCATORS = ("auto", "tcmalloc", "jemalloc", "glibc")  # = edge_alast.allocator.CHOICES
+AUGMENTATIONS = ("none", "flip", "rrc-flip")  # = edge_alast.data.images.AUGMENTATIONS (this module stays import-light)
+ALLOCATORS = ("auto", "tcmalloc", "jemalloc", "glibc")  # = edge_alast.device.allocator.CHOICES
 
 # PyYAML follows YAML 1.1, where ``1e-3`` and ``1.2e12`` (no dot / no sign in the exponent) are strings, not floats;
 # numeric strings like them are accepted wherever a number is expected, so the natural spelling works.
@@ -95,7 +95,7 @@ class _Section:
 
 @dataclass
 class AlastConfig(_Section):
-    """ALaST policy settings (run-file key ``alast``). See :class:`edge_alast.policy.AlastPolicy` for the source of
+    """ALaST policy settings (run-file key ``alast``). See :class:`edge_alast.alast.policy.AlastPolicy` for the source of
     each default."""
 
     SECTION = "alast"

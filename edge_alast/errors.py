@@ -18,3 +18,7 @@ class DataError(EdgeAlastError):
     """No usable training data (exit code 3)."""
 
     exit_code = 3
+
+
+# The process exit codes a daemon acts on (README, "Exit codes"); each error class above carries its own.
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_DATA, EXIT_INTERRUPTED = 0, 1, 2, 3, 75

@@ -89,12 +89,12 @@ def image_folder(tmp_path) -> Path:
 
 
 def run_cli_without_torch(command: str, args: list[str]):
-    """Run an ``edge_alast.cli_export`` command in a fresh interpreter; fails there if torch or timm got imported."""
+    """Run an ``edge_alast.cli.deploy`` command in a fresh interpreter; fails there if torch or timm got imported."""
     import subprocess
     import sys
 
     code = ("import sys\n"
-            f"from edge_alast.cli_export import {command} as cmd\n"
+            f"from edge_alast.cli.deploy import {command} as cmd\n"
             "try:\n"
             f"    cmd.main({args!r}, standalone_mode=False)\n"
             "finally:\n"

@@ -15,8 +15,8 @@ import yaml
 from click.testing import CliRunner
 
 from conftest import REPO, TINY, make_image_folder
-from edge_alast import allocator
-from edge_alast.allocator import REEXEC_ENV, allocator_in_use, find_library, reexec_with_allocator
+from edge_alast.device import allocator
+from edge_alast.device.allocator import REEXEC_ENV, allocator_in_use, find_library, reexec_with_allocator
 
 PACKAGES = {"tcmalloc": "libtcmalloc-minimal4", "jemalloc": "libjemalloc2"}
 
@@ -73,7 +73,7 @@ def test_ldconfig_cache_lines_are_read_for_this_word_size(monkeypatch):
 
 
 def _in_use_in_subprocess(env: dict) -> str:
-    code = "from edge_alast.allocator import allocator_in_use; print(allocator_in_use())"
+    code = "from edge_alast.device.allocator import allocator_in_use; print(allocator_in_use())"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip()
@@ -87,7 +87,7 @@ def test_allocator_in_use_sees_an_ld_preload(name):
 
 def test_allocator_in_use_is_glibc_without_a_preload_and_after_mallopt():
     assert _in_use_in_subprocess(clean_env()) == "glibc"
-    code = ("from edge_alast.allocator import allocator_in_use, tune_glibc\n"
+    code = ("from edge_alast.device.allocator import allocator_in_use, tune_glibc\n"
             "assert tune_glibc()\nprint(allocator_in_use())")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean_env(), timeout=60)
     assert proc.stdout.strip() == "glibc-tuned", proc.stderr
@@ -96,7 +96,7 @@ def test_allocator_in_use_is_glibc_without_a_preload_and_after_mallopt():
 def test_a_library_loaded_with_dlopen_is_not_the_allocator():
     path = require_library("tcmalloc")
     code = (f"import ctypes; ctypes.CDLL({path!r})\n"
-            "from edge_alast.allocator import allocator_in_use; print(allocator_in_use())")
+            "from edge_alast.device.allocator import allocator_in_use; print(allocator_in_use())")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean_env(), timeout=60)
     assert proc.stdout.strip() == "glibc", proc.stderr
 
@@ -160,7 +160,7 @@ SITECUSTOMIZE = textwrap.dedent("""
     # Test hook: log every interpreter start (a re-exec keeps the pid) and, when asked, hide the libraries.
     import os
     if os.environ.get("ALLOC_TEST_LOG"):
-        import edge_alast.allocator as a
+        import edge_alast.device.allocator as a
         if os.environ.get("ALLOC_TEST_NO_LIBS"):
             a.find_library = lambda name: None
         with open(os.environ["ALLOC_TEST_LOG"], "a") as f:
@@ -253,7 +253,7 @@ def test_cli_inside_another_program_never_reexecutes(tiny_run, monkeypatch):
     tmp, cfg = tiny_run
     path = tmp / "inproc.yaml"
     path.write_text(yaml.safe_dump({**cfg, "out": str(tmp / "inproc"), "allocator": "jemalloc"}))
-    from edge_alast.cli import main
+    from edge_alast.cli.main import main
 
     result = CliRunner().invoke(main, ["train", "--config", str(path), "--json"])
     assert result.exit_code == 0, result.output
@@ -277,7 +277,7 @@ def test_config_choices_match_the_module():
 
 
 def test_slack_is_looked_up_per_allocator():
-    from edge_alast.costmodel import ALLOCATOR_SLACK, allocator_slack
+    from edge_alast.device.costmodel import ALLOCATOR_SLACK, allocator_slack
 
     for name, (plain, adapters) in ALLOCATOR_SLACK.items():
         assert allocator_slack(False, name) == plain and allocator_slack(True, name) == adapters

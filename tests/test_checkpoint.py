@@ -1,7 +1,7 @@
 """Power-loss-safe checkpoints: checksum sidecars, keeping the newest two, falling back past a damaged one."""
 import torch
 
-from edge_alast.checkpoint import KEEP, checkpoints, load_latest, save_checkpoint, verify
+from edge_alast.training.checkpoint import KEEP, checkpoints, load_latest, save_checkpoint, verify
 
 
 def state(step):

@@ -12,8 +12,8 @@ import yaml
 from click.testing import CliRunner
 
 from conftest import TINY, make_image_folder
-from edge_alast.checkpoint import checkpoints, verify
-from edge_alast.cli import main
+from edge_alast.training.checkpoint import checkpoints, verify
+from edge_alast.cli.main import main
 
 TINY_ARGS = {k: v for k, v in TINY.items() if k not in ("img_size", "num_classes")}
 

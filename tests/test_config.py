@@ -66,7 +66,7 @@ def test_validation_names_real_flags_or_run_file_keys(config, message):
 
 def test_every_flag_named_in_an_error_is_a_flag():
     """field_name gives a flag only for fields the CLI offers; everything else by its run-file key."""
-    from edge_alast.cli import main
+    from edge_alast.cli.main import main
 
     flags = {opt for p in main.commands["train"].params for opt in p.opts}
     for cls, section in ((TrainConfig, None), (AlastConfig, "alast"), (LoraConfig, "lora"),

@@ -4,8 +4,8 @@ import pytest
 from PIL import Image
 
 from conftest import make_image_folder
-from edge_alast.data import BatchOrder, Preprocess
-from edge_alast.images import scan_image_folder, split_samples, to_rgb
+from edge_alast.data.loader import BatchOrder, Preprocess
+from edge_alast.data.images import scan_image_folder, split_samples, to_rgb
 from edge_alast.errors import DataError
 
 
@@ -83,7 +83,7 @@ def test_batch_order_is_a_pure_function_of_step():
 
 
 def test_empty_class_folder_is_left_out_and_named(tmp_path):
-    from edge_alast.images import scan_warnings
+    from edge_alast.data.images import scan_warnings
 
     root = make_image_folder(tmp_path / "d", classes=("a", "b", "c"), per_class=2)
     for p in (root / "b").iterdir():
@@ -114,7 +114,7 @@ def test_unreadable_folder_is_a_data_error(tmp_path, monkeypatch):
 
 def _reference_batch(samples, order, preprocess, step, augment, seed):
     """What the trainer read before the loader: the step's indices, decoded on the calling thread."""
-    from edge_alast.images import augment_rng
+    from edge_alast.data.images import augment_rng
 
     indices = order.indices(step)
     xs = [preprocess.load(samples[i][0], augment, augment_rng(seed, step, pos) if augment != "none" else None)
@@ -124,7 +124,7 @@ def _reference_batch(samples, order, preprocess, step, augment, seed):
 
 @pytest.mark.parametrize("augment", ["none", "rrc-flip"])
 def test_loader_gives_the_synchronous_batches_at_every_step_and_after_a_resume(tmp_path, augment):
-    from edge_alast.data import BatchLoader
+    from edge_alast.data.loader import BatchLoader
 
     samples = scan_image_folder(make_image_folder(tmp_path / "d", per_class=7, size=24)).samples
     pre = Preprocess(16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), crop_pct=0.9, crop_mode="center")
@@ -148,8 +148,8 @@ def test_loader_gives_the_synchronous_batches_at_every_step_and_after_a_resume(t
 
 
 def test_loader_leaves_out_names_and_counts_files_that_fail_at_use(tmp_path):
-    from edge_alast.data import BatchLoader
-    from edge_alast.images import BadImages
+    from edge_alast.data.loader import BatchLoader
+    from edge_alast.data.images import BadImages
     from test_images import damaged_inside, jpeg_bytes
 
     root = make_image_folder(tmp_path / "d", per_class=3)
@@ -177,8 +177,8 @@ def test_loader_leaves_out_names_and_counts_files_that_fail_at_use(tmp_path):
 
 
 def test_a_batch_of_only_unreadable_files_comes_back_empty(tmp_path):
-    from edge_alast.data import BatchLoader
-    from edge_alast.images import BadImages
+    from edge_alast.data.loader import BatchLoader
+    from edge_alast.data.images import BadImages
     from test_images import damaged_inside, jpeg_bytes
 
     root = make_image_folder(tmp_path / "d", per_class=2)

@@ -12,15 +12,15 @@ from PIL import Image
 
 from conftest import TINY, make_image_folder, run_cli_without_torch, tiny_model
 from edge_alast import __version__
-from edge_alast.cli_export import export as export_cmd
-from edge_alast.cli_export import predict as predict_cmd
+from edge_alast.cli.deploy import export as export_cmd
+from edge_alast.cli.deploy import predict as predict_cmd
 from edge_alast.config import TrainConfig
-from edge_alast.data import Preprocess
-from edge_alast.export import (ExportError, ParityError, export_onnx, export_run, load_run_model, save_model)
-from edge_alast.models import create_model
-from edge_alast.images import load_image
-from edge_alast.predict import read_metadata, session
-from edge_alast.trainer import train
+from edge_alast.data.loader import Preprocess
+from edge_alast.deploy.export import (ExportError, ParityError, export_onnx, export_run, load_run_model, save_model)
+from edge_alast.model.build import create_model
+from edge_alast.data.images import load_image
+from edge_alast.deploy.predict import read_metadata, session
+from edge_alast.training.trainer import train
 
 TINY_ARGS = {k: v for k, v in TINY.items() if k not in ("img_size", "num_classes")}
 MODEL = "vit_tiny_patch16_224"
@@ -94,7 +94,7 @@ def test_streamed_export_is_one_ordinary_onnx_file_with_folded_weights(tmp_path)
     ONNX model (checker, onnxruntime, metadata), every weight an initializer (none left as a graph input, so
     onnxruntime may fold and prepack them), no Transpose left over a weight, and the same logits as PyTorch and as
     the exporter's own all-in-memory export."""
-    from edge_alast.export import INPUT_NAME, onnx_bytes, write_onnx
+    from edge_alast.deploy.export import INPUT_NAME, onnx_bytes, write_onnx
 
     model = tiny_model().eval()
     x = torch.randn(3, 3, 32, 32)
@@ -117,8 +117,8 @@ def test_streamed_export_is_one_ordinary_onnx_file_with_folded_weights(tmp_path)
 
 
 def test_export_error_names_graph_inputs_that_are_not_weights(tmp_path, monkeypatch):
-    import edge_alast.export as export_mod
-    from edge_alast.export import write_onnx
+    import edge_alast.deploy.export as export_mod
+    from edge_alast.deploy.export import write_onnx
 
     model = tiny_model().eval()
     graph_only = export_mod._graph_only
@@ -134,7 +134,7 @@ def test_export_error_names_graph_inputs_that_are_not_weights(tmp_path, monkeypa
 
 
 def test_corrupted_model_fails_parity_and_publishes_nothing(tmp_path, monkeypatch):
-    import edge_alast.export as export_mod
+    import edge_alast.deploy.export as export_mod
 
     exporter = export_mod.write_onnx
 
@@ -154,7 +154,7 @@ def test_corrupted_model_fails_parity_and_publishes_nothing(tmp_path, monkeypatc
 
 
 def test_hooked_model_is_refused(tmp_path):
-    from edge_alast.patch import apply_patch
+    from edge_alast.alast.patch import apply_patch
 
     model = tiny_model()
     handle = apply_patch(model)
@@ -240,8 +240,8 @@ def _photo_folder(root: Path) -> list[tuple[Path, int]]:
 
 
 def test_predict_and_eval_give_identical_top1_with_the_models_eval_transform(run, tmp_path):
-    from edge_alast.cli import main
-    from edge_alast.data import load_batch
+    from edge_alast.cli.main import main
+    from edge_alast.data.loader import load_batch
 
     if not (run / "model.onnx").exists():
         export_run(run)
@@ -272,7 +272,7 @@ def test_predict_and_eval_give_identical_top1_with_the_models_eval_transform(run
 
 
 def test_models_from_before_the_eval_transform_travelled_still_squash(run, tmp_path):
-    from edge_alast.predict import predict, softmax
+    from edge_alast.deploy.predict import predict, softmax
 
     if not (run / "model.onnx").exists():
         export_run(run)

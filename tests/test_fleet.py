@@ -26,7 +26,7 @@ from conftest import TINY, make_image_folder
 if os.environ.get("EDGE_ALAST_REQUIRE_ASSETS") != "1":  # in CI (make test installs the test extra) it must run
     pytest.importorskip("flwr", reason="pip install 'edge-alast[fleet]'")
 
-from edge_alast.cli import main  # noqa: E402
+from edge_alast.cli.main import main  # noqa: E402
 from edge_alast.errors import ConfigError  # noqa: E402
 from edge_alast.fleet.node import POLICY_FILE, load_policy, proximal_term, train_round  # noqa: E402
 from edge_alast.fleet.partition import parse_partition, split_indices, write_partitions  # noqa: E402
@@ -42,7 +42,7 @@ def assets(tmp_path_factory):
     """Tiny base weights (the frozen part every node builds from) and train/val image folders."""
     from safetensors.torch import save_file
 
-    from edge_alast.models import create_model
+    from edge_alast.model.build import create_model
 
     root = tmp_path_factory.mktemp("fleet-assets")
     torch.manual_seed(0)
@@ -301,7 +301,7 @@ def test_node_killed_mid_round_the_round_completes_and_the_node_rejoins(assets, 
 
 @pytest.mark.fleet
 def test_server_killed_mid_round_resumes_from_its_checkpoint(assets, tmp_path):
-    from edge_alast.checkpoint import verify
+    from edge_alast.training.checkpoint import verify
     from edge_alast.fleet.local import LocalFleet
 
     plan = _local_plan(assets, tmp_path, "kill-server")

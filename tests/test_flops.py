@@ -4,9 +4,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import tiny_model
-from edge_alast.flops import StepFlopCounter, block_kinds
-from edge_alast.patch import apply_patch
-from edge_alast.policy import StepPlan
+from edge_alast.model.flops import StepFlopCounter, block_kinds
+from edge_alast.alast.patch import apply_patch
+from edge_alast.alast.policy import StepPlan
 
 
 def test_block_kinds():

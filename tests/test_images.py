@@ -7,7 +7,7 @@ from PIL import Image, ImageFile, JpegImagePlugin
 
 from conftest import make_image_folder
 from edge_alast.errors import DataError
-from edge_alast.images import BadImages, check_image_file, load_image, scan_image_folder
+from edge_alast.data.images import BadImages, check_image_file, load_image, scan_image_folder
 
 UNIT = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # load_image then returns RGB in [0, 1]
 
@@ -344,7 +344,7 @@ def test_draft_reaches_the_eval_transforms_resize_side(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- training augmentation
 
 def test_augmentation_is_a_pure_function_of_seed_step_and_position(tmp_path):
-    from edge_alast.images import augment_rng
+    from edge_alast.data.images import augment_rng
 
     path = save_jpeg(tmp_path / "p.jpg", photo(150, 200))
 
@@ -368,7 +368,7 @@ def test_augmentation_is_a_pure_function_of_seed_step_and_position(tmp_path):
 
 
 def test_random_resized_crop_draws_timms_ranges():
-    from edge_alast.images import RRC_RATIO, RRC_SCALE, augment_rng, random_resized_crop
+    from edge_alast.data.images import RRC_RATIO, RRC_SCALE, augment_rng, random_resized_crop
 
     boxes = [random_resized_crop(augment_rng(0, s, 0), 400, 300) for s in range(400)]
     areas = np.array([w * h / (400 * 300) for _, _, w, h in boxes])
@@ -383,7 +383,7 @@ def test_random_resized_crop_draws_timms_ranges():
 
 
 def test_random_resized_crop_with_draft_is_close_to_the_full_decode(tmp_path):
-    from edge_alast.images import augment_rng
+    from edge_alast.data.images import augment_rng
 
     path = save_jpeg(tmp_path / "photo.jpg", photo(1500, 2000))
     for step in range(4):

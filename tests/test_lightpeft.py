@@ -7,10 +7,10 @@ from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
 from edge_alast.errors import ConfigError
-from edge_alast.lightpeft import (ImportanceRecorder, InputMask, LightPeftConfig, adapters, add_masks, apply_pruning,
+from edge_alast.adapters.lightpeft import (ImportanceRecorder, InputMask, LightPeftConfig, adapters, add_masks, apply_pruning,
                                   mask_penalty, plan_pruning, structure_from_state_dict)
-from edge_alast.lora import LoRALinear, LoraConfig, apply_lora, merge_lora
-from edge_alast.trainer import train
+from edge_alast.adapters.lora import LoRALinear, LoraConfig, apply_lora, merge_lora
+from edge_alast.training.trainer import train
 
 SIX_HEADS = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=6, mlp_ratio=2.0, num_classes=5)
 

@@ -37,10 +37,10 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, ResPostBlock
 
 from edge_alast.errors import ConfigError
-from edge_alast.lora import LoRALinear
-from edge_alast.patch import apply_patch
-from edge_alast.policy import StepPlan, count_kept
-from edge_alast.support import check_model, diagnose
+from edge_alast.adapters.lora import LoRALinear
+from edge_alast.alast.patch import apply_patch
+from edge_alast.alast.policy import StepPlan, count_kept
+from edge_alast.alast.support import check_model, diagnose
 
 FAMILIES = ("vit_*", "deit*", "eva*", "flexivit*", "beit*", "samvit*", "vitamin*", "naflexvit*")
 # Tiny overrides. Some builders refuse some of them (hybrid stems fix their patch size, the MobileCLIP and ViTamin
@@ -390,7 +390,7 @@ def test_refusal_names_the_model_and_the_feature(name, words):
 
 
 def test_lora_adapters_on_qkv_stay_supported():
-    from edge_alast.lora import LoraConfig, apply_lora
+    from edge_alast.adapters.lora import LoraConfig, apply_lora
 
     model, _ = build_tiny("vit_base_patch16_224")
     apply_lora(model, LoraConfig())

@@ -6,7 +6,7 @@ from torch.testing import assert_close
 
 from conftest import TINY
 from edge_alast.errors import ConfigError
-from edge_alast.models import create_model, load_weights, read_state_dict
+from edge_alast.model.build import create_model, load_weights, read_state_dict
 
 TINY_ARGS = {k: v for k, v in TINY.items() if k not in ("img_size", "num_classes")}
 

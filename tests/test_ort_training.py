@@ -6,12 +6,12 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import make_image_folder, run_cli_without_torch
-from edge_alast.cli_export import export as export_cmd
-from edge_alast.cli_export import train_ort as train_ort_cmd
+from edge_alast.cli.deploy import export as export_cmd
+from edge_alast.cli.deploy import train_ort as train_ort_cmd
 from edge_alast.errors import ConfigError
-from edge_alast.ort_training import (average_budgets, choose_trainable_blocks, generate_training_artifacts,
+from edge_alast.deploy.ort_training import (average_budgets, choose_trainable_blocks, generate_training_artifacts,
                                      is_trainable, train_ort)
-from edge_alast.predict import predict, read_metadata
+from edge_alast.deploy.predict import predict, read_metadata
 from test_export import make_run
 
 

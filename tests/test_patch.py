@@ -6,9 +6,9 @@ import torch
 from torch.testing import assert_close
 
 from conftest import TINY_MODELS, tiny_model
-from edge_alast.patch import apply_patch
-from edge_alast.policy import StepPlan, count_kept
-from edge_alast.tokens import cls_attention
+from edge_alast.alast.patch import apply_patch
+from edge_alast.alast.policy import StepPlan, count_kept
+from edge_alast.alast.tokens import cls_attention
 
 
 def _plan(depth, keep=1.0, trainable=True, recompute=False):

@@ -6,15 +6,15 @@ import torch
 import torch.nn.functional as F
 
 from edge_alast.errors import ConfigError
-from edge_alast.calibration import calibrate, saved_tensor_bytes
-from edge_alast.costmodel import CostModel
-from edge_alast.guard import MemoryGuard
+from edge_alast.device.calibration import calibrate, saved_tensor_bytes
+from edge_alast.device.costmodel import CostModel
+from edge_alast.device.guard import MemoryGuard
 from edge_alast.methods import METHODS
-from edge_alast.patch import apply_patch
-from edge_alast.planner import KEEP_LEVELS, plan_run
-from edge_alast.policy import AlastConfig, AlastPolicy, PolicyCaps, StepPlan, make_policy
-from edge_alast.profiles import parse_profile
-from edge_alast.trainable import TrainableSet
+from edge_alast.alast.patch import apply_patch
+from edge_alast.device.planner import KEEP_LEVELS, plan_run
+from edge_alast.alast.policy import AlastConfig, AlastPolicy, PolicyCaps, StepPlan, make_policy
+from edge_alast.device.profiles import parse_profile
+from edge_alast.model.trainable import TrainableSet
 
 from conftest import TINY, tiny_model
 
@@ -274,7 +274,7 @@ def test_guard_full_only_recomputes():
 
 def test_lora_costs_only_adapter_gradients_and_optimizer_state(cal):
     """A LoRA model's blocks train only their adapters: optimizer state and held gradients shrink accordingly."""
-    from edge_alast.lora import LoraConfig, apply_lora
+    from edge_alast.adapters.lora import LoraConfig, apply_lora
 
     plain = tiny_model()
     lora = tiny_model()
@@ -294,9 +294,9 @@ def test_lora_costs_only_adapter_gradients_and_optimizer_state(cal):
 def test_lora_and_light_peft_models_plan_under_a_tight_ceiling():
     """Planning a model with adapters (and Light-PEFT masks): calibration runs on the block as built, the adapter
     slack applies, and a ceiling below the free plan is met by recomputation as for full tuning."""
-    from edge_alast.lightpeft import add_masks
-    from edge_alast.lora import LoraConfig, apply_lora
-    from edge_alast.costmodel import allocator_slack
+    from edge_alast.adapters.lightpeft import add_masks
+    from edge_alast.adapters.lora import LoraConfig, apply_lora
+    from edge_alast.device.costmodel import allocator_slack
 
     model = tiny_model()
     apply_lora(model, LoraConfig(r=2))
@@ -312,7 +312,7 @@ def test_lora_and_light_peft_models_plan_under_a_tight_ceiling():
 
 
 def test_an_export_that_cannot_fit_is_named_with_its_own_figure(model, cal, monkeypatch):
-    import edge_alast.costmodel as costmodel
+    import edge_alast.device.costmodel as costmodel
 
     # On the tiny model the export's copies of the weights do not set the peak (they do for models whose weights
     # outweigh their activations): weigh them more so that they do.

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from edge_alast.policy import AlastConfig, AlastPolicy, PolicyCaps, StaticPolicy, StepPlan, count_kept, default_alpha
+from edge_alast.alast.policy import AlastConfig, AlastPolicy, PolicyCaps, StaticPolicy, StepPlan, count_kept, default_alpha
 
 
 def test_budget_update_matches_hand_computation():
@@ -180,7 +180,7 @@ def test_relative_state_resumes_exactly():
 
 
 def test_relative_budgets_edge_cases():
-    from edge_alast.policy import relative_budgets
+    from edge_alast.alast.policy import relative_budgets
 
     assert relative_budgets([1.0, 2.0], 1.0, 0.5, 1.5) == [1.0, 1.0]
     assert relative_budgets([1.0, 2.0], 0.5, 0.5, 1.5) == [0.5, 0.5]

@@ -1,7 +1,7 @@
 """Precision: ``auto`` follows a measurement, not CPU flags alone; the autocast context per precision."""
 import torch
 
-import edge_alast.precision as precision
+import edge_alast.device.precision as precision
 
 
 def test_auto_precision_follows_measurement_not_flags(monkeypatch):

@@ -12,9 +12,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from edge_alast import profiles as P
-from edge_alast.cli_profiles import profiles as profiles_cli
-from edge_alast.profiles import DeviceProfile, ProfileError, detect_host, list_profiles, load_profile, parse_profile
+from edge_alast.device import profiles as P
+from edge_alast.cli.profiles import profiles as profiles_cli
+from edge_alast.device.profiles import DeviceProfile, ProfileError, detect_host, list_profiles, load_profile, parse_profile
 
 SHIPPED = {
     "jetson_agx_orin_64gb",

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from edge_alast.cli_report import report
+from edge_alast.cli.report import report
 from edge_alast.report import MATPLOTLIB_MISSING, NO_VALIDATION, load_run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -140,7 +140,7 @@ def _run_without(args: list[str], hide: tuple[str, ...] = ()) -> subprocess.Comp
     code = ("import os, sys\n"
             f"for name in {hide!r}:\n"
             "    sys.modules[name] = None\n"
-            "from edge_alast.cli_report import report\n"
+            "from edge_alast.cli.report import report\n"
             "try:\n"
             f"    report.main({args!r}, prog_name='edge-alast report')\n"
             "finally:\n"

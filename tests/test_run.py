@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from edge_alast.run import plan_for, setup_run
-from edge_alast.stage import first_stage, next_stage
+from edge_alast.training.run import plan_for, setup_run
+from edge_alast.training.stage import first_stage, next_stage
 
 from test_trainer import _profile_file, tiny_config
 
@@ -20,7 +20,7 @@ def test_setup_without_profile_builds_everything_and_plans_nothing(image_folder,
 
 
 def test_setup_with_profile_plans_caps_and_guards(image_folder, tmp_path):
-    from edge_alast.memory import rss_bytes
+    from edge_alast.device.memory import rss_bytes
 
     run = setup_run(tiny_config(image_folder, tmp_path / "r", profile=_profile_file(tmp_path, rss_bytes() + 2**31)))
     assert run.plan is not None and run.caps == run.plan.caps and run.guard is not None

@@ -4,7 +4,7 @@ import torch
 from torch.testing import assert_close
 
 from conftest import tiny_model
-from edge_alast.tokens import cls_attention, select_tokens
+from edge_alast.alast.tokens import cls_attention, select_tokens
 
 
 @pytest.mark.parametrize("kind", ["vit", "deit_distilled", "vit_qknorm_reg"])

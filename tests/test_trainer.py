@@ -8,7 +8,7 @@ from conftest import REPO, TINY
 from edge_alast.config import TrainConfig
 from edge_alast.methods import METHODS
 from edge_alast.errors import ConfigError, DataError
-from edge_alast.trainer import train
+from edge_alast.training.trainer import train
 
 TINY_ARGS = {k: v for k, v in TINY.items() if k not in ("img_size", "num_classes")}
 SUMMARY_KEYS = {"method", "model", "steps", "val_accuracy", "mean_step_seconds", "peak_rss_bytes",
@@ -90,7 +90,7 @@ def test_resume_falls_back_when_newest_checkpoint_is_damaged(image_folder, tmp_p
     calls = iter(range(100))
     train(tiny_config(image_folder, tmp_path / "r", steps=5, checkpoint_every_steps=1),
           should_stop=lambda: next(calls) == 2)
-    from edge_alast.checkpoint import checkpoints
+    from edge_alast.training.checkpoint import checkpoints
     (newest_step, newest), (older_step, _) = checkpoints(tmp_path / "r")
     assert (newest_step, older_step) == (3, 2)
     data = bytearray(newest.read_bytes())
@@ -113,7 +113,7 @@ def test_checkpoint_of_other_settings_is_not_clobbered(image_folder, tmp_path):
 
 
 def test_disk_full_while_checkpointing_keeps_previous_checkpoint(image_folder, tmp_path, monkeypatch):
-    import edge_alast.checkpoint as ckpt
+    import edge_alast.training.checkpoint as ckpt
 
     real_save, calls = torch.save, []
 
@@ -194,7 +194,7 @@ def _profile_file(tmp_path, ceiling_bytes):
 
 
 def test_profile_ceiling_is_planned_and_reported(image_folder, tmp_path):
-    from edge_alast.memory import rss_bytes
+    from edge_alast.device.memory import rss_bytes
 
     ceiling = rss_bytes() + 2 * 2**30
     summary = train(tiny_config(image_folder, tmp_path / "r", profile=_profile_file(tmp_path, ceiling))).summary
@@ -282,7 +282,7 @@ def test_start_from_given_trainable_tensors_and_return_them(image_folder, tmp_pa
 
 @pytest.mark.parametrize("method", ["full", "lora", "alast-lora"])
 def test_freeze_below_holds_for_every_method(image_folder, tmp_path, method):
-    from edge_alast.run import setup_run
+    from edge_alast.training.run import setup_run
 
     run = setup_run(tiny_config(image_folder, tmp_path / "setup", method=method, freeze_below=2))
     assert not any(n.startswith(("blocks.0.", "blocks.1.", "patch_embed.", "pos_embed", "cls_token"))
@@ -328,7 +328,7 @@ def data_with_hidden_damage(tmp_path):
 
 
 def test_a_file_that_fails_at_use_is_left_out_named_once_and_checkpointed(data_with_hidden_damage, tmp_path):
-    from edge_alast.checkpoint import checkpoints, load_latest
+    from edge_alast.training.checkpoint import checkpoints, load_latest
 
     data, val = data_with_hidden_damage
     events = []
@@ -349,7 +349,7 @@ def test_a_file_that_fails_at_use_is_left_out_named_once_and_checkpointed(data_w
 
 
 def test_resume_after_a_use_time_failure_replays_exactly(data_with_hidden_damage, tmp_path):
-    from edge_alast.data import BatchOrder
+    from edge_alast.data.loader import BatchOrder
 
     data, val = data_with_hidden_damage
     config = dict(val_data=str(val), batch_size=4, steps=9, augment="rrc-flip")  # 13 files: 3 batches an epoch

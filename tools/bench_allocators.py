@@ -2,7 +2,7 @@
 of the planner's cost model measured for each.
 
 Allocators: ``glibc`` (the system's, untouched), ``glibc-mallopt`` (glibc tuned at process start with
-:func:`edge_alast.allocator.tune_glibc`: 2 arenas, 4 MiB mmap threshold, 8 MiB trim threshold), ``jemalloc`` and
+:func:`edge_alast.device.allocator.tune_glibc`: 2 arenas, 4 MiB mmap threshold, 8 MiB trim threshold), ``jemalloc`` and
 ``tcmalloc`` (``edge-alast train --allocator NAME``: the CLI re-executes itself with ``LD_PRELOAD``). Each run is
 its own ``python -m edge_alast.cli train --json --no-export`` process; within each method the allocators run one
 after another, in an order rotated from method to method, so drift (thermal, other load) hits all alike. The
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from edge_alast.allocator import REEXEC_ENV, find_library
+from edge_alast.device.allocator import REEXEC_ENV, find_library
 
 REPO = Path(__file__).resolve().parent.parent
 ALLOCATORS = ("glibc", "glibc-mallopt", "jemalloc", "tcmalloc")
@@ -42,9 +42,9 @@ WARMUP = 5  # steps left out of the median step time
 
 # Runs the CLI in this interpreter after tuning glibc: mallopt must come before the large allocations.
 MALLOPT_WRAPPER = ("import sys\n"
-                   "from edge_alast.allocator import tune_glibc\n"
+                   "from edge_alast.device.allocator import tune_glibc\n"
                    "assert tune_glibc(), 'mallopt failed'\n"
-                   "from edge_alast.cli import main\n"
+                   "from edge_alast.cli.main import main\n"
                    "sys.argv = ['edge-alast'] + sys.argv[1:]\n"
                    "main()\n")
 
@@ -156,11 +156,11 @@ def predict(config_path: str) -> dict:
     import dataclasses
     import tempfile
 
-    import edge_alast.cli  # noqa: F401  (the same libraries a training process holds)
-    from edge_alast.allocator import allocator_in_use
+    import edge_alast.cli.main  # noqa: F401  (the same libraries a training process holds)
+    from edge_alast.device.allocator import allocator_in_use
     from bench_planner import steps_taken
     from edge_alast.config import TrainConfig
-    from edge_alast.run import plan_for, setup_run
+    from edge_alast.training.run import plan_for, setup_run
 
     config = TrainConfig.from_dict(yaml.safe_load(Path(config_path).read_text()))
     with tempfile.TemporaryDirectory(prefix="bench_allocators_predict_") as scratch:
@@ -234,7 +234,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.predict:
         if args.mallopt:
-            from edge_alast.allocator import tune_glibc
+            from edge_alast.device.allocator import tune_glibc
 
             tune_glibc()
         print(json.dumps(predict(args.predict)))

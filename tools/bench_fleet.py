@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from edge_alast.metrics import read_metrics
+from edge_alast.runfolder import read_metrics
 
 ALAST_METHODS = ("alast", "alast-lora")
 

@@ -28,8 +28,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from edge_alast import images  # noqa: E402
-from edge_alast.images import READ_ERRORS, load_image, scan_image_folder  # noqa: E402
+from edge_alast.data import images  # noqa: E402
+from edge_alast.data.images import READ_ERRORS, load_image, scan_image_folder  # noqa: E402
 
 CLASSES = ("c0", "c1", "c2", "c3")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

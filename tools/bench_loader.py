@@ -3,7 +3,7 @@ small PNGs of the same images, and what training augmentation gains in a small-d
 
 (a) ``--part steps``: ``tools/bench_images.py``'s generator writes ``--count`` photo-like JPEGs of 2-4 MP (about a
     third stored in sensor orientation with an EXIF tag) and the same images, upright, as PNGs with a 256 px short
-    side; the trainer (``python -m edge_alast.cli train ... --json --no-export``, one process per row) fine-tunes
+    side; the trainer (``python -m edge_alast.cli.main train ... --json --no-export``, one process per row) fine-tunes
     ViT-S at 224 px, batch 16, for ``--steps`` steps on each, with ``--loader-threads 0`` (decoding inside the step)
     and with the default background loader. Reported: median step seconds after ``--warmup`` steps (the trainer's
     ``time/step_seconds``: from the step's start to the end of its optimizer step, loading included).

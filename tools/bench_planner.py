@@ -1,8 +1,8 @@
 """Check the planner's memory model against measured runs: predicted peak vs each run's measured peak RSS.
 
-Each configuration trains in its own ``edge_alast.cli train`` process (so each peak RSS is its own); the prediction
+Each configuration trains in its own ``edge-alast train`` process (so each peak RSS is its own); the prediction
 for it is made in another fresh process that builds the model the way the trainer does and calls
-:func:`edge_alast.planner.plan_run` -- or is read from the run's ``summary.json`` ("predicted_peak_bytes") once the
+:func:`edge_alast.device.planner.plan_run` -- or is read from the run's ``summary.json`` ("predicted_peak_bytes") once the
 trainer plans runs itself. Prints a markdown table with the error of each prediction.
 
 The last case is a profile whose memory ceiling is 60 % of the measured full fine-tuning peak, used with ALaST: the
@@ -72,9 +72,9 @@ def predict(config_path: str) -> dict:
     """In a fresh process: set the run up as the trainer does (``setup_run``), then plan it without ceilings."""
     import dataclasses
 
-    import edge_alast.cli  # noqa: F401  (the same libraries a training process holds)
+    import edge_alast.cli.main  # noqa: F401  (the same libraries a training process holds)
     from edge_alast.config import TrainConfig
-    from edge_alast.run import plan_for, setup_run
+    from edge_alast.training.run import plan_for, setup_run
 
     config = TrainConfig.from_dict(yaml.safe_load(Path(config_path).read_text()))
     with tempfile.TemporaryDirectory(prefix="bench_planner_predict_") as scratch:
@@ -83,7 +83,7 @@ def predict(config_path: str) -> dict:
     # The same cost model on the steps the run took (tokens and trainable blocks from metrics.jsonl): the
     # model's accuracy, where predicted_peak_bytes is the bound over every step the policy could take.
     actual = max((d["peak"] for d in steps_taken(plan, run, Path(config.out) / "metrics.jsonl")), default=None)
-    from edge_alast.allocator import allocator_in_use
+    from edge_alast.device.allocator import allocator_in_use
 
     return {"predicted_peak_bytes": plan.predicted_peak_bytes, "predicted_steps_taken_bytes": actual,
             "allocator": allocator_in_use(),
@@ -96,7 +96,7 @@ def steps_taken(plan, run, metrics_path: Path):
     """The cost model's breakdown (:meth:`CostModel.peak`) of each training step a run logged in metrics.jsonl."""
     import dataclasses
 
-    from edge_alast.metrics import read_metrics
+    from edge_alast.runfolder import read_metrics
 
     for rec in read_metrics(metrics_path):
         if rec.get("event") != "step":
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.predict:
         # Plan under the allocator the run trained on (the CLI's re-execution; it sets the baseline and the slack).
-        from edge_alast.allocator import reexec_with_allocator
+        from edge_alast.device.allocator import reexec_with_allocator
 
         warning = reexec_with_allocator(yaml.safe_load(Path(args.predict).read_text()).get("allocator", "auto"))
         if warning:

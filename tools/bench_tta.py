@@ -34,7 +34,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from edge_alast.config import LightPeftConfig  # noqa: E402
-from edge_alast.metrics import read_metrics  # noqa: E402
+from edge_alast.runfolder import read_metrics  # noqa: E402
 
 # name -> run-file settings on top of the common ones; "{alast_run}" is the seed's ALaST (relative) run folder.
 METHODS = {

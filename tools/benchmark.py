@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from edge_alast.metrics import read_metrics, steady
+from edge_alast.runfolder import read_metrics, steady
 
 
 def parse_value(text: str):

@@ -320,7 +320,7 @@ def prepare_local(*, out: str, data: str, val_data: str, nodes: int, rounds: int
         fleet: Run-config keys (strategy, fraction-train, min-available-nodes, round-timeout, ...).
         threads: Torch threads per node; default: this host's CPUs shared among the nodes.
     """
-    from ..profiles import ProfileError, load_profile
+    from ..device.profiles import ProfileError, load_profile
     from .partition import write_partitions
 
     out_dir = Path(out).resolve()
@@ -343,7 +343,7 @@ def prepare_local(*, out: str, data: str, val_data: str, nodes: int, rounds: int
     seed = int(run_config.get("seed", 0))
 
     # ---- the classes of the whole folder, in label order: every node maps labels the same way
-    from ..images import scan_image_folder
+    from ..data.images import scan_image_folder
 
     classes = scan_image_folder(data, option="--data").classes
     run_config["classes"] = ",".join(classes)

@@ -23,8 +23,8 @@ import torch
 
 from ..atomic import atomic_write_bytes, atomic_write_json
 from ..errors import ConfigError
-from ..export import MODEL_FILE
-from ..trainer import train
+from ..deploy.export import MODEL_FILE
+from ..training.trainer import train
 from .settings import NodeSettings
 
 POLICY_FILE = "policy.pt"

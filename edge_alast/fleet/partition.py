@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
-from ..images import scan_image_folder
+from ..data.images import scan_image_folder
 
 MAX_DRAWS = 1000
 

@@ -1,5 +1,5 @@
 """The fleet's server side without Flower: the global model (built as every node builds it, by
-:func:`edge_alast.run.setup_run`), its evaluation on the held-out folder, the per-round checkpoint, and the run folder
+:func:`edge_alast.training.run.setup_run`), its evaluation on the held-out folder, the per-round checkpoint, and the run folder
 it leaves after the last round (what ``edge-alast train`` leaves: ``model.safetensors`` with LoRA merged,
 ``config.json``, ``summary.json``, ``model.onnx`` + ``manifest.json``).
 
@@ -20,13 +20,13 @@ import torch
 
 from .. import __version__
 from ..atomic import atomic_write, atomic_write_json
-from ..checkpoint import load_latest, save_checkpoint
+from ..training.checkpoint import load_latest, save_checkpoint
 from ..errors import ConfigError
-from ..export import save_model
-from ..lora import merge_lora
-from ..precision import autocast
-from ..run import setup_run
-from ..trainer import evaluate
+from ..deploy.export import save_model
+from ..adapters.lora import merge_lora
+from ..device.precision import autocast
+from ..training.run import setup_run
+from ..training.trainer import evaluate
 from .settings import FleetSettings
 
 CHECKPOINT_DIR = "checkpoints"
@@ -133,7 +133,7 @@ class GlobalModel:
         })
         atomic_write_json(out / "summary.json", summary)
         if settings.export:
-            from ..export import export_run
+            from ..deploy.export import export_run
 
             manifest = export_run(out)
             summary["onnx"] = {"file": manifest["file"], "sha256": manifest["sha256"],

@@ -1,0 +1,106 @@
+"""Options and run files: every ``train`` option comes from the config dataclasses, and a YAML run file fills the
+same fields. Written once, for ``train`` and ``fleet local`` alike."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import click
+
+from ..errors import ConfigError
+
+
+def load_run_file(path: str | None) -> dict:
+    if path is None:
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"--config: cannot read {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping of option names to values")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def _parse_list(kind: str, flag: str):
+    """A click callback turning a comma-separated value into a list (``int_list`` or ``str_list``)."""
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        parts = [part.strip() for part in value.split(",") if part.strip()]
+        if kind == "str_list":
+            return parts
+        try:
+            return [int(part) for part in parts]
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated block indices, got {value!r}",
+                                     param_hint=flag) from None
+    return parse
+
+
+_CLICK_TYPES = {"int": int, "float": float, "str": str}
+
+
+def config_options(command):
+    """Add an option for every config field that has a ``flag`` (:mod:`edge_alast.config`), with the field's
+    default, choices and help: the dataclasses are the one source of them. Section fields (``--lora-r``) are
+    passed as ``lora_r``; :func:`nested_options` maps them back."""
+    from ..config import SECTIONS, TrainConfig
+
+    fields = [(None, f) for f in dataclasses.fields(TrainConfig)]
+    fields += [(key, f) for key, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+    for section, f in reversed([(s, f) for s, f in fields if f.metadata.get("flag")]):
+        meta, kind = f.metadata, str(f.type).replace(" ", "").removesuffix("|None")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        help_text = meta["help"]
+        if isinstance(default, bool):
+            help_text += f"  [default: {'on' if default else 'off'}]"
+        elif default not in (None, dataclasses.MISSING, []):
+            shown = ",".join(map(str, default)) if isinstance(default, list) else default
+            help_text += f"  [default: {shown}]"
+        name = f.name if section is None else meta["flag"].lstrip("-").replace("-", "_")
+        kwargs = {"help": help_text}
+        if "/" in meta["flag"] or kind == "bool":
+            kwargs["default"] = None
+            decl = meta["flag"] if "/" in meta["flag"] else f"{meta['flag']}/--no-{meta['flag'][2:]}"
+        else:
+            decl = meta["flag"]
+            if meta.get("choices"):
+                kwargs["type"] = click.Choice(list(meta["choices"]))
+            elif meta.get("parse"):
+                kwargs["type"] = str
+                kwargs["callback"] = _parse_list(meta["parse"], meta["flag"])
+            else:
+                kwargs["type"] = _CLICK_TYPES[kind]
+        command = click.option(decl, name, **kwargs)(command)
+    return command
+
+
+def nested_options(options: dict) -> dict[str, dict]:
+    """Pop the section options (``lora_r`` ...) out of ``options`` as ``{section: {key: value}}``."""
+    from ..config import SECTIONS
+
+    nested = {}
+    for key, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            flag = f.metadata.get("flag")
+            if flag and (value := options.pop(flag.lstrip("-").replace("-", "_"))) is not None:
+                nested.setdefault(key, {})[f.name] = value
+    return nested
+
+
+def merge_options(config_file: str | None, options: dict) -> dict:
+    """The run file's values, overridden by the options given on the command line (``None`` = not given); section
+    options (``--lora-r``) land in their section (``{"lora": {"r": ...}}``)."""
+    values = load_run_file(config_file)
+    for section, given in nested_options(options).items():
+        current = values.get(section)
+        if current is None:
+            current = {}
+        if not isinstance(current, dict):
+            raise ConfigError(f"{config_file}: {section} must be a mapping")
+        values[section] = {**current, **given}
+    values.update({k: v for k, v in options.items() if v is not None})
+    return values

@@ -1,0 +1,81 @@
+"""Power-loss-safe training checkpoints.
+
+Each checkpoint is ``checkpoint-<step>.pt`` (``torch.save`` of a dict of tensors and plain values, loadable with
+``weights_only=True``) plus ``checkpoint-<step>.sha256``. Both are written atomically (temp file, fsync,
+``os.replace``, fsync of the folder), the checksum after the checkpoint, so a checkpoint without a matching
+checksum is one that never finished. The newest two are kept; loading walks from the newest to the oldest and
+takes the first that verifies, so a damaged newest checkpoint falls back to the one before.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..atomic import atomic_write, atomic_write_bytes
+
+KEEP = 2
+_NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of the checkpoint files in ``run_dir``, newest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _NAME.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict[str, Any]) -> Path:
+    """Write the checkpoint for ``step`` and its checksum; keep the newest :data:`KEEP`.
+
+    Streams ``torch.save`` straight to the temp file (no second in-memory copy of the state on a small device).
+    On failure (e.g. disk full) the temp file is removed and every earlier checkpoint is untouched.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / f"checkpoint-{step:08d}.pt"
+    atomic_write(path, lambda f: torch.save(state, f))
+    atomic_write_bytes(path.with_suffix(".sha256"), (_sha256(path) + "\n").encode())
+    for _, old in checkpoints(run_dir)[KEEP:]:
+        old.with_suffix(".sha256").unlink(missing_ok=True)
+        old.unlink(missing_ok=True)
+    return path
+
+
+def verify(path: Path) -> str | None:
+    """None if ``path`` matches its checksum file, else the reason it does not."""
+    sidecar = path.with_suffix(".sha256")
+    try:
+        expected = sidecar.read_text().strip()
+    except OSError:
+        return "no checksum file (the write did not finish)"
+    if _sha256(path) != expected:
+        return "checksum mismatch (damaged file)"
+    return None
+
+
+def load_latest(run_dir: str | os.PathLike) -> tuple[dict[str, Any] | None, list[str]]:
+    """The newest checkpoint that verifies and loads, and a note for each newer one that was passed over."""
+    notes = []
+    for step, path in checkpoints(run_dir):
+        reason = verify(path)
+        if reason is None:
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True), notes
+            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is passed over
+                reason = f"unreadable: {type(e).__name__}: {e}"
+        notes.append(f"{path.name}: {reason}; falling back to an older checkpoint")
+    return None, notes

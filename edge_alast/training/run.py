@@ -1,0 +1,325 @@
+"""Setting a run up: everything the training loop needs, resolved from a :class:`~edge_alast.config.TrainConfig`.
+
+:func:`setup_run` resolves the device profile, device, precision and threads, prepares the run folder, scans the
+data, builds the model (weights, adapters, masks), makes the one record of what can ever train, plans against the
+profile's ceilings, and finds the checkpoint to resume. The trainer, ``tools/`` and the fleet node all call it; the
+loop itself never resolves configuration.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..alast.baselines import baseline_config
+from ..device.calibration import full_tokens
+from .checkpoint import checkpoints, load_latest
+from ..config import AlastConfig, TrainConfig
+from ..data.loader import BatchLoader, BatchOrder, Preprocess
+from ..errors import ConfigError, DataError
+from ..model.flops import StepFlopCounter
+from ..device.guard import MemoryGuard
+from ..data.images import BadImages, scan_image_folder, scan_warnings, split_samples
+from ..adapters.lightpeft import add_masks
+from ..adapters.lora import apply_lora
+from ..methods import METHODS, MethodSpec
+from ..model.build import create_model, data_config, load_weights
+from ..device.planner import RunPlan, plan_run
+from ..alast.policy import PolicyCaps, make_policy, tokens_per_block
+from ..device.precision import resolve_precision
+from ..device.profiles import DeviceProfile, ProfileError, load_profile
+from ..alast.support import check_model
+from ..model.trainable import TrainableSet
+
+
+@dataclass
+class Run:
+    """A run, set up (see module docstring).
+
+    Attributes:
+        config: The validated configuration.
+        spec: The method's record.
+        profile: The device profile (None without one).
+        device, precision: Resolved (``auto`` measured).
+        run_dir: The run folder (exists and is writable).
+        classes, train_samples, val_samples: The data; ``warnings`` names skipped files and empty classes.
+        eval_samples: The fixed validation subset ``--eval-every`` evaluates on (empty without it).
+        order: The training batches as a function of the step (its batch size is the plan's, or the resumed
+            checkpoint's).
+        total_steps: Steps of the whole run.
+        model: The model on its device, adapters and masks in place, ``requires_grad`` set to ``trainable``.
+        preprocess: Image to tensor, from the model's data config.
+        trainable: What can ever train in the first stage.
+        flop_counter: The FLOP model of the model as built (the first stage's).
+        base_params: Parameters of the model before adapters, masks or pruning.
+        plan: The planner's decision (None without a profile).
+        caps: The caps in force (the plan's, or the resumed checkpoint's).
+        guard: The runtime memory guard (None without a memory ceiling).
+        alast: The ALaST settings the policy uses (the config's, with a baseline's keep ratios and blocks filled
+            in from ``--alast-from``); ``baseline``: what that matched, for the summary.
+        checkpoint: The checkpoint to resume from (None: start at step 0); the trainer drops it once restored.
+        resume_notes: Checkpoints passed over, in words.
+        bad_images: Training files that failed to decode when used, counted against ``--max-bad-fraction`` with the
+            scan's skips (checkpointed); ``val_bad_images`` the same for validation (the same record when the
+            validation images are a split of ``--data``).
+    """
+
+    config: TrainConfig
+    spec: MethodSpec
+    profile: DeviceProfile | None
+    device: str
+    precision: str
+    run_dir: Path
+    classes: list[str]
+    train_samples: list
+    val_samples: list
+    warnings: list[str]
+    order: BatchOrder
+    total_steps: int
+    model: nn.Module
+    preprocess: Preprocess
+    trainable: TrainableSet
+    flop_counter: StepFlopCounter
+    base_params: int
+    plan: RunPlan | None
+    caps: PolicyCaps
+    guard: MemoryGuard | None
+    eval_samples: list = field(default_factory=list)
+    alast: AlastConfig = field(default_factory=AlastConfig)
+    baseline: dict | None = None
+    checkpoint: dict[str, Any] | None = None
+    resume_notes: list[str] = field(default_factory=list)
+    bad_images: BadImages | None = None
+    val_bad_images: BadImages | None = None
+
+    @property
+    def depth(self) -> int:
+        return len(self.model.blocks)
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.config.eval_batch_size or self.order.batch_size
+
+
+def setup_run(config: TrainConfig) -> Run:
+    """Resolve ``config`` into a :class:`Run` (see module docstring).
+
+    Raises:
+        ConfigError: a bad option, profile, weights file, output folder, or a plan that cannot fit (exit 2).
+        DataError: unusable data (exit 3).
+    """
+    config.validate()
+    spec = METHODS[config.method]
+
+    # ---------------------------------------------------------------- device profile, precision, threads
+    profile = None
+    if config.profile is not None:
+        try:
+            profile = load_profile(config.profile)
+        except ProfileError as e:
+            raise ConfigError(f"--profile: {e}") from e
+    device = config.device or (profile.device if profile else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--profile {profile.name if profile else ''} runs on cuda, and this host has no CUDA device; "
+                          "pass --device cpu to apply the profile's ceilings on this CPU")
+    precision = resolve_precision(config.precision or (profile.default_precision if profile else "fp32"), device,
+                                  tuple(profile.fast_precisions) if profile else ())
+    batch_size = config.batch_size or (profile.default_batch_size if profile else 16)
+    if profile is not None and profile.threads:
+        torch.set_num_threads(int(profile.threads))
+    torch.manual_seed(config.seed)
+    run_dir = _prepare_run_dir(Path(config.out))
+
+    # ---------------------------------------------------------------- data
+    folder = scan_image_folder(config.data, classes=config.classes, option="--data",
+                               max_bad_fraction=config.max_bad_fraction)
+    warnings = scan_warnings(folder, "--data")
+    if len(folder.classes) < 2:
+        raise DataError(f"--data: {config.data} has one usable class ({folder.classes[0]}); a classifier needs "
+                        "at least two class folders with images")
+    if config.val_data:
+        val_folder = scan_image_folder(config.val_data, classes=folder.classes, option="--val-data",
+                                       max_bad_fraction=config.max_bad_fraction)
+        warnings += scan_warnings(val_folder, "--val-data")
+        train_samples, val_samples = folder.samples, val_folder.samples
+    else:
+        train_samples, val_samples = split_samples(folder, config.val_fraction, config.seed)
+    bad_images = BadImages(folder, "--data", config.max_bad_fraction)
+    val_bad_images = (BadImages(val_folder, "--val-data", config.max_bad_fraction) if config.val_data
+                      else bad_images)
+
+    # ---------------------------------------------------------------- model, adapters, what can ever train
+    model = create_model(config.model, num_classes=len(folder.classes), img_size=config.img_size,
+                         **config.model_args)
+    if spec.alast:  # refuse, before anything is loaded, a model ALaST would train wrongly or crash on
+        check_model(model, config.model)
+    if config.weights:
+        load_weights(model, config.weights)
+    preprocess = Preprocess(config.img_size, **data_config(model))
+    base_params = sum(p.numel() for p in model.parameters())
+    try:  # a model these methods cannot adapt is a configuration error (exit 2), named
+        if spec.lora:
+            apply_lora(model, config.lora)
+        if spec.light_peft:
+            add_masks(model)
+    except TypeError as e:
+        raise ConfigError(f"--method {config.method}: {config.model}: {e}") from e
+    model.to(device)
+    depth = len(model.blocks)
+    if config.freeze_below >= depth or any(i >= depth for i in config.recompute_blocks):
+        raise ConfigError(f"--freeze-below/--recompute-blocks: {config.model} has {depth} blocks (0..{depth - 1})")
+    if spec.alast:
+        config.alast.validate(depth)
+    trainable = TrainableSet.for_method(model, spec, train_embeddings=config.train_embeddings,
+                                        freeze_below=config.freeze_below)
+    trainable.apply(model)
+    flop_counter = StepFlopCounter(model, trainable)
+    alast, baseline = config.alast, None
+    if alast.seed is None:  # --seed seeds layer sampling too, unless alast.seed says otherwise
+        alast = dataclasses.replace(alast, seed=config.seed)
+    if spec.alast and alast.update in ("static", "random") and alast.from_run:
+        alast, baseline = _baseline(config, model, trainable, flop_counter, batch_size)
+
+    # ---------------------------------------------------------------- plan against the profile's ceilings
+    recompute = tuple(i in config.recompute_blocks for i in range(depth))
+    run = Run(config=config, spec=spec, profile=profile, device=device, precision=precision, run_dir=run_dir,
+              classes=folder.classes, train_samples=train_samples, val_samples=val_samples, warnings=warnings,
+              order=BatchOrder(len(train_samples), batch_size, config.seed), total_steps=0, model=model,
+              preprocess=preprocess, trainable=trainable, flop_counter=flop_counter, base_params=base_params,
+              plan=None, caps=PolicyCaps(lowest_trainable=config.freeze_below, recompute=recompute), guard=None,
+              eval_samples=spread(val_samples, config.eval_images) if config.eval_every else [], alast=alast,
+              baseline=baseline)
+    run.bad_images, run.val_bad_images = bad_images, val_bad_images
+    if profile is not None:
+        policy = make_policy(spec, spec.stages[0], depth, alast, lr=config.lr)
+        try:
+            run.plan = plan_for(run, profile, policy)
+        except ConfigError as e:
+            raise ConfigError(f"--profile {profile.name}: no plan fits this device: {e}") from e
+        run.caps = run.plan.caps
+        if run.plan.batch_size != run.order.batch_size:
+            run.order = BatchOrder(len(train_samples), run.plan.batch_size, config.seed)
+        if run.plan.memory_ceiling_bytes:
+            cost, batch = run.plan.cost, run.order.batch_size
+
+            def predict(caps: PolicyCaps) -> float:  # the worst training step under caps (the guard's concern)
+                return cost.worst_peak(policy.worst_plans(caps), batch)["train_peak"]
+
+            run.guard = MemoryGuard(run.plan.memory_ceiling_bytes, depth, kind=spec.plan_kind, predict=predict,
+                                    train_below=trainable.embeddings, b_min=alast.b_min if spec.alast else None)
+
+    # ---------------------------------------------------------------- the checkpoint to resume
+    run.checkpoint, run.resume_notes = _find_checkpoint(config, run_dir, precision)
+    if run.checkpoint is not None:
+        # The plan in force when the checkpoint was written (a fresh plan could differ: it measures live RSS).
+        run.caps = PolicyCaps.from_state(run.checkpoint["caps"])
+        if run.checkpoint["batch_size"] != run.order.batch_size:
+            run.order = BatchOrder(len(train_samples), run.checkpoint["batch_size"], config.seed)
+        if run.guard is not None and run.checkpoint.get("guard"):
+            run.guard.load_state_dict(run.checkpoint["guard"])
+    run.total_steps = _total_steps(config, run.order)
+    if spec.light_peft and run.total_steps <= config.light_peft.estimation_steps:
+        raise ConfigError(f"{config.light_peft.name('estimation_steps')}: {config.method} runs {run.total_steps} "
+                          f"steps in all, which leaves none for fine-tuning after "
+                          f"{config.light_peft.estimation_steps} estimation steps; train longer or estimate shorter")
+    return run
+
+
+def plan_for(run: Run, profile: DeviceProfile | None, policy=None) -> RunPlan:
+    """The planner's decision for ``run``'s model, method and batch under ``profile``'s ceilings (None: no
+    ceilings, the free plan and its predictions), for ``policy`` (default: the first stage's). Call before any
+    optimizer state exists: the planner measures this process's baseline RSS and calibrates activation bytes on a
+    copy of one block (see planner.py)."""
+    config, spec = run.config, run.spec
+    policy = policy or make_policy(spec, spec.stages[0], run.depth, run.alast, lr=config.lr)
+    return plan_run(run.model, profile, policy=policy,
+                    kind=spec.plan_kind, trainable=run.trainable, img_size=config.img_size,
+                    batch_size=run.order.batch_size, precision=run.precision, device=run.device,
+                    lowest_trainable=config.freeze_below, recompute=run.caps.recompute,
+                    token_multiple=config.token_multiple, flop_counter=run.flop_counter, export=config.export,
+                    eval_batch_size=min(run.eval_batch_size, max(1, len(run.val_samples))))
+
+
+def _baseline(config: TrainConfig, model: nn.Module, trainable: TrainableSet, flop_counter: StepFlopCounter,
+              batch_size: int) -> tuple[AlastConfig, dict]:
+    """The static/random baseline's settings from ``--alast-from``, at the FLOPs of that run (baselines.py)."""
+    tokens_in = full_tokens(model, config.img_size)
+    prefix = int(getattr(model, "num_prefix_tokens", 1))
+
+    def flops_of(keep, train) -> int:
+        tokens = tokens_per_block(tokens_in, prefix, keep, config.token_multiple)[:-1]
+        return flop_counter.step_flops(batch_size, config.img_size, tokens, train, train_embeddings=trainable.embeddings,
+                                       keep_ratios=keep, train_final_norm=trainable.final_norm)
+
+    try:
+        return baseline_config(config.alast, len(model.blocks), flops_of)
+    except OSError as e:
+        raise ConfigError(f"--alast-from: cannot read {config.alast.from_run}: {e}") from e
+
+
+def spread(items: list, limit: int) -> list:
+    """At most ``limit`` of ``items``, evenly spaced (every class of a class-sorted sample list)."""
+    return items[::max(1, len(items) // limit)][:limit]
+
+
+def loader_threads(config: TrainConfig, profile: DeviceProfile | None) -> int:
+    """Background decoding threads: ``--loader-threads``, else the profile's threads, else min(2, CPUs)."""
+    if config.loader_threads is not None:
+        return config.loader_threads
+    if profile is not None and profile.threads:
+        return int(profile.threads)
+    return min(2, os.cpu_count() or 1)
+
+
+def make_loader(run: Run, on_warning=None) -> BatchLoader:
+    """The training loader of ``run`` (:class:`~edge_alast.data.loader.BatchLoader`): its batch order, augmentation and
+    record of unreadable files, decoding ahead on :func:`loader_threads` threads. ``close()`` it when done."""
+    config = run.config
+    return BatchLoader(run.train_samples, run.order, run.preprocess, bad=run.bad_images, augment=config.augment,
+                       seed=config.seed, threads=loader_threads(config, run.profile), steps=run.total_steps,
+                       on_warning=on_warning)
+
+
+def _prepare_run_dir(run_dir: Path) -> Path:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+        for stale in run_dir.glob(".*.tmp"):  # temp files of atomic writes cut short by a power loss
+            stale.unlink()
+    except OSError as e:
+        raise ConfigError(f"--out: cannot write to {run_dir}: {e}") from e
+    return run_dir
+
+
+def _find_checkpoint(config: TrainConfig, run_dir: Path, precision: str) -> tuple[dict | None, list[str]]:
+    """The newest valid checkpoint of a run with these settings, or None; ``--no-resume`` deletes them."""
+    if config.resume is False:
+        for _, path in checkpoints(run_dir):  # starting over: a stale checkpoint must not be resumed later
+            path.with_suffix(".sha256").unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+        return None, []
+    checkpoint, notes = load_latest(run_dir)
+    notes = [f"--out: {note}" for note in notes]
+    if checkpoint is None:
+        if config.resume:
+            raise ConfigError(f"--resume: no valid checkpoint in {run_dir}")
+        return None, notes
+    differs = sorted(k for k, v in config.resume_key(precision).items() if checkpoint["config"].get(k) != v)
+    if differs:
+        raise ConfigError(f"--out: {run_dir} holds a checkpoint of a run with other settings "
+                          f"({', '.join(differs)}); use another --out, or the same settings to resume")
+    return checkpoint, notes
+
+
+def _total_steps(config: TrainConfig, order: BatchOrder) -> int:
+    if config.steps is not None:
+        return config.steps
+    return max(1, math.ceil((config.epochs or 1.0) * order.batches_per_epoch))
