@@ -199,6 +199,7 @@ def test_predict_runs_without_torch(run):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["image"] == str(image) and len(result["top"]) == 2
+    assert result["provider"] == "CPUExecutionProvider"  # --provider auto on a host without an NVIDIA GPU
     assert {t["class"] for t in result["top"]} <= {"a", "b", "c"}
 
 

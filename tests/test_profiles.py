@@ -357,7 +357,7 @@ def test_detect_host_memory_from_smaller_cgroup_limit(tmp_path):
     [((8, 7), ("bf16", "fp16"), "bf16"), ((7, 5), ("fp16",), "fp16"), ((6, 1), (), "fp32")],
 )
 def test_detect_host_cuda(tmp_path, monkeypatch, capability, fast, default):
-    monkeypatch.setattr(P, "_cuda_device", lambda: ("Fake GPU", 16 * 2**30, 8, capability))
+    monkeypatch.setattr(P.host, "cuda_device", lambda: ("Fake GPU", 16 * 2**30, 8, capability))
     profile = _detect(tmp_path, probe_cuda=True)
     assert profile.device == "cuda"
     assert profile.memory_ceiling_bytes == int(16 * 2**30 * 0.85)
@@ -367,7 +367,7 @@ def test_detect_host_cuda(tmp_path, monkeypatch, capability, fast, default):
 
 
 def test_detect_host_jetson_caps_gpu_memory_with_ram(tmp_path, monkeypatch):
-    monkeypatch.setattr(P, "_cuda_device", lambda: ("Orin", 10**15, 8, (8, 7)))
+    monkeypatch.setattr(P.host, "cuda_device", lambda: ("Orin", 10**15, 8, (8, 7)))
     tegra = _write(tmp_path, "# R36 (release), REVISION: 4.0\n", "nv_tegra_release")
     cpuinfo = _write(tmp_path, "", "cpuinfo")
     profile = detect_host(cpuinfo_path=cpuinfo, cgroup_memory_path=tmp_path / "none", tegra_release_path=tegra)

@@ -76,8 +76,11 @@ def export(run_dir, formats, val_data, opset, trainable_fraction, as_json):
 @click.argument("images", nargs=-1, required=True)
 @click.option("--top-k", type=int, default=5, help="Classes to show per image.")
 @click.option("--threads", type=int, help="onnxruntime intra-op threads; default: onnxruntime's choice.")
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto",
+              help="onnxruntime execution provider; auto: the best present (TensorRT, CUDA, CPU), with a warning "
+                   "when it falls back to the CPU on a host with an NVIDIA GPU.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image on stdout.")
-def predict(model, images, top_k, threads, as_json):
+def predict(model, images, top_k, threads, provider, as_json):
     """Classify images with an exported ONNX model (onnxruntime only; torch is not needed).
 
     \b
@@ -87,7 +90,8 @@ def predict(model, images, top_k, threads, as_json):
     from ..deploy.predict import predict as run_predict
 
     try:
-        results = run_predict(model, images, top_k=top_k, threads=threads)
+        results = run_predict(model, images, top_k=top_k, threads=threads, provider=provider,
+                              on_warning=lambda message: click.echo(f"warning: {message}", err=True))
     except EdgeAlastError as e:
         fail(e, e.exit_code, as_json)
     for r in results:
@@ -95,7 +99,7 @@ def predict(model, images, top_k, threads, as_json):
             click.echo(json.dumps(r))
         else:
             top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"])
-            click.echo(f"{r['image']}: {top}")
+            click.echo(f"{r['image']}: {top}  [{r['provider']}]")
 
 
 @click.command("train-ort", context_settings={"show_default": True})

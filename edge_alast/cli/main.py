@@ -16,6 +16,7 @@ import click
 from ..errors import ConfigError, DataError, EdgeAlastError
 from .common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, StopOnSignal, fail, sd_notify
 from .deploy import export, predict, train_ort
+from .doctor import doctor
 from .fleet import fleet
 from .options import config_options, load_run_file, merge_options
 from .profiles import profiles
@@ -34,6 +35,7 @@ main.add_command(predict)
 main.add_command(train_ort)
 main.add_command(report)
 main.add_command(fleet)
+main.add_command(doctor)
 
 
 class _Printer:

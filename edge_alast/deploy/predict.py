@@ -67,18 +67,64 @@ def import_onnxruntime():
     return onnxruntime
 
 
-def session(model: str | os.PathLike | bytes, threads: int | None = None):
-    """An onnxruntime ``InferenceSession`` on the CPU for a model path or serialised model bytes."""
+# --provider values -> onnxruntime execution providers, best first for "auto"
+PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+PROVIDER_CHOICES = ("auto", *PROVIDERS)
+
+
+# Where an NVIDIA GPU shows itself without importing torch: the driver's device node, or a Jetson's L4T release.
+GPU_MARKERS = ("/dev/nvidia0", "/dev/nvhost-gpu", "/etc/nv_tegra_release")
+
+
+def host_has_gpu(markers: Sequence[str] = GPU_MARKERS) -> bool:
+    return any(os.path.exists(m) for m in markers)
+
+
+def choose_provider(choice: str, available: Sequence[str], has_gpu: bool | None = None) -> tuple[str, str | None]:
+    """The execution provider for ``--provider choice`` among onnxruntime's ``available`` ones, and a warning.
+
+    ``auto`` takes the best one present (TensorRT, CUDA, CPU); when that is the CPU on a host with an NVIDIA GPU
+    (``has_gpu``, default :func:`host_has_gpu`) it warns that it fell back. A provider asked for by name that this
+    onnxruntime build lacks is a ConfigError naming the build's providers.
+    """
+    if choice == "auto":
+        for name in PROVIDERS:
+            if PROVIDERS[name] in available:
+                gpu = host_has_gpu() if has_gpu is None else has_gpu
+                warning = None if name != "cpu" or not gpu else (
+                    f"--provider auto: this host has an NVIDIA GPU but this onnxruntime build has no GPU execution "
+                    f"provider ({', '.join(available)}): running on the CPU (install onnxruntime-gpu)")
+                return PROVIDERS[name], warning
+        raise ConfigError(f"--provider auto: onnxruntime offers none of {', '.join(PROVIDERS.values())}")
+    if choice not in PROVIDERS:
+        raise ConfigError(f"--provider: must be one of {', '.join(PROVIDER_CHOICES)}, got {choice!r}")
+    if PROVIDERS[choice] not in available:
+        raise ConfigError(f"--provider {choice}: this onnxruntime build has no {PROVIDERS[choice]} (it offers "
+                          f"{', '.join(available)}; install onnxruntime-gpu for CUDA/TensorRT)")
+    return PROVIDERS[choice], None
+
+
+def session(model: str | os.PathLike | bytes, threads: int | None = None, provider: str = "cpu",
+            on_warning=None):
+    """An onnxruntime ``InferenceSession`` for a model path or serialised model bytes, on ``provider``
+    (:data:`PROVIDER_CHOICES`; a GPU provider keeps the CPU as onnxruntime's fallback for unsupported nodes)."""
     ort = import_onnxruntime()
+    chosen, warning = choose_provider(provider, ort.get_available_providers())
+    if warning and on_warning:
+        on_warning(warning)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = int(threads)
     source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    providers = [chosen] if chosen == PROVIDERS["cpu"] else [chosen, PROVIDERS["cpu"]]
+    sess = ort.InferenceSession(source, options, providers=providers)
+    if sess.get_providers()[0] != chosen and on_warning:  # e.g. CUDA present but its libraries failed to load
+        on_warning(f"--provider {provider}: onnxruntime could not start {chosen}; running on "
+                   f"{sess.get_providers()[0]}")
+    return sess
 
 
-# ---------------------------------------------------------------------------------------------- metadata
 def build_metadata(*, class_names: Sequence[str], img_size: int, mean: Sequence[float], std: Sequence[float],
                    base_model: str | None, profile: str | None, summary: dict | None,
                    interpolation: str = "bicubic", crop_pct: float = LEGACY_CROP["crop_pct"],
@@ -157,17 +203,20 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------- prediction
 def predict(model_path: str | os.PathLike, images: Iterable[str | os.PathLike], top_k: int = 5,
-            batch_size: int = 16, threads: int | None = None) -> list[dict[str, Any]]:
-    """Classify images with an exported model.
+            batch_size: int = 16, threads: int | None = None, provider: str = "cpu",
+            on_warning=None) -> list[dict[str, Any]]:
+    """Classify images with an exported model on onnxruntime's ``provider`` (:func:`choose_provider`).
 
     Returns:
-        One dict per image: ``{"image": path, "top": [{"class", "index", "probability"}, ...]}``, best first.
+        One dict per image: ``{"image": path, "provider": the execution provider used, "top": [{"class", "index",
+        "probability"}, ...]}``, best first.
     """
     if top_k < 1:
         raise ConfigError(f"--top-k: must be >= 1, got {top_k}")
     if not Path(model_path).is_file():
         raise ConfigError(f"{model_path}: no such model file")
-    sess = session(model_path, threads)
+    sess = session(model_path, threads, provider=provider, on_warning=on_warning)
+    used = sess.get_providers()[0]
     meta = read_metadata(sess)
     names = meta["class_names"]
     input_name = sess.get_inputs()[0].name
@@ -179,7 +228,7 @@ def predict(model_path: str | os.PathLike, images: Iterable[str | os.PathLike], 
         probs = softmax(sess.run(None, {input_name: x})[0].astype(np.float64))
         for path, p in zip(chunk, probs):
             order = np.argsort(-p, kind="stable")[:top_k]
-            results.append({"image": path, "top": [
+            results.append({"image": path, "provider": used, "top": [
                 {"class": names[i] if i < len(names) else str(i), "index": int(i), "probability": float(p[i])}
                 for i in order]})
     return results

@@ -7,7 +7,7 @@ from contextlib import nullcontext
 
 import torch
 
-from .profiles import read_cpu_flags
+from .host import read_cpu_flags
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -21,6 +21,8 @@ from typing import Any, Iterable, Mapping
 import psutil
 import yaml
 
+from . import host
+
 __all__ = ["DeviceProfile", "ProfileError", "detect_host", "list_profiles", "load_profile", "parse_profile"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -38,7 +40,8 @@ _REQUIRED = (
     "default_batch_size",
     "default_precision",
 )
-_OPTIONAL = {"fast_precisions": [], "threads": None, "flop_ceiling_per_step": None, "target_step_seconds": None}
+_OPTIONAL = {"fast_precisions": [], "threads": None, "flop_ceiling_per_step": None, "target_step_seconds": None,
+             "host_match": []}
 _ALIAS_FIELDS = ("name", "description", "alias_of")
 
 # Units a memory size may be written in. Decimal and binary prefixes both appear in spec sheets, so both are
@@ -92,6 +95,8 @@ class DeviceProfile:
         default_batch_size: Batch size used when the run does not set one.
         default_precision: ``"fp32"``, ``"bf16"``, ``"fp16"``, or ``"auto"`` (the trainer picks for the host).
         source: Where the profile was loaded from (a file path, or ``"detect_host"``).
+        host_match: Words that identify the hardware the profile describes, matched case-insensitively against
+            the host's architecture and board model (:func:`match_host`; ``edge-alast doctor``).
         alias_of: For a profile loaded through an alias, the name of the profile it stands for.
     """
 
@@ -108,6 +113,7 @@ class DeviceProfile:
     default_precision: str
     source: str
     alias_of: str | None = None
+    host_match: tuple[str, ...] = ()
 
     def flop_ceiling(self, precision: str) -> float | None:
         """FLOP budget for one training step at ``precision``, or None if the profile sets no ceiling.
@@ -261,6 +267,10 @@ def parse_profile(data: Mapping[str, Any], source: str) -> DeviceProfile:
     if ceiling is not None and target is not None:
         raise _fail(source, "fields 'flop_ceiling_per_step' and 'target_step_seconds' are exclusive; set one")
 
+    host_match = values["host_match"]
+    if not isinstance(host_match, list) or not all(isinstance(w, str) and w.strip() for w in host_match):
+        raise _field_error(source, "host_match", "a list of words, e.g. ['aarch64', 'Raspberry Pi 5']", host_match)
+
     default_precision = _choice(source, "default_precision", values["default_precision"], DEFAULT_PRECISIONS)
     if default_precision in FAST_PRECISIONS and default_precision not in fast:
         raise _fail(
@@ -281,6 +291,7 @@ def parse_profile(data: Mapping[str, Any], source: str) -> DeviceProfile:
         default_batch_size=_positive_int(source, "default_batch_size", values["default_batch_size"]),
         default_precision=default_precision,
         source=source,
+        host_match=tuple(w.strip() for w in host_match),
     )
 
 
@@ -390,48 +401,6 @@ def load_profile(name_or_path: str | os.PathLike) -> DeviceProfile:
 # ================================================================================================================
 
 
-def read_cpu_flags(cpuinfo_path: str | os.PathLike = "/proc/cpuinfo") -> set[str]:
-    """CPU feature flags from /proc/cpuinfo (x86 ``flags``, ARM ``Features``); empty if the file is unreadable."""
-    try:
-        text = Path(cpuinfo_path).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return set()
-    flags: set[str] = set()
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip().lower() in ("flags", "features"):
-            flags.update(value.split())
-    return flags
-
-
-def _read_cgroup_limit(path: str | os.PathLike) -> int | None:
-    """The cgroup v2 ``memory.max`` limit in bytes, or None when it is ``max``, absent or unreadable."""
-    try:
-        text = Path(path).read_text(encoding="utf-8").strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() and int(text) > 0 else None
-
-
-def _cpu_threads() -> int:
-    """CPUs this process may run on, reduced to physical cores when psutil knows them (SMT siblings add little)."""
-    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    physical = psutil.cpu_count(logical=False)
-    return max(1, min(logical, physical) if physical else logical)
-
-
-def _cuda_device() -> tuple[str, int, int, tuple[int, int]] | None:
-    """(name, total memory, SM count, compute capability) of CUDA device 0, or None without torch or CUDA."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    if not torch.cuda.is_available():
-        return None
-    props = torch.cuda.get_device_properties(0)
-    return props.name, int(props.total_memory), int(props.multi_processor_count), (props.major, props.minor)
-
-
 def detect_host(
     *,
     cpuinfo_path: str | os.PathLike = "/proc/cpuinfo",
@@ -452,12 +421,12 @@ def detect_host(
         probe_cuda: Look for a CUDA device (imports torch). False describes the CPU only.
     """
     ram = psutil.virtual_memory().total
-    cgroup_limit = _read_cgroup_limit(cgroup_memory_path)
+    cgroup_limit = host.read_cgroup_limit(cgroup_memory_path)
     ram_limit = min(ram, cgroup_limit) if cgroup_limit is not None else ram
     memory_note = f"cgroup limit {cgroup_limit} B" if ram_limit != ram else f"system RAM {ram} B"
-    threads = _cpu_threads()
+    threads = host.cpu_threads()
     is_jetson = Path(tegra_release_path).exists()
-    cuda = _cuda_device() if probe_cuda else None
+    cuda = host.cuda_device() if probe_cuda else None
 
     if cuda is not None:
         gpu_name, gpu_memory, sm_count, capability = cuda
@@ -478,7 +447,7 @@ def detect_host(
         )
     else:
         memory = ram_limit
-        cpu_flags = read_cpu_flags(cpuinfo_path)
+        cpu_flags = host.read_cpu_flags(cpuinfo_path)
         fast = ["bf16"] if cpu_flags & {"avx512_bf16", "amx_bf16"} else []
         per_core = _CPU_FLOPS_PER_CORE_AVX512 if "avx512f" in cpu_flags else _CPU_FLOPS_PER_CORE
         flops = {"fp32": threads * per_core}
@@ -504,3 +473,21 @@ def detect_host(
         "default_precision": default_precision,
     }
     return parse_profile(data, "detect_host")
+
+
+def match_host(machine: str, board: str | None, memory_bytes: int) -> DeviceProfile | None:
+    """The shipped profile that describes this host: every word of its ``host_match`` found (case-insensitively)
+    in ``"<machine> <board model>"``; among those, the largest memory ceiling that fits ``memory_bytes`` (the 4 GB
+    and 8 GB variants of a board share their words). None when no profile matches."""
+    text = f"{machine} {board or ''}".lower()
+    found = []
+    for name, entry in _shipped_files().items():
+        profile = _load_file(entry, str(entry), allow_alias=False)
+        if profile is None or not profile.host_match:
+            continue
+        if all(word.lower() in text for word in profile.host_match):
+            found.append(profile)
+    fitting = [p for p in found if p.memory_ceiling_bytes <= memory_bytes]
+    pool = fitting or found
+    return max(pool, key=lambda p: (len(p.host_match), p.memory_ceiling_bytes) if fitting else
+               (len(p.host_match), -p.memory_ceiling_bytes), default=None)

@@ -1,0 +1,57 @@
+"""Host probes: cgroup v1/v2 limits of this process's own cgroup, board model strings, profile matching."""
+from __future__ import annotations
+
+from edge_alast.device import host
+from edge_alast.device.profiles import match_host
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_cgroup_v2_limit_of_the_process_own_group(tmp_path):
+    proc = write(tmp_path / "cgroup", "0::/system.slice/edge.service\n")
+    write(tmp_path / "v2/system.slice/edge.service/memory.max", "2147483648\n")
+    write(tmp_path / "v2/system.slice/edge.service/memory.current", "1073741824\n")
+    found = host.cgroup_memory(proc, tmp_path / "v2", tmp_path / "v1")
+    assert found == {"version": 2, "limit_bytes": 2**31, "usage_bytes": 2**30,
+                     "path": str(tmp_path / "v2/system.slice/edge.service")}
+
+
+def test_cgroup_v1_limit_and_unlimited_v1_reads_as_none(tmp_path):
+    proc = write(tmp_path / "cgroup", "12:memory:/edge\n3:cpu,cpuacct:/edge\n")
+    write(tmp_path / "v1/edge/memory.limit_in_bytes", str(900 * 2**20))
+    write(tmp_path / "v1/edge/memory.usage_in_bytes", str(100 * 2**20))
+    found = host.cgroup_memory(proc, tmp_path / "v2", tmp_path / "v1")
+    assert found["version"] == 1 and found["limit_bytes"] == 900 * 2**20 and found["usage_bytes"] == 100 * 2**20
+    write(tmp_path / "v1/edge/memory.limit_in_bytes", "9223372036854771712")  # v1's "no limit"
+    write(tmp_path / "v1/memory.limit_in_bytes", "9223372036854771712")
+    assert host.cgroup_memory(proc, tmp_path / "v2", tmp_path / "v1") is None
+
+
+def test_usable_memory_is_capped_by_the_cgroup_headroom():
+    cgroup = {"version": 1, "limit_bytes": 3 * 2**30, "usage_bytes": 2**30, "path": "/x"}
+    info = host.memory_available(cgroup)
+    assert info["usable_bytes"] == min(info["available_bytes"], 2 * 2**30)
+
+
+def test_board_model_reads_device_tree_and_l4t(tmp_path):
+    model = tmp_path / "model"
+    model.write_bytes(b"NVIDIA Jetson Orin Nano Developer Kit\x00")
+    tegra = write(tmp_path / "nv_tegra_release", "# R36 (release), REVISION: 4.3, GCID: 1\n")
+    assert host.board_model(model, tegra) == {"model": "NVIDIA Jetson Orin Nano Developer Kit",
+                                              "l4t": "R36 (release), REVISION: 4.3, GCID: 1"}
+    assert host.board_model(tmp_path / "none", tmp_path / "none") == {"model": None, "l4t": None}
+
+
+def test_match_host_picks_the_variant_whose_ceiling_fits_the_ram():
+    assert match_host("x86_64", None, 16 * 2**30).name == "laptop_cpu"
+    assert match_host("aarch64", "Raspberry Pi 5 Model B Rev 1.0", 8 * 10**9).name == "raspberry_pi_5_8gb"
+    assert match_host("aarch64", "Raspberry Pi 4 Model B Rev 1.4", 4 * 10**9).name == "raspberry_pi_4_4gb"
+    jetson = "NVIDIA Jetson Orin Nano Developer Kit"
+    assert match_host("aarch64", jetson, 8 * 10**9).name == "jetson_orin_nano_8gb"
+    assert match_host("aarch64", jetson, 4 * 10**9).name == "jetson_orin_nano_4gb"
+    assert match_host("aarch64", "NVIDIA Jetson AGX Orin", 64 * 10**9).name == "jetson_agx_orin_64gb"
+    assert match_host("aarch64", None, 8 * 10**9) is None
