@@ -30,15 +30,12 @@ from pathlib import Path
 RUN = r"""
 import json, sys, resource
 import torch
+from edge_alast import TrainConfig, train
+from edge_alast.training import run as _run  # torch and timm loaded: the RSS the cap leaves room for
 cap = {cap}
 if cap:
-    import psutil
-    rss = psutil.Process().memory_info().rss
-    torch.cuda.init()
-    total = torch.cuda.get_device_properties(0).total_memory
-    fraction = max(0.01, min(1.0, (cap - rss) / total))
-    torch.cuda.set_per_process_memory_fraction(fraction)
-from edge_alast import TrainConfig, train
+    from edge_alast.device.memory import cap_cuda_memory
+    print("CAP " + str(cap_cuda_memory(cap)))
 config = TrainConfig.from_dict(json.loads(sys.argv[1]), source="gpu_check")
 result = train(config)
 s = result.summary
@@ -57,6 +54,8 @@ def run_train(config: dict, cap: int | None = None, timeout: float = 300) -> dic
         return {"error": f"exit {proc.returncode}", "stderr_tail": proc.stderr[-1500:], "wall_seconds": wall}
     summary = json.loads(line[len("SUMMARY "):])
     summary["wall_seconds"] = wall
+    cap_line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("CAP ")), None)
+    summary["cuda_cap_bytes"] = int(cap_line.split()[1]) if cap_line else None
     return summary
 
 
@@ -70,6 +69,7 @@ def section_env() -> dict:
         info.update(gpu=props.name, gpu_memory_bytes=props.total_memory, sm_count=props.multi_processor_count,
                     capability=f"{props.major}.{props.minor}", bf16=torch.cuda.is_bf16_supported())
     try:
+        from edge_alast import _compat  # noqa: F401  (torchvision's CPU import fix, before timm)
         import timm
 
         info["timm"] = timm.__version__
@@ -83,7 +83,7 @@ def section_env() -> dict:
     except ImportError as e:
         info["onnxruntime"] = f"missing: {e}"
     doctor = subprocess.run([sys.executable, "-m", "edge_alast.cli", "doctor", "--json"], capture_output=True,
-                            text=True, timeout=120)
+                            text=True, timeout=300)
     try:
         info["doctor"] = json.loads(doctor.stdout)
     except ValueError:
@@ -160,9 +160,10 @@ def main(argv=None) -> int:
         results["jetson"] = []
         from edge_alast.device.profiles import load_profile
 
-        for profile_name in ("jetson_orin_nano_8gb", "jetson_orin_nano_4gb"):
+        for profile_name, method in (("jetson_orin_nano_8gb", "alast"), ("jetson_orin_nano_8gb", "full"),
+                                     ("jetson_orin_nano_4gb", "alast")):
             profile = load_profile(profile_name)
-            for method in ("alast", "full"):
+            if True:
                 if over_budget(f"jetson {profile_name} {method}"):
                     continue
                 s = run_train(base_config(args, runs / f"{profile_name}-{method}", method=method,
@@ -194,12 +195,13 @@ def _pick(s: dict) -> dict:
     keys = ("steps", "batch_size", "precision", "mean_step_seconds", "cuda_max_memory_allocated_bytes",
             "train_peak_rss_bytes", "peak_rss_bytes", "ru_maxrss_bytes", "predicted_peak_bytes",
             "predicted_train_peak_bytes", "memory_ceiling_bytes", "train_flops_per_step", "val_accuracy",
-            "budgets", "planner_notes", "wall_seconds")
+            "budgets", "planner_notes", "wall_seconds", "cuda_cap_bytes")
     return {k: s.get(k) for k in keys}
 
 
 def compile_probe(steps: int = 20) -> dict:
     """A plain timm ViT-S/14 training step at 224 px, batch 16, bf16 autocast: eager against torch.compile."""
+    from edge_alast import _compat  # noqa: F401
     import timm
     import torch
 

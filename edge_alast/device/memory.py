@@ -104,3 +104,19 @@ class PeakTracker:
         """The highest RSS of the process so far (every interval, and the one in progress)."""
         current = _vm_hwm_bytes() if self._resettable else peak_rss_bytes()
         return max(self._lifetime, current or 0)
+
+
+def cap_cuda_memory(ceiling_bytes: int, device: int = 0) -> int:
+    """Cap the CUDA caching allocator so that this process's RSS plus its CUDA allocations stay under
+    ``ceiling_bytes``: on a Jetson the CPU and the GPU share one memory, so the profile's ceiling covers both.
+
+    The cap is the ceiling minus the process's RSS now (torch, timm and the host-side runtime are loaded by then);
+    an allocation beyond it raises ``torch.OutOfMemoryError`` in this process instead of pushing the board into
+    the kernel's OOM killer. Returns the cap in bytes.
+    """
+    import torch
+
+    total = torch.cuda.get_device_properties(device).total_memory
+    cap = max(0, int(ceiling_bytes) - rss_bytes())
+    torch.cuda.set_per_process_memory_fraction(max(1e-3, min(1.0, cap / total)), device)
+    return cap
