@@ -228,8 +228,11 @@ def _sha256(data: bytes) -> str:
 
 
 def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()  # hashlib.file_digest is Python 3.11+; JetPack 6 ships 3.10
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _convert(fmt: str, fp32: bytes, meta_props: dict[str, str]) -> bytes:
