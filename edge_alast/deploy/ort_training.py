@@ -108,6 +108,22 @@ def add_layernorm_outputs(proto) -> int:
     return changed
 
 
+def require_training_build(command: str) -> None:
+    """Raise a ConfigError naming the cause when this onnxruntime is not the training build: ONNX Runtime training
+    shipped its last release (onnxruntime-training-cpu 1.19.2) for x86_64 only, and plain onnxruntime (aarch64
+    boards, or a laptop that installed it) has no ``onnxruntime/training`` package."""
+    import importlib.util
+    import platform
+
+    spec = importlib.util.find_spec("onnxruntime")
+    folder = Path(spec.origin).parent / "training" if spec and spec.origin else None
+    if folder is None or not (folder / "api").is_dir():
+        have = "no onnxruntime" if spec is None else "plain onnxruntime"
+        raise ConfigError(f"{command} needs the x86_64 onnxruntime-training build (onnxruntime-training-cpu 1.19.2, "
+                          f"the last training release; none exists for {platform.machine()}): this host has {have}. "
+                          "Fine-tune with `edge-alast train` instead")
+
+
 def generate_training_artifacts(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
                                 trainable_fraction: float = TRAINABLE_FRACTION, opset: int = 17,
                                 batch_size: int = 2) -> dict[str, Any]:
@@ -120,6 +136,7 @@ def generate_training_artifacts(run_dir: str | os.PathLike, out_dir: str | os.Pa
     Returns:
         The contents of ``meta.json``.
     """
+    require_training_build("export --format ort-training")
     import onnx
     import torch
     from onnxruntime.training import artifacts
@@ -246,6 +263,7 @@ def train_ort(artifacts_dir: str | os.PathLike, data: str | os.PathLike, out: st
     Returns:
         The summary (as written).
     """
+    require_training_build("train-ort")
     import onnx
 
     from ..device.memory import peak_rss_bytes, rss_bytes
