@@ -263,7 +263,8 @@ class TrainConfig:
     eval_images: int = option(256, flag="--eval-images",
                               help="Size of the fixed validation subset --eval-every evaluates on (spread evenly "
                                    "over the validation images; all of them when fewer).")
-    lr: float = option(3e-5, flag="--lr", help="Learning rate.")
+    lr: float | None = option(None, flag="--lr", help="Learning rate; default: the method's (3e-5 for full and "
+                                                      "alast, 1e-3 for head and the LoRA/Light-PEFT methods).")
     weight_decay: float = 0.05
     optimizer: str = option("adamw", choices=OPTIMIZERS)
     schedule: str = option("constant", flag="--schedule", choices=SCHEDULES, help="LR schedule.")
@@ -314,6 +315,11 @@ class TrainConfig:
         for key in SECTIONS:  # the Python API may pass the sections as plain mappings, as a run file does
             setattr(self, key, _section(key, getattr(self, key), "config"))
         _check_numbers(self, self.name)
+        # No --lr: the method's own (methods.MethodSpec.default_lr), resolved here so that everything downstream,
+        # the resume key included, sees one number; lr_source tells summary.json which it was.
+        self.lr_source = "given" if self.lr is not None else "method default"
+        if self.lr is None and self.method in METHODS:
+            self.lr = METHODS[self.method].default_lr
 
     def name(self, key: str) -> str:
         return field_name(TrainConfig, key)
@@ -347,7 +353,7 @@ class TrainConfig:
             raise bad("recompute_blocks", f"must be block indices >= 0, got {self.recompute_blocks}")
         if self.batch_size is not None and self.batch_size < 1:
             raise bad("batch_size", f"must be >= 1, got {self.batch_size}")
-        if not self.lr > 0:
+        if self.lr is None or not self.lr > 0:
             raise bad("lr", f"must be > 0, got {self.lr}")
         if self.weight_decay < 0:
             raise bad("weight_decay", f"must be >= 0, got {self.weight_decay}")

@@ -106,3 +106,21 @@ def test_resolved_precision_is_part_of_the_resume_key():
     c = cfg(precision="auto")
     assert c.resume_key("fp32")["precision_resolved"] == "fp32"
     assert c.resume_key("fp32") != c.resume_key("bf16")
+
+
+@pytest.mark.parametrize("method, lr", [("full", 3e-5), ("alast", 3e-5), ("head", 1e-3), ("lora", 1e-3),
+                                        ("alast-lora", 1e-3), ("light-peft", 1e-3), ("light-peft+alast", 1e-3)])
+def test_no_lr_takes_the_method_default_and_says_so(method, lr):
+    config = cfg(method=method)
+    assert config.lr == lr and config.lr_source == "method default"
+    given = cfg(method=method, lr=2e-4)
+    assert given.lr == 2e-4 and given.lr_source == "given"
+
+
+def test_a_fleet_run_config_without_lr_leaves_it_to_the_method():
+    from edge_alast.fleet.settings import FleetSettings
+
+    settings = FleetSettings.from_run_config({"method": "alast-lora", "out": "/tmp/x", "val-data": "/tmp/v",
+                                              "weights": "/tmp/w.safetensors"})
+    assert settings.train["lr"] is None
+    assert TrainConfig.from_dict({**settings.train, "data": "d", "out": "o"}).lr == 1e-3

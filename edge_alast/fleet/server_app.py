@@ -21,6 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from ..atomic import atomic_write_json
+from ..methods import METHODS
 from ..errors import EdgeAlastError
 from .node import record_tensors, weights_checksum
 from .server import ERROR_FILE, GlobalModel
@@ -132,7 +133,8 @@ def make_strategy(settings: FleetSettings):
     if settings.strategy == "fedprox":
         return FleetFedProx(proximal_mu=settings.proximal_mu, **common)
     if settings.strategy == "fedadam":
-        return FleetFedAdam(eta=settings.server_lr, eta_l=float(settings.train["lr"]), tau=settings.server_tau,
+        eta_l = settings.train["lr"] or METHODS[settings.train["method"]].default_lr
+        return FleetFedAdam(eta=settings.server_lr, eta_l=float(eta_l), tau=settings.server_tau,
                             **common)
     return FleetFedAvg(**common)
 

@@ -33,7 +33,8 @@ RUN_CONFIG: dict[str, tuple[Any, str]] = {
     "weights": ("", "base weights file; every node needs the same file (node config `weights` for its path)"),
     "img-size": (_TRAIN["img_size"].default, "input side in pixels"),
     "batch-size": (0, "batch size on every node; 0: each node's profile default (16 without a profile)"),
-    "lr": (_TRAIN["lr"].default, "learning rate of each node's optimizer (a fresh optimizer every round)"),
+    "lr": (0.0, "learning rate of each node's optimizer (a fresh optimizer every round); 0: the method's default "
+                "(3e-5 for full and alast, 1e-3 for head and the LoRA methods)"),
     "steps-per-round": (10, "training steps each node runs per round (node config `steps` overrides)"),
     "seed": (_TRAIN["seed"].default, "seed; a node's round r trains with seed + r (a new data order each round)"),
     "train-config": ("{}", "JSON object of any other TrainConfig keys (lora, alast, precision, augment, ...)"),
@@ -115,9 +116,10 @@ class FleetSettings:
             raise ConfigError(f"run config train-config: {', '.join(owned)} are set by the fleet for each round "
                               "(node config: data, out, profile, device; run config: val-data, out, export)")
         train = dict(extra)
-        for key, field in (("method", "method"), ("model", "model"), ("img-size", "img_size"), ("lr", "lr"),
+        for key, field in (("method", "method"), ("model", "model"), ("img-size", "img_size"),
                            ("steps-per-round", "steps"), ("seed", "seed")):
             train[field] = get[key]
+        train["lr"] = float(get["lr"]) or extra.get("lr")  # None: TrainConfig takes the method's default
         if extra.get("epochs") is not None:  # epochs per round instead of steps
             train["steps"] = None
         train["weights"] = _text(get["weights"]) or extra.get("weights")
