@@ -1,9 +1,11 @@
-"""Atomic file writes: a reader sees the old file or the whole new one, never a half-written one.
+"""Atomic file writes: a reader sees the old file or the whole new one, never a half-written one; and the sha256
+that checks a written file (checkpoint sidecars, export manifests, fleet weights).
 
 Temp file in the same folder, fsync, ``os.replace``, fsync the folder (so the rename survives power loss).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -67,3 +69,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read a chunk at a time (a checkpoint or weights file is never held in memory whole;
+    ``hashlib.file_digest`` would do this too, but only from Python 3.11)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(chunk_bytes), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -10,7 +10,6 @@ parity against PyTorch in onnxruntime, and only then renamed into place; ``manif
 from __future__ import annotations
 
 import gc
-import hashlib
 import io
 import json
 import os
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..atomic import atomic_write, atomic_write_json, atomic_write_path
+from ..atomic import atomic_write, atomic_write_json, atomic_write_path, sha256_bytes, sha256_file
 from ..errors import ConfigError, EdgeAlastError
 from ..data.images import LEGACY_CROP
 from ..device.memory import trim_heap
@@ -223,18 +222,6 @@ def _median_latency_ms(sess, x: np.ndarray, runs: int = 10, warmup: int = 2) -> 
     return statistics.median(times) * 1000.0
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()  # hashlib.file_digest is Python 3.11+; JetPack 6 ships 3.10
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _convert(fmt: str, fp32: bytes, meta_props: dict[str, str]) -> bytes:
     """fp16 (weights and activations, fp32 inputs/outputs) or int8 (dynamic quantisation of MatMul weights)."""
     import onnx
@@ -362,7 +349,7 @@ def _export(owner: list[nn.Module], path: str | os.PathLike, *, img_size: int, c
             data = None if fmt == "fp32" else _convert(fmt, tmp.read_bytes(), meta_props)
             s = sess if fmt == "fp32" else session(data)
             logits = got if fmt == "fp32" else run_onnx(s)
-            digest, size = (_sha256_file(tmp), tmp.stat().st_size) if data is None else (_sha256(data), len(data))
+            digest, size = (sha256_file(tmp), tmp.stat().st_size) if data is None else (sha256_bytes(data), len(data))
             entry = {"file": FORMAT_FILES[fmt], "sha256": digest, "size_bytes": size,
                      "latency_ms_batch1": _median_latency_ms(s, one),
                      "top1_agreement_with_pytorch": float((logits.argmax(-1) == ref.argmax(-1)).mean())}

@@ -9,7 +9,6 @@ as ``train`` writes it, without the model file: the node's weights are the serve
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -21,7 +20,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from ..atomic import atomic_write_bytes, atomic_write_json
+from ..atomic import atomic_write_bytes, atomic_write_json, sha256_file
 from ..errors import ConfigError
 from ..deploy.export import MODEL_FILE
 from ..training.trainer import train
@@ -159,11 +158,7 @@ def weights_checksum(path: str | os.PathLike, cache_dir: Path | None = None) -> 
                 return saved["sha256"]
         except (OSError, ValueError, KeyError, AttributeError):
             pass
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
+    digest = sha256_file(path)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(cache, {"file": ident, "sha256": digest})

@@ -8,7 +8,6 @@ takes the first that verifies, so a damaged newest checkpoint falls back to the 
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from pathlib import Path
@@ -16,18 +15,10 @@ from typing import Any
 
 import torch
 
-from ..atomic import atomic_write, atomic_write_bytes
+from ..atomic import atomic_write, atomic_write_bytes, sha256_file
 
 KEEP = 2
 _NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -48,7 +39,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict[str, Any]
     run_dir = Path(run_dir)
     path = run_dir / f"checkpoint-{step:08d}.pt"
     atomic_write(path, lambda f: torch.save(state, f))
-    atomic_write_bytes(path.with_suffix(".sha256"), (_sha256(path) + "\n").encode())
+    atomic_write_bytes(path.with_suffix(".sha256"), (sha256_file(path) + "\n").encode())
     for _, old in checkpoints(run_dir)[KEEP:]:
         old.with_suffix(".sha256").unlink(missing_ok=True)
         old.unlink(missing_ok=True)
@@ -62,7 +53,7 @@ def verify(path: Path) -> str | None:
         expected = sidecar.read_text().strip()
     except OSError:
         return "no checksum file (the write did not finish)"
-    if _sha256(path) != expected:
+    if sha256_file(path) != expected:
         return "checksum mismatch (damaged file)"
     return None
 
