@@ -5,7 +5,8 @@ from conftest import tiny_model
 from edge_alast.adapters.lightpeft import add_masks
 from edge_alast.adapters.lora import LoraConfig, apply_lora
 from edge_alast.methods import METHODS
-from edge_alast.model.trainable import TrainableSet, is_embedding, is_head
+from edge_alast.model.names import is_embedding, is_head
+from edge_alast.model.trainable import TrainableSet
 
 
 def built(method):

@@ -40,13 +40,13 @@ from .. import __version__
 from ..atomic import atomic_write, atomic_write_json, atomic_write_path
 from ..errors import ConfigError, EdgeAlastError
 from ..data.images import load_image, scan_image_folder, scan_warnings, split_samples
+from ..model.names import block_index, is_final_norm, is_head
 from ..runfolder import read_metrics, steady
 from .predict import MAX_IR_VERSION, build_metadata, image_args, import_onnxruntime, limit_ir_version, set_metadata
 
 ARTIFACTS_DIR = "ort_training"
 META_FILE = "meta.json"
 TRAINABLE_FRACTION = 0.25
-HEAD_PARAMS = ("norm.", "fc_norm.", "head.", "head_dist.")
 
 
 class OrtTrainingError(EdgeAlastError):
@@ -76,10 +76,10 @@ def choose_trainable_blocks(budgets: Sequence[float], fraction: float = TRAINABL
 
 
 def is_trainable(name: str, blocks: Sequence[int]) -> bool:
-    if name.startswith(HEAD_PARAMS):
+    """The final norm and the head always train; a block's parameters when the block is one of ``blocks``."""
+    if is_final_norm(name) or is_head(name):
         return True
-    parts = name.split(".")
-    return parts[0] == "blocks" and len(parts) > 1 and parts[1].isdigit() and int(parts[1]) in blocks
+    return block_index(name) in blocks
 
 
 # ---------------------------------------------------------------------------------------------- artifacts (torch)

@@ -32,7 +32,8 @@ from .calibration import Calibration, full_tokens
 from ..model.flops import StepFlopCounter, block_kinds
 from ..adapters.lora import LoRALinear
 from ..alast.policy import StepPlan, tokens_per_block
-from ..model.trainable import TrainableSet, is_embedding, is_head
+from ..model.names import is_embedding, is_head
+from ..model.trainable import TrainableSet
 
 __all__ = ["CostModel", "StepShape"]
 

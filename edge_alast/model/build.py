@@ -14,7 +14,7 @@ import timm
 from ..errors import ConfigError
 from ..data.images import CROP_MODES
 
-from .trainable import HEAD_PREFIXES
+from .names import HEAD_PREFIXES
 
 
 def create_model(name: str, num_classes: int, img_size: int, **kwargs) -> nn.Module:

@@ -12,20 +12,7 @@ from typing import Iterator
 from torch import nn
 
 from ..methods import BLOCKS_ADAPTERS, BLOCKS_ALL, BLOCKS_NONE, MethodSpec
-
-# Parameter name prefixes of the parts outside the blocks (timm ViT naming).
-EMBEDDING_PREFIXES = ("patch_embed.", "cls_token", "pos_embed", "reg_token", "dist_token")
-HEAD_PREFIXES = ("head.", "head_dist.")
-# Parameters that edge-alast adds inside the blocks: LoRA's pair and Light-PEFT's masks (lora.py, lightpeft.py).
-ADAPTER_PARAMS = ("lora_A", "lora_B", "mask")
-
-
-def is_embedding(name: str) -> bool:
-    return name.startswith(EMBEDDING_PREFIXES)
-
-
-def is_head(name: str) -> bool:
-    return name.startswith(HEAD_PREFIXES)
+from .names import ADAPTER_PARAMS, is_embedding, is_head
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ from ..methods import ESTIMATE, FINETUNE
 from ..alast.patch import AlastHandle, apply_patch
 from ..alast.policy import AlastPolicy, StaticPolicy, make_policy
 from .run import Run
-from ..model.trainable import TrainableSet, is_embedding
+from ..model.names import is_embedding
+from ..model.trainable import TrainableSet
 
 
 @dataclass
