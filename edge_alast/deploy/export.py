@@ -30,7 +30,8 @@ from ..atomic import atomic_write, atomic_write_json, atomic_write_path, sha256_
 from ..errors import ConfigError, EdgeAlastError
 from ..data.images import LEGACY_CROP
 from ..device.memory import trim_heap
-from .predict import build_metadata, decode_metadata, limit_ir_version, session, set_metadata
+from .onnxmeta import build_metadata, decode_metadata, limit_ir_version, set_metadata
+from .predict import session
 
 MODEL_FILE = "model.safetensors"
 ONNX_FILE = "model.onnx"

@@ -42,7 +42,9 @@ from ..errors import ConfigError, EdgeAlastError
 from ..data.images import load_image, scan_image_folder, scan_warnings, split_samples
 from ..model.names import block_index, is_final_norm, is_head
 from ..runfolder import read_metrics, steady
-from .predict import MAX_IR_VERSION, build_metadata, image_args, import_onnxruntime, limit_ir_version, set_metadata
+from .onnxmeta import (MAX_IR_VERSION, build_metadata, decode_metadata, image_args, limit_ir_version,
+                       set_metadata)
+from .predict import import_onnxruntime
 
 ARTIFACTS_DIR = "ort_training"
 META_FILE = "meta.json"
@@ -267,7 +269,6 @@ def train_ort(artifacts_dir: str | os.PathLike, data: str | os.PathLike, out: st
     import onnx
 
     from ..device.memory import peak_rss_bytes, rss_bytes
-    from .predict import decode_metadata
 
     emit = on_event or (lambda event: None)
     if steps < 1:
