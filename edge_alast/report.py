@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -29,12 +28,11 @@ import numpy as np
 from . import __version__
 from .atomic import atomic_write_bytes
 from .errors import ConfigError
+from .runfolder import (BUDGET_METRICS, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, budget_metric, metric,
+                        read_json_if_any, scan_metrics, steady)
 
 MATPLOTLIB_MISSING = "edge-alast report needs matplotlib: pip install 'edge-alast[report]'"
 NO_VALIDATION = "no validation curve (train with --eval-every N)"
-# Per-block budgets, most specific first: the policy's own budgets, else the keep ratios the step's plan used
-# (the name "budget/keep_ratio" is the older spelling of "plan/keep_ratio").
-BUDGET_KEYS = ("budget/raw", "plan/keep_ratio", "budget/keep_ratio")
 MIB = 2 ** 20
 
 
@@ -75,7 +73,7 @@ class RunRecord:
 
     def series(self, key: str) -> np.ndarray:
         """Per-step scalar ``key`` as floats (NaN where a step line lacks it)."""
-        return np.array([_float(s.get(key)) for s in self.steps], dtype=float)
+        return np.array([_float(metric(s, key)) for s in self.steps], dtype=float)
 
     @property
     def step_numbers(self) -> np.ndarray:
@@ -100,8 +98,8 @@ class RunRecord:
         return 0.0 if i < 0 else float(values[i])
 
     def depth(self) -> int:
-        lengths = [len(s[k]) for s in self.steps for k in (*BUDGET_KEYS, "tokens/per_block")
-                   if isinstance(s.get(k), list)]
+        lengths = [len(metric(s, k)) for s in self.steps for k in (*BUDGET_METRICS, "tokens/per_block")
+                   if isinstance(metric(s, k), list)]
         indices = [i + 1 for s in self.steps for i in _ints(s.get("blocks/trainable"))]
         budgets = (self.summary or {}).get("budgets")
         lengths.append(len(budgets) if isinstance(budgets, list) else 0)
@@ -109,12 +107,12 @@ class RunRecord:
 
     def block_matrix(self, key: str) -> np.ndarray | None:
         """Per-block list ``key`` as a (depth, steps) array over the contiguous step range; NaN where missing."""
-        if not any(isinstance(s.get(key), list) for s in self.steps):
+        if not any(isinstance(metric(s, key), list) for s in self.steps):
             return None
         first, depth = self.steps[0]["step"], self.depth()
         matrix = np.full((depth, self.steps[-1]["step"] - first + 1), np.nan)
         for s in self.steps:
-            values = s.get(key)
+            values = metric(s, key)
             if isinstance(values, list):
                 matrix[:len(values), s["step"] - first] = [_float(v) for v in values]
         return matrix
@@ -135,8 +133,7 @@ class RunRecord:
         """The summary table's figures: from ``summary.json``, else computed from ``metrics.jsonl``."""
         summary = self.summary or {}
         seconds = self.series("time/step_seconds")
-        seconds = seconds[~np.isnan(seconds)]
-        warm = min(5, len(seconds) // 5)  # the trainer's steady-state rule (first steps excluded)
+        seconds = steady(seconds[~np.isnan(seconds)].tolist())  # the trainer's rule: warm-up steps left out
         flops = self.series("flops/step")
         peak = self.series("mem/peak_rss_bytes")
         val = summary.get("val_accuracy")
@@ -148,7 +145,7 @@ class RunRecord:
             "steps": summary.get("steps", len(self.steps)),
             "val_accuracy": val,
             "mean_step_seconds": summary.get("mean_step_seconds",
-                                             float(seconds[warm:].mean()) if len(seconds) else None),
+                                             float(np.mean(seconds)) if seconds else None),
             "peak_rss_mib": _div(summary.get("peak_rss_bytes", _nanmax(peak)), MIB),
             "gflops_per_step": _div(summary.get("train_flops_per_step", _nanmean(flops)), 1e9),
             "from_summary": self.summary is not None,
@@ -178,14 +175,6 @@ def _div(value, by: float):
     return None if value is None else float(value) / by
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):  # absent, or unreadable: the report says what it could not use
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def load_run(path: str | Path) -> RunRecord:
     """Read a run folder. Lines of ``metrics.jsonl`` that are not JSON objects are skipped and counted.
 
@@ -195,26 +184,16 @@ def load_run(path: str | Path) -> RunRecord:
     path = Path(path)
     if not path.is_dir():
         raise ConfigError(f"RUN_DIR: {path} is not a folder")
-    metrics = path / "metrics.jsonl"
+    metrics = path / METRICS_FILE
     try:
-        text = metrics.read_bytes().decode("utf-8", errors="replace")
+        records, skipped = scan_metrics(metrics)
     except FileNotFoundError:
-        raise ConfigError(f"RUN_DIR: {path} has no metrics.jsonl (not an edge-alast run folder?)") from None
+        raise ConfigError(f"RUN_DIR: {path} has no {METRICS_FILE} (not an edge-alast run folder?)") from None
     except OSError as e:
         raise ConfigError(f"RUN_DIR: cannot read {metrics}: {e}") from e
     steps: dict[int, dict] = {}
-    evals, events, skipped, last_step = [], [], 0, 0
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            skipped += 1
-            continue
-        if not isinstance(record, dict):
-            skipped += 1
-            continue
+    evals, events, last_step = [], [], 0
+    for record in records:
         kind = record.get("event", "step" if "loss" in record else None)
         step = record.get("step")
         if kind == "step":
@@ -228,8 +207,8 @@ def load_run(path: str | Path) -> RunRecord:
                 evals.append({**record, "step": step if isinstance(step, int) else last_step})
         elif isinstance(step, int):
             events.append(record)
-    summary = _read_json(path / "summary.json")
-    config = (_read_json(path / "config.json") or {}).get("config") or {}
+    summary = read_json_if_any(path / SUMMARY_FILE)  # absent or unreadable: the report says what it could not use
+    config = (read_json_if_any(path / CONFIG_FILE) or {}).get("config") or {}
     run = RunRecord(path=path, name=path.resolve().name or str(path), steps=[steps[k] for k in sorted(steps)],
                     evals=sorted(evals, key=lambda e: e["step"]), events=events, summary=summary,
                     config=config if isinstance(config, dict) else {}, skipped_lines=skipped)
@@ -365,7 +344,7 @@ def _heatmap_with_profile(d: _Drawer, run: RunRecord, matrix: np.ndarray, *, tit
 
 
 def _budget_figure(d: _Drawer, run: RunRecord) -> Figure | None:
-    key = next((k for k in BUDGET_KEYS if any(isinstance(s.get(k), list) for s in run.steps)), None)
+    key = budget_metric(run.steps)
     if key is None:
         return None
     matrix = run.block_matrix(key)

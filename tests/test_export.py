@@ -16,10 +16,12 @@ from edge_alast.cli.deploy import export as export_cmd
 from edge_alast.cli.deploy import predict as predict_cmd
 from edge_alast.config import TrainConfig
 from edge_alast.data.loader import Preprocess
-from edge_alast.deploy.export import (ExportError, ParityError, export_onnx, export_run, load_run_model, save_model)
+from edge_alast.deploy.export import ExportError, ParityError, export_onnx, export_run
 from edge_alast.model.build import create_model
 from edge_alast.data.images import load_image
-from edge_alast.deploy.predict import read_metadata, session
+from edge_alast.deploy.onnxmeta import read_metadata
+from edge_alast.deploy.predict import session
+from edge_alast.runfolder import load_run_model, save_model
 from edge_alast.training.trainer import train
 
 TINY_ARGS = {k: v for k, v in TINY.items() if k not in ("img_size", "num_classes")}

@@ -11,7 +11,8 @@ from edge_alast.cli.deploy import train_ort as train_ort_cmd
 from edge_alast.errors import ConfigError
 from edge_alast.deploy.ort_training import (average_budgets, choose_trainable_blocks, generate_training_artifacts,
                                      is_trainable, train_ort)
-from edge_alast.deploy.predict import predict, read_metadata
+from edge_alast.deploy.onnxmeta import read_metadata
+from edge_alast.deploy.predict import predict
 from test_export import make_run
 
 

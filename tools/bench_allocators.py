@@ -34,11 +34,11 @@ from pathlib import Path
 import yaml
 
 from edge_alast.device.allocator import REEXEC_ENV, find_library
+from edge_alast.runfolder import METRICS_FILE, SUMMARY_FILE, WARMUP_STEPS, read_json, read_metrics, steady
 
 REPO = Path(__file__).resolve().parent.parent
 ALLOCATORS = ("glibc", "glibc-mallopt", "jemalloc", "tcmalloc")
 ADAPTER_METHODS = ("lora", "alast-lora", "light-peft", "light-peft+alast")
-WARMUP = 5  # steps left out of the median step time
 
 # Runs the CLI in this interpreter after tuning glibc: mallopt must come before the large allocations.
 MALLOPT_WRAPPER = ("import sys\n"
@@ -126,12 +126,11 @@ def run_one(name: str, allocator: str, cfg: dict, workdir: Path) -> dict:
 
 
 def read_run(run_dir: Path) -> dict:
-    summary = json.loads((run_dir / "summary.json").read_text())
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    seconds = [r["time/step_seconds"] for r in records if r.get("event") == "step"]
+    summary = read_json(run_dir / SUMMARY_FILE)
+    seconds = [r["time/step_seconds"] for r in read_metrics(run_dir / METRICS_FILE) if r.get("event") == "step"]
     return {"peak_rss_bytes": summary["peak_rss_bytes"], "train_peak_rss_bytes": summary.get("train_peak_rss_bytes"),
             "summary_allocator": summary.get("allocator"), "steps": len(seconds),
-            "median_step_seconds": statistics.median(seconds[WARMUP:] or seconds),
+            "median_step_seconds": statistics.median(steady(seconds)),
             "val_accuracy": summary.get("val_accuracy")}
 
 
@@ -169,7 +168,7 @@ def predict(config_path: str) -> dict:
     worst = dict(plan.breakdown)
     best = {"live": worst["peak"] - worst["allocator_slack"], "activations": worst["activations"], "source": "plan"}
     if run.spec.alast and not run.spec.light_peft:
-        for d in steps_taken(plan, run, Path(config.out) / "metrics.jsonl"):
+        for d in steps_taken(plan, run, Path(config.out) / METRICS_FILE):
             live = d["peak"] - d["allocator_slack"]
             if best["source"] == "plan" or live > best["live"]:
                 best = {"live": live, "activations": d["activations"], "source": "steps taken"}
@@ -283,7 +282,7 @@ def main(argv=None) -> int:
                       file=sys.stderr, flush=True)
     print(f"\n{args.model} @ {args.img_size}px, batch {args.batch_size}, {args.precision}, {args.steps} steps, lr "
           f"{args.lr} ({args.adapter_lr} for adapter methods), Light-PEFT estimation {args.estimation_steps} steps; "
-          f"step s: median of steps {WARMUP + 1}-{args.steps}\n")
+          f"step s: median of steps {min(WARMUP_STEPS, args.steps // 5) + 1}-{args.steps} (runfolder.steady)\n")
     print(table(results, methods, allocators))
     if args.json_out:
         args.json_out.write_text(json.dumps(results, indent=1))

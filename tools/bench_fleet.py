@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from edge_alast.runfolder import read_metrics
+from edge_alast.runfolder import METRICS_FILE, SUMMARY_FILE, read_json, read_metrics
 
 ALAST_METHODS = ("alast", "alast-lora")
 
@@ -100,7 +100,7 @@ def federated(args, method: str, name: str, fault: str | None = None) -> dict:
         events["status"] = status.get("status")
         fleet.save_run_log(run_id)
     events["wall_seconds"] = time.monotonic() - t0
-    summary = json.loads((plan.out / "summary.json").read_text())
+    summary = read_json(plan.out / SUMMARY_FILE)
     summary["bench"] = events
     summary["partition"] = plan.partition
     result_file.write_text(json.dumps(summary, indent=1))
@@ -125,11 +125,11 @@ def train_run(args, name: str, keys: dict, data: str, steps: int, eval_every: in
     wall = time.monotonic() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    summary = json.loads((out / "summary.json").read_text())
-    evals = [r for r in read_metrics(out / "metrics.jsonl") if r.get("event") == "eval"]
+    summary = read_json(out / SUMMARY_FILE)
+    evals = [r for r in read_metrics(out / METRICS_FILE) if r.get("event") == "eval"]
     result = {"name": name, "curve": [e["val_accuracy"] for e in evals], "val_accuracy": summary["val_accuracy"],
               "steps": summary["steps"], "wall_seconds": wall, "train_seconds": sum(
-                  r["time/step_seconds"] for r in read_metrics(out / "metrics.jsonl") if r.get("event") == "step"),
+                  r["time/step_seconds"] for r in read_metrics(out / METRICS_FILE) if r.get("event") == "step"),
               "peak_rss_bytes": summary["train_peak_rss_bytes"]}
     result_file.write_text(json.dumps(result, indent=1))
     return result

@@ -34,6 +34,7 @@ TOOLS = Path(__file__).resolve().parent
 REPO = TOOLS.parent
 sys.path.insert(0, str(TOOLS))
 from bench_images import generate  # noqa: E402
+from edge_alast.runfolder import METRICS_FILE, SUMMARY_FILE, read_json, read_metrics  # noqa: E402
 
 
 def train(cfg: dict, workdir: Path, name: str) -> dict:
@@ -48,9 +49,8 @@ def train(cfg: dict, workdir: Path, name: str) -> dict:
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    summary = json.loads((out / "summary.json").read_text())
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    seconds = [r["time/step_seconds"] for r in records if r.get("event") == "step"]
+    summary = read_json(out / SUMMARY_FILE)
+    seconds = [r["time/step_seconds"] for r in read_metrics(out / METRICS_FILE) if r.get("event") == "step"]
     warnings = [json.loads(x)["message"] for x in proc.stdout.splitlines() if '"warning"' in x]
     return {"name": name, "summary": summary, "step_seconds": seconds, "wall_seconds": wall, "warnings": warnings}
 

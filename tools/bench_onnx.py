@@ -21,9 +21,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from edge_alast.deploy.export import ONNX_FILE, export_run, load_run_model  # noqa: E402
+from edge_alast.deploy.export import ONNX_FILE, export_run  # noqa: E402
 from edge_alast.deploy.ort_training import ARTIFACTS_DIR, META_FILE, generate_training_artifacts, training_api  # noqa: E402
 from edge_alast.deploy.predict import session  # noqa: E402
+from edge_alast.runfolder import load_run_model  # noqa: E402
 
 
 def median_seconds(fn, runs: int, warmup: int) -> float:

@@ -96,13 +96,13 @@ def steps_taken(plan, run, metrics_path: Path):
     """The cost model's breakdown (:meth:`CostModel.peak`) of each training step a run logged in metrics.jsonl."""
     import dataclasses
 
-    from edge_alast.runfolder import read_metrics
+    from edge_alast.runfolder import metric, read_metrics
 
     for rec in read_metrics(metrics_path):
         if rec.get("event") != "step":
             continue
         trainable = [i in rec["blocks/trainable"] for i in range(run.depth)]
-        keep = rec.get("plan/keep_ratio", rec.get("budget/keep_ratio"))
+        keep = metric(rec, "plan/keep_ratio")
         shape = plan.cost.shape(run.order.batch_size, keep, trainable)
         if list(shape.tokens) != rec["tokens/per_block"]:
             shape = dataclasses.replace(shape, tokens=tuple(rec["tokens/per_block"]))

@@ -34,7 +34,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from edge_alast.config import LightPeftConfig  # noqa: E402
-from edge_alast.runfolder import read_metrics  # noqa: E402
+from edge_alast.runfolder import METRICS_FILE, read_metrics  # noqa: E402
 
 # name -> run-file settings on top of the common ones; "{alast_run}" is the seed's ALaST (relative) run folder.
 METHODS = {
@@ -122,7 +122,7 @@ def run(config: dict, out: Path, patience: int, min_gain: float) -> dict:
     code = proc.wait()
     if code not in (0, 75):
         raise SystemExit(f"{out.name} failed ({code}):\n{proc.stderr.read()[-3000:]}")
-    steps = [r for r in read_metrics(out / "metrics.jsonl") if r.get("event") == "step"]
+    steps = [r for r in read_metrics(out / METRICS_FILE) if r.get("event") == "step"]
     result = {"config": config, "evals": evals, "stopped_at_plateau": stopped, "steps": len(steps),
               "peak_rss_bytes": max((r["mem/peak_rss_bytes"] for r in steps), default=None),
               "flops_per_step": sum(r["flops/step"] for r in steps) / max(1, len(steps)),

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from edge_alast.runfolder import read_metrics, steady
+from edge_alast.runfolder import METRICS_FILE, SUMMARY_FILE, read_json, read_metrics, steady
 
 
 def parse_value(text: str):
@@ -51,8 +51,8 @@ def run_method(name: str, config: dict, workdir: Path) -> dict:
 
 def read_run(run_dir: Path) -> dict:
     """A run's summary plus the median steady-state step time (robust to a step disturbed by other work)."""
-    summary = json.loads((run_dir / "summary.json").read_text())
-    seconds = [s["time/step_seconds"] for s in read_metrics(run_dir / "metrics.jsonl") if s.get("event") == "step"]
+    summary = read_json(run_dir / SUMMARY_FILE)
+    seconds = [s["time/step_seconds"] for s in read_metrics(run_dir / METRICS_FILE) if s.get("event") == "step"]
     summary["median_step_seconds"] = statistics.median(steady(seconds))
     manifest = run_dir / "manifest.json"
     if manifest.exists():
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     results = []
     if args.table_only:
-        runs, results = [], [(n, read_run(workdir / n)) for n, _ in runs if (workdir / n / "summary.json").exists()]
+        runs, results = [], [(n, read_run(workdir / n)) for n, _ in runs if (workdir / n / SUMMARY_FILE).exists()]
     for name, cfg in runs:
         print(f"running {name} ...", file=sys.stderr, flush=True)
         results.append((name, run_method(name, cfg, workdir)))

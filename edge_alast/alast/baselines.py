@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 from ..config import AlastConfig
 from ..errors import ConfigError
-from ..runfolder import read_metrics
+from ..runfolder import METRICS_FILE, metric, read_metrics
 
 TOLERANCE = 0.05
 MAX_EXACT_COMBINATIONS = 2000  # beyond this many K-subsets, the random baseline's FLOPs are averaged over a sample
@@ -30,10 +30,10 @@ def read_alast_run(run_dir: str | Path, depth: int, k: int) -> tuple[list[float]
     """An ALaST run's per-block mean keep ratio, its ``k`` most-trained blocks (ties: the higher mean keep ratio,
     then the lower index) and its mean FLOPs per step."""
     run_dir = Path(run_dir)
-    steps = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "step"]
+    steps = [r for r in read_metrics(run_dir / METRICS_FILE) if r.get("event") == "step"]
     if not steps:
         raise ConfigError(f"--alast-from: {run_dir} has no training steps in metrics.jsonl")
-    ratios = [r.get("plan/keep_ratio", r.get("budget/keep_ratio")) for r in steps]
+    ratios = [metric(r, "plan/keep_ratio") for r in steps]
     if any(not isinstance(x, list) or len(x) != depth for x in ratios):
         raise ConfigError(f"--alast-from: {run_dir} is not a run of a {depth}-block model with per-block keep ratios")
     means = [sum(x[i] for x in ratios) / len(ratios) for i in range(depth)]

@@ -170,7 +170,7 @@ def eval_command(run_dir, data, batch_size, as_json):
     """
     try:
         from ..data.loader import Preprocess
-        from ..deploy.export import load_run_model
+        from ..runfolder import load_run_model
         from ..data.images import BadImages, scan_image_folder, scan_warnings
         from ..training.trainer import evaluate
 

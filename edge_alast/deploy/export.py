@@ -1,4 +1,5 @@
-"""Saving a run's tuned model and exporting it to ONNX for deployment, checked in onnxruntime before publishing.
+"""Exporting a run's tuned model to ONNX for deployment, checked in onnxruntime before publishing (the weights
+themselves are saved and loaded by :mod:`edge_alast.runfolder`).
 
 Exporter: the legacy TorchScript exporter (``torch.onnx.export(..., dynamo=False)``). The dynamo exporter needs
 ``onnxscript``, which is not part of the pinned stack (torch 2.13 raises ``ModuleNotFoundError: onnxscript``), and
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import io
-import json
 import os
 import statistics
 import tempfile
@@ -30,10 +30,10 @@ from ..atomic import atomic_write, atomic_write_json, atomic_write_path, sha256_
 from ..errors import ConfigError, EdgeAlastError
 from ..data.images import LEGACY_CROP
 from ..device.memory import trim_heap
+from ..runfolder import load_run_model
 from .onnxmeta import build_metadata, decode_metadata, limit_ir_version, set_metadata
 from .predict import session
 
-MODEL_FILE = "model.safetensors"
 ONNX_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
 DEFAULT_OPSET = 17
@@ -50,67 +50,6 @@ class ExportError(EdgeAlastError):
 
 class ParityError(ExportError):
     """onnxruntime's logits differ from PyTorch's beyond tolerance; nothing was published."""
-
-
-# ---------------------------------------------------------------------------------------------- run folder model
-def save_model(model: nn.Module, run_dir: str | os.PathLike) -> Path:
-    """Write ``model.state_dict()`` to ``RUN_DIR/model.safetensors`` atomically."""
-    import safetensors.torch
-
-    # save_model writes straight from the parameters (it handles shared tensors itself): no copy of the weights
-    # in memory, which would raise the run's peak RSS on a small device.
-    return atomic_write_path(Path(run_dir) / MODEL_FILE, lambda tmp: safetensors.torch.save_model(
-        model, str(tmp), metadata={"format": "pt", "edge_alast_version": __version__}))
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise ConfigError(f"{path.parent}: not a run folder ({path.name} missing)") from e
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: cannot read: {e}") from e
-
-
-def load_run_model(run_dir: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a run's timm model from ``config.json``/``summary.json`` and load ``model.safetensors``.
-
-    Returns:
-        The model (eval mode) and facts about it: ``model_name``, ``classes``, ``img_size``, ``mean``, ``std``,
-        ``interpolation``, ``crop_pct``, ``crop_mode`` (the eval transform the run trained and evaluated with, from
-        its summary; runs from before it was recorded squashed the whole image: :data:`images.LEGACY_CROP`),
-        ``profile``, ``config`` (the run's TrainConfig dict) and ``summary``.
-
-    Raises:
-        ConfigError: the folder is not a finished run, or has no saved weights.
-    """
-    from ..adapters.lightpeft import apply_pruning, structure_from_state_dict
-    from ..model.build import create_model, data_config, read_state_dict
-
-    run_dir = Path(run_dir)
-    config = _read_json(run_dir / "config.json").get("config", {})
-    summary = _read_json(run_dir / "summary.json")
-    weights = run_dir / MODEL_FILE
-    if not weights.is_file():
-        raise ConfigError(f"{run_dir}: no {MODEL_FILE} (runs save their weights at the end of training)")
-    classes = summary.get("classes") or []
-    name = config.get("model") or summary.get("model")
-    img_size = int(config.get("img_size") or summary.get("img_size"))
-    model = create_model(name, num_classes=len(classes), img_size=img_size, **(config.get("model_args") or {}))
-    state = read_state_dict(weights)
-    structure = structure_from_state_dict(model, state)
-    if structure is not None:  # a Light-PEFT run: fewer heads / FFN units per block, read off the weights' shapes
-        apply_pruning(model, structure)
-    try:
-        model.load_state_dict(state, strict=True, assign=True)  # the file's tensors, not a second copy
-    except RuntimeError as e:
-        raise ConfigError(f"{weights} does not match {name} with {len(classes)} classes: {e}") from e
-    model.eval()
-    transform = summary.get("eval_transform") or LEGACY_CROP
-    meta = {"model_name": name, "classes": list(classes), "img_size": img_size, **data_config(model),
-            "crop_pct": float(transform["crop_pct"]), "crop_mode": transform["crop_mode"],
-            "profile": summary.get("profile"), "config": config, "summary": summary}
-    return model, meta
 
 
 # ---------------------------------------------------------------------------------------------- ONNX helpers

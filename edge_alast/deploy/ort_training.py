@@ -2,7 +2,7 @@
 that needs only onnxruntime, PIL and numpy (no torch on the device).
 
 Which blocks train: the ALaST budgets a run gave each block say where fine-tuning paid off. The blocks with the
-highest budget averaged over the run (``budget/keep_ratio`` in ``metrics.jsonl``) are trainable -- by default the
+highest budget averaged over the run (``budget/raw`` in ``metrics.jsonl``) are trainable -- by default the
 top 25 % of blocks (at least one), plus the final norm and the head; everything else is frozen. Ties (every budget
 of a ``full``/``head`` run is 1.0) go to the later blocks, nearest the head, which is also where a budget-free
 choice would put them.
@@ -41,7 +41,8 @@ from ..atomic import atomic_write, atomic_write_json, atomic_write_path
 from ..errors import ConfigError, EdgeAlastError
 from ..data.images import load_image, scan_image_folder, scan_warnings, split_samples
 from ..model.names import block_index, is_final_norm, is_head
-from ..runfolder import read_metrics, steady
+from ..runfolder import (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, budget_metric, load_run_model,
+                         metric, read_metrics, steady)
 from .onnxmeta import (MAX_IR_VERSION, build_metadata, decode_metadata, image_args, limit_ir_version,
                        set_metadata)
 from .predict import import_onnxruntime
@@ -57,11 +58,13 @@ class OrtTrainingError(EdgeAlastError):
 
 # ---------------------------------------------------------------------------------------------- policy (pure)
 def average_budgets(metrics_path: str | os.PathLike, depth: int) -> list[float]:
-    """Per-block ALaST budget (``budget/raw``; runs before it was logged: ``budget/keep_ratio``) averaged over a
-    run's steps; 1.0 per block when the file has none."""
+    """Per-block ALaST budget (:func:`~edge_alast.runfolder.budget_metric`: runs from before ``budget/raw`` was
+    logged give their plans' keep ratios) averaged over a run's steps; 1.0 per block when the file has none."""
+    records = read_metrics(metrics_path)
+    key = budget_metric(records)
     sums, count = [0.0] * depth, 0
-    for record in read_metrics(metrics_path):
-        ratios = record.get("budget/raw", record.get("budget/keep_ratio"))
+    for record in records:
+        ratios = metric(record, key) if key else None
         if isinstance(ratios, list) and len(ratios) == depth:
             sums = [s + float(r) for s, r in zip(sums, ratios)]
             count += 1
@@ -143,13 +146,13 @@ def generate_training_artifacts(run_dir: str | os.PathLike, out_dir: str | os.Pa
     import torch
     from onnxruntime.training import artifacts
 
-    from .export import load_run_model, onnx_bytes
+    from .export import onnx_bytes
 
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir else run_dir / ARTIFACTS_DIR
     model, meta = load_run_model(run_dir)
     depth = len(model.blocks)
-    budgets = average_budgets(run_dir / "metrics.jsonl", depth)
+    budgets = average_budgets(run_dir / METRICS_FILE, depth)
     blocks = choose_trainable_blocks(budgets, trainable_fraction)
     names = [n for n, _ in model.named_parameters()]
     requires_grad = [n for n in names if is_trainable(n, blocks)]
@@ -312,18 +315,18 @@ def train_ort(artifacts_dir: str | os.PathLike, data: str | os.PathLike, out: st
     start = {"event": "start", "method": "ort-training", "model": meta.get("base_model"), "steps": steps,
              "batch_size": batch, "device": "cpu", "train_images": len(train_samples),
              "val_images": len(val_samples), "trainable_blocks": info["trainable_blocks"], "run_dir": str(out)}
-    atomic_write_json(out / "config.json", {"config": {"artifacts": str(art), "data": str(data),
-                                                       "val_data": str(val_data) if val_data else None,
-                                                       "steps": steps, "batch_size": batch_size, "lr": lr,
-                                                       "seed": seed, "val_fraction": val_fraction},
-                                            "resolved": start})
+    atomic_write_json(out / CONFIG_FILE, {"config": {"artifacts": str(art), "data": str(data),
+                                                     "val_data": str(val_data) if val_data else None,
+                                                     "steps": steps, "batch_size": batch_size, "lr": lr,
+                                                     "seed": seed, "val_fraction": val_fraction},
+                                          "resolved": start})
     emit(start)
 
     # ---------------------------------------------------------------- training loop
     losses, step_seconds = [], []
     perm, epoch_of_perm = None, -1
     module.train()
-    with open(out / "metrics.jsonl", "w") as metrics:
+    with open(out / METRICS_FILE, "w") as metrics:
         for step in range(steps):
             t0 = time.perf_counter()
             epoch, b = divmod(step, per_epoch)
@@ -383,7 +386,7 @@ def train_ort(artifacts_dir: str | os.PathLike, data: str | os.PathLike, out: st
     limit_ir_version(proto)
     blob = proto.SerializeToString()
     atomic_write(out / "model.onnx", lambda f: f.write(blob))
-    atomic_write_json(out / "summary.json", summary)
+    atomic_write_json(out / SUMMARY_FILE, summary)
     emit({"event": "done", "steps": len(losses), "val_accuracy": val_accuracy,
           "mean_step_seconds": summary["mean_step_seconds"], "peak_rss_bytes": summary["peak_rss_bytes"]})
     return summary

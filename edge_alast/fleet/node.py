@@ -22,7 +22,7 @@ import torch
 
 from ..atomic import atomic_write_bytes, atomic_write_json, sha256_file
 from ..errors import ConfigError
-from ..deploy.export import MODEL_FILE
+from ..runfolder import MODEL_FILE
 from ..training.trainer import train
 from .settings import NodeSettings
 

@@ -22,11 +22,11 @@ from .. import __version__
 from ..atomic import atomic_write, atomic_write_json
 from ..training.checkpoint import load_latest, save_checkpoint
 from ..errors import ConfigError
-from ..deploy.export import save_model
 from ..adapters.lora import merge_lora
 from ..device.precision import autocast
 from ..training.run import setup_run
 from ..training.trainer import evaluate
+from ..runfolder import save_model
 from .settings import FleetSettings
 
 CHECKPOINT_DIR = "checkpoints"

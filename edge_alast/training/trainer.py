@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .. import __version__
 from ..device.allocator import allocator_in_use
-from ..atomic import atomic_write, atomic_write_json
+from ..atomic import atomic_write_json
 from .checkpoint import save_checkpoint
 from ..config import TrainConfig
 from ..errors import ConfigError
@@ -24,7 +24,7 @@ from ..data.loader import iter_batches
 from ..adapters.lightpeft import mask_penalty
 from ..adapters.lora import merge_lora
 from ..device.memory import PeakTracker, rss_bytes, trim_heap
-from ..runfolder import steady
+from ..runfolder import save_model, steady, truncate_metrics
 from ..device.precision import autocast as autocast_for
 from .run import make_loader, setup_run
 from .stage import first_stage, next_stage, pruning_summary
@@ -97,7 +97,7 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
         first_step = int(checkpoint["step"])
         del checkpoint
     metrics_path = run.run_dir / "metrics.jsonl"
-    _truncate_metrics(metrics_path, first_step)
+    truncate_metrics(metrics_path, first_step)
 
     start = {"event": "start", "method": config.method, "model": config.model, "steps": run.total_steps,
              "batch_size": run.order.batch_size, "precision": run.precision, "allocator": allocator_in_use(),
@@ -240,7 +240,6 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
                                       on_warning=lambda message: emit({"event": "warning", "message": message}))
     emit({"event": "eval", "val_accuracy": val_accuracy, "val_loss": val_loss, "val_images": len(run.val_samples)})
     stage.close()
-    from ..deploy.export import save_model
 
     trainable_params = stage.trainable_params
     state = ({n: p.detach().clone() for n, p in stage.trainable.parameters(model)} if return_state else None)
@@ -325,20 +324,6 @@ def _load_trainable(model, trainable, tensors: dict[str, torch.Tensor]) -> None:
                 raise ConfigError(f"start: {name} has shape {tuple(value.shape)}, the model's is "
                                   f"{tuple(params[name].shape)}")
             params[name].copy_(value)
-
-
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop metric lines past the resumed checkpoint (steps that will be run again), atomically."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= last_step:
-                kept.append(line + "\n")
-        except json.JSONDecodeError:
-            continue  # a line cut by power loss
-    atomic_write(path, lambda f: f.write("".join(kept).encode()))
 
 
 @torch.no_grad()
