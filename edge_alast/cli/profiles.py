@@ -8,12 +8,13 @@ import click
 import yaml
 
 from edge_alast.device.profiles import AUTO, DeviceProfile, ProfileError, list_profiles, load_profile
+from edge_alast.errors import EXIT_USAGE
 
 
 class ProfileCliError(click.ClickException):
     """A profile that cannot be loaded; exits with status 2 like click's usage errors."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 def _load(name_or_path: str | Path) -> DeviceProfile:

@@ -425,8 +425,8 @@ def run_local(plan: LocalPlan, on_event: Callable[[dict], None] | None = None, t
     if status.get("status") != "finished:completed" or not summary_path.exists():
         if error.exists():
             info = json.loads(error.read_text())
-            err = ConfigError(info["message"]) if info.get("exit_code") == 2 else FleetError(info["message"])
-            raise err
+            usage = info.get("exit_code") == ConfigError.exit_code
+            raise ConfigError(info["message"]) if usage else FleetError(info["message"])
         raise FleetError(f"run {run_id} ended {status.get('status')!r} (see {plan.out}/logs/run-{run_id}.log)")
     summary = json.loads(summary_path.read_text())
     summary["local"] = {"nodes": len(plan.nodes), "partition": plan.partition, "run_id": run_id,
