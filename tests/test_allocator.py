@@ -14,7 +14,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from conftest import REPO, TINY, make_image_folder
+from tests.helpers import REPO, TINY_ARGS, TINY_MODEL, make_image_folder
 from edge_alast.device import allocator
 from edge_alast.device.allocator import REEXEC_ENV, allocator_in_use, find_library, reexec_with_allocator
 
@@ -174,8 +174,7 @@ def tiny_run(tmp_path_factory):
     data = make_image_folder(tmp / "data")
     (tmp / "hook").mkdir()
     (tmp / "hook" / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    args = {k: v for k, v in TINY.items() if k not in ("img_size", "num_classes")}
-    cfg = dict(data=str(data), model="vit_tiny_patch16_224", model_args=args, img_size=32, steps=2, batch_size=4,
+    cfg = dict(data=str(data), model=TINY_MODEL, model_args=dict(TINY_ARGS), img_size=32, steps=2, batch_size=4,
                lr=1e-3, val_fraction=0.25, export=False, resume=False)
     return tmp, cfg
 

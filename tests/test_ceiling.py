@@ -9,12 +9,11 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO
+from tests.helpers import REPO
 
 sys.path.insert(0, str(REPO / "tools"))
 from memcgroup import MemoryCgroup  # noqa: E402

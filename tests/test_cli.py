@@ -11,15 +11,13 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from conftest import TINY, make_image_folder
 from edge_alast.training.checkpoint import checkpoints, verify
 from edge_alast.cli.main import main
-
-TINY_ARGS = {k: v for k, v in TINY.items() if k not in ("img_size", "num_classes")}
+from tests.helpers import TINY_ARGS, TINY_MODEL, damaged_inside, jpeg_bytes, make_image_folder
 
 
 def run_file(tmp_path, data, out, **extra):
-    cfg = dict(data=str(data), out=str(out), model="vit_tiny_patch16_224", model_args=TINY_ARGS, img_size=32,
+    cfg = dict(data=str(data), out=str(out), model=TINY_MODEL, model_args=TINY_ARGS, img_size=32,
                steps=3, batch_size=4, lr=1e-3, val_fraction=0.25, export=False)
     cfg.update(extra)
     path = tmp_path / f"{out.name}.yaml"
@@ -269,8 +267,6 @@ def test_light_peft_options_reach_the_run(image_folder, tmp_path):
 
 
 def test_file_failing_at_use_is_named_and_too_many_is_exit_3(image_folder, tmp_path):
-    from test_images import damaged_inside, jpeg_bytes
-
     (image_folder / "a" / "damaged.jpg").write_bytes(damaged_inside(jpeg_bytes()))
     cfg = run_file(tmp_path, image_folder, tmp_path / "r", batch_size=13, val_data=str(image_folder))
     result = CliRunner().invoke(main, ["train", "--config", str(cfg)])

@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_image_folder
 from edge_alast.data.loader import BatchOrder, Preprocess
 from edge_alast.data.images import scan_image_folder, split_samples, to_rgb
 from edge_alast.errors import DataError
+from tests.helpers import damaged_inside, jpeg_bytes, make_image_folder
 
 
 def test_scan_skips_and_names_bad_files(tmp_path):
@@ -150,7 +150,6 @@ def test_loader_gives_the_synchronous_batches_at_every_step_and_after_a_resume(t
 def test_loader_leaves_out_names_and_counts_files_that_fail_at_use(tmp_path):
     from edge_alast.data.loader import BatchLoader
     from edge_alast.data.images import BadImages
-    from test_images import damaged_inside, jpeg_bytes
 
     root = make_image_folder(tmp_path / "d", per_class=3)
     (root / "a" / "damaged.jpg").write_bytes(damaged_inside(jpeg_bytes()))
@@ -179,7 +178,6 @@ def test_loader_leaves_out_names_and_counts_files_that_fail_at_use(tmp_path):
 def test_a_batch_of_only_unreadable_files_comes_back_empty(tmp_path):
     from edge_alast.data.loader import BatchLoader
     from edge_alast.data.images import BadImages
-    from test_images import damaged_inside, jpeg_bytes
 
     root = make_image_folder(tmp_path / "d", per_class=2)
     (root / "a" / "damaged.jpg").write_bytes(damaged_inside(jpeg_bytes()))

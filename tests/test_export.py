@@ -10,63 +10,38 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import TINY, make_image_folder, run_cli_without_torch, tiny_model
 from edge_alast import __version__
 from edge_alast.cli.deploy import export as export_cmd
 from edge_alast.cli.deploy import predict as predict_cmd
-from edge_alast.config import TrainConfig
 from edge_alast.data.loader import Preprocess
 from edge_alast.deploy.export import ExportError, ParityError, export_onnx, export_run
 from edge_alast.model.build import create_model
 from edge_alast.data.images import load_image
 from edge_alast.deploy.onnxmeta import read_metadata
 from edge_alast.deploy.predict import session
-from edge_alast.runfolder import load_run_model, save_model
-from edge_alast.training.trainer import train
-
-TINY_ARGS = {k: v for k, v in TINY.items() if k not in ("img_size", "num_classes")}
-MODEL = "vit_tiny_patch16_224"
-
-
-def make_run(data, out, val_data=None, steps=2, seed=0) -> Path:
-    """A finished tiny ALaST run folder with model.safetensors (saved here: the trainer does not save it yet)."""
-    config = TrainConfig(data=str(data), out=str(out), val_data=str(val_data) if val_data else None, model=MODEL,
-                         model_args=dict(TINY_ARGS), img_size=32, steps=steps, batch_size=4, lr=1e-3,
-                         val_fraction=0.25, seed=seed)
-    summary = train(config).summary
-    torch.manual_seed(seed)
-    save_model(create_model(MODEL, num_classes=len(summary["classes"]), img_size=32, **TINY_ARGS), out)
-    return Path(out)
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export")
-    data = make_image_folder(root / "train", classes=("a", "b", "c"))
-    val = make_image_folder(root / "val", classes=("a", "b", "c"), per_class=3, seed=1)
-    return make_run(data, root / "run", val_data=val)
-
+from edge_alast.runfolder import load_run_model
+from tests.helpers import TINY_ARGS, TINY_MODEL, run_cli_without_torch, tiny_model
 
 def temp_files(folder: Path) -> list[str]:
     return [p.name for p in folder.iterdir() if p.name.startswith(".") or p.name.endswith(".tmp")]
 
 
-def test_save_model_round_trip(run):
-    model, meta = load_run_model(run)
-    assert meta["classes"] == ["a", "b", "c"] and meta["img_size"] == 32 and meta["model_name"] == MODEL
+def test_save_model_round_trip(finished_run):
+    model, meta = load_run_model(finished_run)
+    assert meta["classes"] == ["a", "b", "c"] and meta["img_size"] == 32 and meta["model_name"] == TINY_MODEL
     torch.manual_seed(0)
-    reference = create_model(MODEL, num_classes=3, img_size=32, **TINY_ARGS).state_dict()
+    reference = create_model(TINY_MODEL, num_classes=3, img_size=32, **TINY_ARGS).state_dict()
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, reference[k], rtol=0, atol=0)
-    assert not model.training and temp_files(run) == []
+    assert not model.training and temp_files(finished_run) == []
 
 
-def test_export_run_parity_metadata_and_manifest(run):
-    manifest = export_run(run)  # the run's own val_data (9 images) feeds the parity check
-    path = run / "model.onnx"
+def test_export_run_parity_metadata_and_manifest(finished_run):
+    manifest = export_run(finished_run)  # the run's own val_data (9 images) feeds the parity check
+    path = finished_run / "model.onnx"
     data = path.read_bytes()
     assert manifest["sha256"] == hashlib.sha256(data).hexdigest() and manifest["size_bytes"] == len(data)
-    assert json.loads((run / "manifest.json").read_text()) == manifest
+    assert json.loads((finished_run / "manifest.json").read_text()) == manifest
     parity = manifest["parity"]
     assert parity["source"] == "images" and parity["images"] == 9
     assert parity["max_abs_diff"] <= 1e-4 and parity["argmax_equal"]
@@ -78,17 +53,17 @@ def test_export_run_parity_metadata_and_manifest(run):
     assert json.loads(props["edge_alast.class_names"]) == ["a", "b", "c"]
     assert json.loads(props["edge_alast.img_size"]) == 32
     assert len(json.loads(props["edge_alast.mean"])) == 3 and len(json.loads(props["edge_alast.std"])) == 3
-    assert props["edge_alast.base_model"] == MODEL and props["edge_alast.version"] == __version__
+    assert props["edge_alast.base_model"] == TINY_MODEL and props["edge_alast.version"] == __version__
     assert json.loads(props["edge_alast.summary"])["method"] == "alast"
     assert manifest["metadata_props"] == props
     assert read_metadata(path)["class_names"] == ["a", "b", "c"]
 
     # dynamic batch: a batch size the exporter never saw gives PyTorch's logits
-    model, _ = load_run_model(run)
+    model, _ = load_run_model(finished_run)
     x = torch.randn(5, 3, 32, 32)
     got = session(path).run(None, {"input": x.numpy()})[0]
     np.testing.assert_allclose(got, model(x).detach().numpy(), atol=1e-4)
-    assert temp_files(run) == []
+    assert temp_files(finished_run) == []
 
 
 def test_streamed_export_is_one_ordinary_onnx_file_with_folded_weights(tmp_path):
@@ -193,11 +168,11 @@ def test_numpy_preprocessing_matches_training(tmp_path):
         np.testing.assert_allclose(ours, pre(tmp_path / name).numpy(), atol=1e-6)
 
 
-def test_predict_runs_without_torch(run):
-    if not (run / "model.onnx").exists():
-        export_run(run)
-    image = next((run.parent / "val" / "b").iterdir())
-    proc = run_cli_without_torch("predict", [str(run / "model.onnx"), str(image), "--top-k", "2", "--json"])
+def test_predict_runs_without_torch(finished_run):
+    if not (finished_run / "model.onnx").exists():
+        export_run(finished_run)
+    image = next((finished_run.parent / "val" / "b").iterdir())
+    proc = run_cli_without_torch("predict", [str(finished_run / "model.onnx"), str(image), "--top-k", "2", "--json"])
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["image"] == str(image) and len(result["top"]) == 2
@@ -205,16 +180,16 @@ def test_predict_runs_without_torch(run):
     assert {t["class"] for t in result["top"]} <= {"a", "b", "c"}
 
 
-def test_cli_export_and_predict(run, tmp_path):
-    result = CliRunner().invoke(export_cmd, [str(run), "--json"])
+def test_cli_export_and_predict(finished_run, tmp_path):
+    result = CliRunner().invoke(export_cmd, [str(finished_run), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["manifest"]["parity"]["argmax_equal"]
-    image = next((run.parent / "val" / "a").iterdir())
-    result = CliRunner().invoke(predict_cmd, [str(run / "model.onnx"), str(image), "--top-k", "3"])
+    image = next((finished_run.parent / "val" / "a").iterdir())
+    result = CliRunner().invoke(predict_cmd, [str(finished_run / "model.onnx"), str(image), "--top-k", "3"])
     assert result.exit_code == 0 and result.output.startswith(f"{image}: ")
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not an image")
-    result = CliRunner().invoke(predict_cmd, [str(run / "model.onnx"), str(bad)])
+    result = CliRunner().invoke(predict_cmd, [str(finished_run / "model.onnx"), str(bad)])
     assert result.exit_code == 3 and "cannot read image" in result.output
     not_a_run = tmp_path / "empty"
     not_a_run.mkdir()
@@ -242,21 +217,21 @@ def _photo_folder(root: Path) -> list[tuple[Path, int]]:
     return sorted(samples)
 
 
-def test_predict_and_eval_give_identical_top1_with_the_models_eval_transform(run, tmp_path):
+def test_predict_and_eval_give_identical_top1_with_the_models_eval_transform(finished_run, tmp_path):
     from edge_alast.cli.main import main
     from edge_alast.data.loader import load_batch
 
-    if not (run / "model.onnx").exists():
-        export_run(run)
-    meta = read_metadata(run / "model.onnx")
+    if not (finished_run / "model.onnx").exists():
+        export_run(finished_run)
+    meta = read_metadata(finished_run / "model.onnx")
     assert (meta["crop_pct"], meta["crop_mode"]) == (0.9, "center")  # vit_tiny_patch16_224's data config
-    model, run_meta = load_run_model(run)
+    model, run_meta = load_run_model(finished_run)
     preprocess = Preprocess.from_meta(run_meta)
     assert preprocess.eval_transform == {"crop_pct": 0.9, "crop_mode": "center", "interpolation": "bicubic"}
     samples = _photo_folder(tmp_path / "photos")
     paths = [str(p) for p, _ in samples]
 
-    proc = run_cli_without_torch("predict", [str(run / "model.onnx"), *paths, "--top-k", "3", "--json"])
+    proc = run_cli_without_torch("predict", [str(finished_run / "model.onnx"), *paths, "--top-k", "3", "--json"])
     assert proc.returncode == 0, proc.stderr
     predicted = {r["image"]: r["top"] for r in map(json.loads, proc.stdout.strip().splitlines())}
     x, labels = load_batch(samples, range(len(samples)), preprocess)  # what `eval` and the trainer feed the model
@@ -267,19 +242,19 @@ def test_predict_and_eval_give_identical_top1_with_the_models_eval_transform(run
         assert predicted[path][0]["probability"] == pytest.approx(float(p.max()), abs=1e-5)
     top1 = np.array([predicted[p][0]["index"] for p in paths])
 
-    result = CliRunner().invoke(main, ["eval", str(run), "--data", str(tmp_path / "photos"), "--json"])
+    result = CliRunner().invoke(main, ["eval", str(finished_run), "--data", str(tmp_path / "photos"), "--json"])
     assert result.exit_code == 0, result.output
     evaluated = json.loads(result.output.strip().splitlines()[-1])
     assert evaluated["images"] == len(samples) and evaluated["skipped"] == []
     assert evaluated["accuracy"] == pytest.approx(float((top1 == labels.numpy()).mean()), abs=1e-12)
 
 
-def test_models_from_before_the_eval_transform_travelled_still_squash(run, tmp_path):
+def test_models_from_before_the_eval_transform_travelled_still_squash(finished_run, tmp_path):
     from edge_alast.deploy.predict import predict, softmax
 
-    if not (run / "model.onnx").exists():
-        export_run(run)
-    proto = onnx.load(str(run / "model.onnx"))
+    if not (finished_run / "model.onnx").exists():
+        export_run(finished_run)
+    proto = onnx.load(str(finished_run / "model.onnx"))
     kept = [(p.key, p.value) for p in proto.metadata_props if p.key not in ("edge_alast.crop_pct",
                                                                              "edge_alast.crop_mode")]
     del proto.metadata_props[:]
@@ -296,11 +271,11 @@ def test_models_from_before_the_eval_transform_travelled_still_squash(run, tmp_p
     assert {t["index"]: t["probability"] for t in got["top"]} == pytest.approx(
         {i: float(expected[i]) for i in range(3)}, abs=1e-6)
 
-    summary = json.loads((run / "summary.json").read_text())  # an old run folder: no eval_transform recorded
+    summary = json.loads((finished_run / "summary.json").read_text())  # an old run folder: no eval_transform recorded
     old_run = tmp_path / "old_run"
     old_run.mkdir()
     for name in ("config.json", "model.safetensors"):
-        (old_run / name).write_bytes((run / name).read_bytes())
+        (old_run / name).write_bytes((finished_run / name).read_bytes())
     (old_run / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "eval_transform"}))
     assert {k: load_run_model(old_run)[1][k] for k in ("crop_pct", "crop_mode")} == {"crop_pct": 1.0,
                                                                                    "crop_mode": "squash"}

@@ -21,7 +21,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from conftest import TINY, make_image_folder
+from tests.helpers import TINY_ARGS, make_image_folder
 
 if os.environ.get("EDGE_ALAST_REQUIRE_ASSETS") != "1":  # in CI (make test installs the test extra) it must run
     pytest.importorskip("flwr", reason="pip install 'edge-alast[fleet]'")
@@ -32,7 +32,6 @@ from edge_alast.fleet.node import POLICY_FILE, load_policy, proximal_term, train
 from edge_alast.fleet.partition import parse_partition, split_indices, write_partitions  # noqa: E402
 from edge_alast.fleet.settings import RUN_CONFIG, FleetSettings, NodeSettings, write_app  # noqa: E402
 
-TINY_ARGS = {k: v for k, v in TINY.items() if k not in ("img_size", "num_classes")}
 CLASSES = ("a", "b", "c")
 RUN_TIMEOUT = 420  # seconds: a hung federation fails the test instead of hanging the suite
 

@@ -3,10 +3,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import tiny_model
 from edge_alast.model.flops import StepFlopCounter, block_kinds
 from edge_alast.alast.patch import apply_patch
 from edge_alast.alast.policy import StepPlan
+from tests.helpers import tiny_model
 
 
 def test_block_kinds():

@@ -1,13 +1,11 @@
 """Reading camera photos: EXIF orientation, reduced-scale JPEG decoding, the cheap scan and use-time failures."""
-import io
-
 import numpy as np
 import pytest
 from PIL import Image, ImageFile, JpegImagePlugin
 
-from conftest import make_image_folder
 from edge_alast.errors import DataError
 from edge_alast.data.images import BadImages, check_image_file, load_image, scan_image_folder
+from tests.helpers import damaged_inside, jpeg_bytes, make_image_folder, photo
 
 UNIT = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # load_image then returns RGB in [0, 1]
 
@@ -47,18 +45,6 @@ def upright(h: int = 192, w: int = 256) -> np.ndarray:
     img[~top & left] = (40, 40, 220)
     img[~top & ~left] = (230, 230, 230)
     img += (x / w * 30 - 15)[..., None] + (y / h * 20 - 10)[..., None]
-    return img.clip(0, 255).astype(np.uint8)
-
-
-def photo(h: int, w: int, seed: int = 0) -> np.ndarray:
-    """Photo-like content: smooth gradients, a few blobs and mild noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    img = np.stack([x / w * 200 + 30, y / h * 180 + 40, (x + y) / (w + h) * 150 + 60], -1)
-    for _ in range(4):
-        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(0.05, 0.2) * min(h, w)
-        img[(y - cy) ** 2 + (x - cx) ** 2 < r * r] = rng.uniform(0, 255, 3)
-    img += rng.normal(0, 6, img.shape).astype(np.float32)
     return img.clip(0, 255).astype(np.uint8)
 
 
@@ -169,18 +155,6 @@ def test_draft_leaves_other_formats_untouched(tmp_path):
 
 
 # ---------------------------------------------------------------- the cheap scan
-
-def jpeg_bytes(h: int = 96, w: int = 128) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(photo(h, w)).save(buf, "JPEG", quality=95)
-    return buf.getvalue()
-
-
-def damaged_inside(data: bytes) -> bytes:
-    """A JPEG whose header parses and which ends with EOI, but whose Huffman table libjpeg rejects on decode."""
-    i = data.index(b"\xff\xc4")
-    return data[:i + 5] + b"\xff" * 16 + data[i + 21:]
-
 
 def test_scan_checks_complete_jpeg_and_png_without_decoding(tmp_path, monkeypatch):
     (tmp_path / "a.jpg").write_bytes(jpeg_bytes())

@@ -11,6 +11,7 @@ from edge_alast.adapters.lightpeft import (ImportanceRecorder, InputMask, LightP
                                   mask_penalty, plan_pruning, structure_from_state_dict)
 from edge_alast.adapters.lora import LoRALinear, LoraConfig, apply_lora, merge_lora
 from edge_alast.training.trainer import train
+from tests.helpers import tiny_config
 
 SIX_HEADS = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=6, mlp_ratio=2.0, num_classes=5)
 
@@ -180,8 +181,6 @@ def test_structure_read_back_from_pruned_weights():
 
 # ------------------------------------------------------------------------------------------------ in the trainer
 def lp_config(data, out, method="light-peft", **kw):
-    from test_trainer import tiny_config
-
     base = dict(method=method, steps=6, light_peft={"estimation_steps": 4, "module_keep_ratio": 0.5},
                 lora={"r": 4}, model_args={k: v for k, v in SIX_HEADS.items() if k not in ("img_size", "num_classes")})
     base.update(kw)

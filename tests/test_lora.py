@@ -4,12 +4,12 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import tiny_model
 from edge_alast.errors import ConfigError
 from edge_alast.model.flops import StepFlopCounter
 from edge_alast.adapters.lora import LoRALinear, LoraConfig, apply_lora, lora_modules, merge_lora
 from edge_alast.alast.patch import apply_patch
 from edge_alast.alast.policy import StepPlan
+from tests.helpers import tiny_model
 
 
 def _randomise_adapters(model, seed=1):

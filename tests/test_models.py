@@ -4,16 +4,14 @@ import safetensors.torch
 import torch
 from torch.testing import assert_close
 
-from conftest import TINY
 from edge_alast.errors import ConfigError
 from edge_alast.model.build import create_model, load_weights, read_state_dict
-
-TINY_ARGS = {k: v for k, v in TINY.items() if k not in ("img_size", "num_classes")}
+from tests.helpers import TINY_ARGS, TINY_MODEL
 
 
 def _tiny(num_classes=5, img_size=32, **extra):
     torch.manual_seed(0)
-    return create_model("vit_tiny_patch16_224", num_classes=num_classes, img_size=img_size, **{**TINY_ARGS, **extra})
+    return create_model(TINY_MODEL, num_classes=num_classes, img_size=img_size, **{**TINY_ARGS, **extra})
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])

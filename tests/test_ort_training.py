@@ -5,7 +5,6 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from conftest import make_image_folder, run_cli_without_torch
 from edge_alast.cli.deploy import export as export_cmd
 from edge_alast.cli.deploy import train_ort as train_ort_cmd
 from edge_alast.errors import ConfigError
@@ -13,7 +12,7 @@ from edge_alast.deploy.ort_training import (average_budgets, choose_trainable_bl
                                      is_trainable, train_ort)
 from edge_alast.deploy.onnxmeta import read_metadata
 from edge_alast.deploy.predict import predict
-from test_export import make_run
+from tests.helpers import make_image_folder, make_run, run_cli_without_torch
 
 
 def test_trainable_blocks_follow_average_budgets(tmp_path):

@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from conftest import TINY_MODELS, tiny_model
 from edge_alast.alast.patch import apply_patch
 from edge_alast.alast.policy import StepPlan, count_kept
 from edge_alast.alast.tokens import cls_attention
+from tests.helpers import TINY_MODELS, tiny_model
 
 
 def _plan(depth, keep=1.0, trainable=True, recompute=False):

@@ -15,8 +15,7 @@ from edge_alast.device.planner import KEEP_LEVELS, plan_run
 from edge_alast.alast.policy import AlastConfig, AlastPolicy, PolicyCaps, StepPlan, make_policy
 from edge_alast.device.profiles import parse_profile
 from edge_alast.model.trainable import TrainableSet
-
-from conftest import TINY, tiny_model
+from tests.helpers import TINY, tiny_model
 
 IMG = TINY["img_size"]
 BASELINE = 100 * 2**20  # a fixed process baseline keeps the planner tests independent of this process's RSS

@@ -15,8 +15,8 @@ from click.testing import CliRunner
 
 from edge_alast.cli.report import report
 from edge_alast.report import MATPLOTLIB_MISSING, NO_VALIDATION, load_run
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 DEPTH = 4
 PER_RUN_FIGURES = ("budgets", "trainable", "tokens", "curves", "resources")
 
@@ -136,7 +136,7 @@ def test_missing_metrics_is_exit_2_naming_the_folder(tmp_path):
 
 def _run_without(args: list[str], hide: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """Run ``edge-alast report`` in a fresh interpreter with ``hide`` made unimportable; it fails there if torch or
-    timm got imported (adapted from conftest.run_cli_without_torch for a command that exits)."""
+    timm got imported (adapted from helpers.run_cli_without_torch for a command that exits)."""
     code = ("import os, sys\n"
             f"for name in {hide!r}:\n"
             "    sys.modules[name] = None\n"

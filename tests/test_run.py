@@ -4,8 +4,7 @@ import torch
 
 from edge_alast.training.run import plan_for, setup_run
 from edge_alast.training.stage import first_stage, next_stage
-
-from test_trainer import _profile_file, tiny_config
+from tests.helpers import profile_file, tiny_config
 
 
 def test_setup_without_profile_builds_everything_and_plans_nothing(image_folder, tmp_path):
@@ -22,7 +21,7 @@ def test_setup_without_profile_builds_everything_and_plans_nothing(image_folder,
 def test_setup_with_profile_plans_caps_and_guards(image_folder, tmp_path):
     from edge_alast.device.memory import rss_bytes
 
-    run = setup_run(tiny_config(image_folder, tmp_path / "r", profile=_profile_file(tmp_path, rss_bytes() + 2**31)))
+    run = setup_run(tiny_config(image_folder, tmp_path / "r", profile=profile_file(tmp_path, rss_bytes() + 2**31)))
     assert run.plan is not None and run.caps == run.plan.caps and run.guard is not None
     assert run.guard.ceiling_bytes == run.plan.memory_ceiling_bytes
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from conftest import tiny_model
 from edge_alast.alast.tokens import cls_attention, select_tokens
+from tests.helpers import tiny_model
 
 
 @pytest.mark.parametrize("kind", ["vit", "deit_distilled", "vit_qknorm_reg"])

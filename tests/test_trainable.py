@@ -1,12 +1,12 @@
 """The record of what can ever train: built from the method, read by the patch, FLOP counter and optimizer."""
 import pytest
 
-from conftest import tiny_model
 from edge_alast.adapters.lightpeft import add_masks
 from edge_alast.adapters.lora import LoraConfig, apply_lora
 from edge_alast.methods import METHODS
 from edge_alast.model.names import is_embedding, is_head
 from edge_alast.model.trainable import TrainableSet
+from tests.helpers import tiny_model
 
 
 def built(method):

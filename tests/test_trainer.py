@@ -4,22 +4,14 @@ import json
 import pytest
 import torch
 
-from conftest import REPO, TINY
 from edge_alast.config import TrainConfig
 from edge_alast.methods import METHODS
 from edge_alast.errors import ConfigError, DataError
 from edge_alast.training.trainer import train
+from tests.helpers import TINY_ARGS, damaged_inside, jpeg_bytes, make_image_folder, profile_file, tiny_config
 
-TINY_ARGS = {k: v for k, v in TINY.items() if k not in ("img_size", "num_classes")}
 SUMMARY_KEYS = {"method", "model", "steps", "val_accuracy", "mean_step_seconds", "peak_rss_bytes",
                 "train_flops_per_step", "total_train_flops", "profile"}
-
-
-def tiny_config(data, out, **kw):
-    base = dict(data=str(data), out=str(out), model="vit_tiny_patch16_224", model_args=dict(TINY_ARGS),
-                img_size=32, steps=3, batch_size=4, lr=1e-3, val_fraction=0.25, export=False)
-    base.update(kw)
-    return TrainConfig(**base)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -183,21 +175,11 @@ def test_freeze_below_and_recompute_blocks_reach_the_plan(image_folder, tmp_path
         train(tiny_config(image_folder, tmp_path / "r2", recompute_blocks=[7]))
 
 
-def _profile_file(tmp_path, ceiling_bytes):
-    import yaml
-
-    data = yaml.safe_load(open(REPO / "device_profiles" / "laptop_cpu.yaml"))
-    data.update(name="tiny_board", memory_ceiling_bytes=int(ceiling_bytes))
-    path = tmp_path / "tiny_board.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return str(path)
-
-
 def test_profile_ceiling_is_planned_and_reported(image_folder, tmp_path):
     from edge_alast.device.memory import rss_bytes
 
     ceiling = rss_bytes() + 2 * 2**30
-    summary = train(tiny_config(image_folder, tmp_path / "r", profile=_profile_file(tmp_path, ceiling))).summary
+    summary = train(tiny_config(image_folder, tmp_path / "r", profile=profile_file(tmp_path, ceiling))).summary
     assert summary["memory_ceiling_bytes"] == ceiling
     assert 0 < summary["predicted_peak_bytes"] <= ceiling
     assert summary["flop_ceiling_per_step"] == pytest.approx(20 * 1e11)  # target_step_seconds x fp32 FLOP/s
@@ -206,7 +188,7 @@ def test_profile_ceiling_is_planned_and_reported(image_folder, tmp_path):
 
 def test_profile_that_cannot_fit_fails_before_training_with_numbers(image_folder, tmp_path):
     with pytest.raises(ConfigError, match=r"--profile tiny_board: no plan fits.* needs \d+ bytes .*ceiling is 52428800"):
-        train(tiny_config(image_folder, tmp_path / "r", profile=_profile_file(tmp_path, 50 * 2**20)))
+        train(tiny_config(image_folder, tmp_path / "r", profile=profile_file(tmp_path, 50 * 2**20)))
     assert not (tmp_path / "r" / "metrics.jsonl").exists() or not (tmp_path / "r" / "metrics.jsonl").read_text()
 
 
@@ -317,9 +299,6 @@ def test_seed_seeds_layer_sampling(image_folder, tmp_path):
 @pytest.fixture
 def data_with_hidden_damage(tmp_path):
     """13 training files, one of which passes the scan and fails to decode; a validation folder with one too."""
-    from conftest import make_image_folder
-    from test_images import damaged_inside, jpeg_bytes
-
     data = make_image_folder(tmp_path / "data")
     (data / "a" / "damaged.jpg").write_bytes(damaged_inside(jpeg_bytes()))
     val = make_image_folder(tmp_path / "val", per_class=3, seed=1)
