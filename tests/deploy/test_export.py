@@ -1,4 +1,4 @@
-"""ONNX export: saved weights round-trip, parity gate, metadata, manifest, atomic publishing, predict without torch."""
+"""ONNX export: saved weights round-trip, parity gate, metadata, manifest, formats, atomic publishing."""
 import hashlib
 import json
 from pathlib import Path
@@ -8,19 +8,17 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
 
 from edge_alast import __version__
 from edge_alast.cli.deploy import export as export_cmd
 from edge_alast.cli.deploy import predict as predict_cmd
-from edge_alast.data.loader import Preprocess
 from edge_alast.deploy.export import ExportError, ParityError, export_onnx, export_run
 from edge_alast.model.build import create_model
-from edge_alast.data.images import load_image
 from edge_alast.deploy.onnxmeta import read_metadata
 from edge_alast.deploy.predict import session
 from edge_alast.runfolder import load_run_model
-from tests.helpers import TINY_ARGS, TINY_MODEL, run_cli_without_torch, tiny_model
+from tests.helpers import TINY_ARGS, TINY_MODEL, tiny_model
+
 
 def temp_files(folder: Path) -> list[str]:
     return [p.name for p in folder.iterdir() if p.name.startswith(".") or p.name.endswith(".tmp")]
@@ -158,28 +156,6 @@ def test_fp16_and_int8_formats(tmp_path):
     assert temp_files(tmp_path) == []
 
 
-def test_numpy_preprocessing_matches_training(tmp_path):
-    rgba = np.random.default_rng(0).integers(0, 256, size=(20, 24, 4), dtype=np.uint8)
-    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "a.png")
-    Image.fromarray(rgba[..., 0], mode="L").convert("P").save(tmp_path / "b.png")
-    pre = Preprocess(32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    for name in ("a.png", "b.png"):
-        ours = load_image(tmp_path / name, 32, pre.mean, pre.std)
-        np.testing.assert_allclose(ours, pre(tmp_path / name).numpy(), atol=1e-6)
-
-
-def test_predict_runs_without_torch(finished_run):
-    if not (finished_run / "model.onnx").exists():
-        export_run(finished_run)
-    image = next((finished_run.parent / "val" / "b").iterdir())
-    proc = run_cli_without_torch("predict", [str(finished_run / "model.onnx"), str(image), "--top-k", "2", "--json"])
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["image"] == str(image) and len(result["top"]) == 2
-    assert result["provider"] == "CPUExecutionProvider"  # --provider auto on a host without an NVIDIA GPU
-    assert {t["class"] for t in result["top"]} <= {"a", "b", "c"}
-
-
 def test_cli_export_and_predict(finished_run, tmp_path):
     result = CliRunner().invoke(export_cmd, [str(finished_run), "--json"])
     assert result.exit_code == 0, result.output
@@ -194,88 +170,3 @@ def test_cli_export_and_predict(finished_run, tmp_path):
     not_a_run = tmp_path / "empty"
     not_a_run.mkdir()
     assert CliRunner().invoke(export_cmd, [str(not_a_run)]).exit_code == 2
-
-
-# ---------------------------------------------------------------- the eval transform travels with the model
-
-def _photo_folder(root: Path) -> list[tuple[Path, int]]:
-    """Non-square photos of classes a, b, c; two stored in sensor orientation with an EXIF Orientation tag."""
-    rng = np.random.default_rng(7)
-    samples = []
-    for label, cls in enumerate(("a", "b", "c")):
-        (root / cls).mkdir(parents=True)
-        for i, (h, w) in enumerate([(40, 64), (72, 48), (50, 50)]):
-            pixels = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
-            path = root / cls / f"{i}.png"
-            Image.fromarray(pixels).save(path)
-            samples.append((path, label))
-        exif = Image.Exif()
-        exif[0x0112] = 6 + 2 * (label % 2)  # 6 or 8: stored turned by a quarter
-        path = root / cls / "rotated.jpg"
-        Image.fromarray(rng.integers(0, 256, size=(96, 60, 3), dtype=np.uint8)).save(path, quality=90, exif=exif)
-        samples.append((path, label))
-    return sorted(samples)
-
-
-def test_predict_and_eval_give_identical_top1_with_the_models_eval_transform(finished_run, tmp_path):
-    from edge_alast.cli.main import main
-    from edge_alast.data.loader import load_batch
-
-    if not (finished_run / "model.onnx").exists():
-        export_run(finished_run)
-    meta = read_metadata(finished_run / "model.onnx")
-    assert (meta["crop_pct"], meta["crop_mode"]) == (0.9, "center")  # vit_tiny_patch16_224's data config
-    model, run_meta = load_run_model(finished_run)
-    preprocess = Preprocess.from_meta(run_meta)
-    assert preprocess.eval_transform == {"crop_pct": 0.9, "crop_mode": "center", "interpolation": "bicubic"}
-    samples = _photo_folder(tmp_path / "photos")
-    paths = [str(p) for p, _ in samples]
-
-    proc = run_cli_without_torch("predict", [str(finished_run / "model.onnx"), *paths, "--top-k", "3", "--json"])
-    assert proc.returncode == 0, proc.stderr
-    predicted = {r["image"]: r["top"] for r in map(json.loads, proc.stdout.strip().splitlines())}
-    x, labels = load_batch(samples, range(len(samples)), preprocess)  # what `eval` and the trainer feed the model
-    with torch.no_grad():
-        probs = torch.softmax(model(x), -1).numpy()
-    for path, p in zip(paths, probs):
-        assert predicted[path][0]["index"] == int(p.argmax()), path
-        assert predicted[path][0]["probability"] == pytest.approx(float(p.max()), abs=1e-5)
-    top1 = np.array([predicted[p][0]["index"] for p in paths])
-
-    result = CliRunner().invoke(main, ["eval", str(finished_run), "--data", str(tmp_path / "photos"), "--json"])
-    assert result.exit_code == 0, result.output
-    evaluated = json.loads(result.output.strip().splitlines()[-1])
-    assert evaluated["images"] == len(samples) and evaluated["skipped"] == []
-    assert evaluated["accuracy"] == pytest.approx(float((top1 == labels.numpy()).mean()), abs=1e-12)
-
-
-def test_models_from_before_the_eval_transform_travelled_still_squash(finished_run, tmp_path):
-    from edge_alast.deploy.predict import predict, softmax
-
-    if not (finished_run / "model.onnx").exists():
-        export_run(finished_run)
-    proto = onnx.load(str(finished_run / "model.onnx"))
-    kept = [(p.key, p.value) for p in proto.metadata_props if p.key not in ("edge_alast.crop_pct",
-                                                                             "edge_alast.crop_mode")]
-    del proto.metadata_props[:]
-    for key, value in kept:
-        proto.metadata_props.add(key=key, value=value)
-    onnx.save(proto, str(tmp_path / "old.onnx"))
-    meta = read_metadata(tmp_path / "old.onnx")
-    assert "crop_pct" not in meta
-    wide = tmp_path / "wide.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, size=(40, 96, 3), dtype=np.uint8)).save(wide)
-    squashed = load_image(wide, 32, meta["mean"], meta["std"])  # what edge-alast did before crop_pct
-    expected = softmax(session(tmp_path / "old.onnx").run(None, {"input": squashed[None]})[0])[0]
-    [got] = predict(tmp_path / "old.onnx", [wide], top_k=5)
-    assert {t["index"]: t["probability"] for t in got["top"]} == pytest.approx(
-        {i: float(expected[i]) for i in range(3)}, abs=1e-6)
-
-    summary = json.loads((finished_run / "summary.json").read_text())  # an old run folder: no eval_transform recorded
-    old_run = tmp_path / "old_run"
-    old_run.mkdir()
-    for name in ("config.json", "model.safetensors"):
-        (old_run / name).write_bytes((finished_run / name).read_bytes())
-    (old_run / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "eval_transform"}))
-    assert {k: load_run_model(old_run)[1][k] for k in ("crop_pct", "crop_mode")} == {"crop_pct": 1.0,
-                                                                                   "crop_mode": "squash"}

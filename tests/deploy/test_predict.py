@@ -1,10 +1,25 @@
-"""predict --provider: the execution provider chosen from what onnxruntime offers."""
+"""Prediction with an exported model: the execution provider chosen from what onnxruntime offers, no torch
+imported, and the eval transform that travels in the model's metadata (identical top-1 to ``eval``)."""
 from __future__ import annotations
 
-import pytest
+import json
+from pathlib import Path
 
-from edge_alast.deploy.predict import choose_provider
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from edge_alast.data.images import load_image
+from edge_alast.data.loader import Preprocess
+from edge_alast.deploy.export import export_run
+from edge_alast.deploy.onnxmeta import read_metadata
+from edge_alast.deploy.predict import choose_provider, session
 from edge_alast.errors import ConfigError
+from edge_alast.runfolder import load_run_model
+from tests.helpers import run_cli_without_torch
 
 CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 
@@ -28,3 +43,102 @@ def test_a_named_provider_that_is_missing_is_a_config_error_naming_the_build():
         choose_provider("cuda", [CPU])
     assert choose_provider("cuda", [CUDA, CPU]) == (CUDA, None)
     assert choose_provider("cpu", [CUDA, CPU]) == (CPU, None)
+
+
+# ---------------------------------------------------------------- without torch
+
+def test_predict_runs_without_torch(finished_run):
+    if not (finished_run / "model.onnx").exists():
+        export_run(finished_run)
+    image = next((finished_run.parent / "val" / "b").iterdir())
+    proc = run_cli_without_torch("predict", [str(finished_run / "model.onnx"), str(image), "--top-k", "2", "--json"])
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["image"] == str(image) and len(result["top"]) == 2
+    assert result["provider"] == "CPUExecutionProvider"  # --provider auto on a host without an NVIDIA GPU
+    assert {t["class"] for t in result["top"]} <= {"a", "b", "c"}
+
+
+# ---------------------------------------------------------------- the eval transform travels with the model
+
+def _photo_folder(root: Path) -> list[tuple[Path, int]]:
+    """Non-square photos of classes a, b, c; two stored in sensor orientation with an EXIF Orientation tag."""
+    rng = np.random.default_rng(7)
+    samples = []
+    for label, cls in enumerate(("a", "b", "c")):
+        (root / cls).mkdir(parents=True)
+        for i, (h, w) in enumerate([(40, 64), (72, 48), (50, 50)]):
+            pixels = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+            path = root / cls / f"{i}.png"
+            Image.fromarray(pixels).save(path)
+            samples.append((path, label))
+        exif = Image.Exif()
+        exif[0x0112] = 6 + 2 * (label % 2)  # 6 or 8: stored turned by a quarter
+        path = root / cls / "rotated.jpg"
+        Image.fromarray(rng.integers(0, 256, size=(96, 60, 3), dtype=np.uint8)).save(path, quality=90, exif=exif)
+        samples.append((path, label))
+    return sorted(samples)
+
+
+def test_predict_and_eval_give_identical_top1_with_the_models_eval_transform(finished_run, tmp_path):
+    from edge_alast.cli.main import main
+    from edge_alast.data.loader import load_batch
+
+    if not (finished_run / "model.onnx").exists():
+        export_run(finished_run)
+    meta = read_metadata(finished_run / "model.onnx")
+    assert (meta["crop_pct"], meta["crop_mode"]) == (0.9, "center")  # vit_tiny_patch16_224's data config
+    model, run_meta = load_run_model(finished_run)
+    preprocess = Preprocess.from_meta(run_meta)
+    assert preprocess.eval_transform == {"crop_pct": 0.9, "crop_mode": "center", "interpolation": "bicubic"}
+    samples = _photo_folder(tmp_path / "photos")
+    paths = [str(p) for p, _ in samples]
+
+    proc = run_cli_without_torch("predict", [str(finished_run / "model.onnx"), *paths, "--top-k", "3", "--json"])
+    assert proc.returncode == 0, proc.stderr
+    predicted = {r["image"]: r["top"] for r in map(json.loads, proc.stdout.strip().splitlines())}
+    x, labels = load_batch(samples, range(len(samples)), preprocess)  # what `eval` and the trainer feed the model
+    with torch.no_grad():
+        probs = torch.softmax(model(x), -1).numpy()
+    for path, p in zip(paths, probs):
+        assert predicted[path][0]["index"] == int(p.argmax()), path
+        assert predicted[path][0]["probability"] == pytest.approx(float(p.max()), abs=1e-5)
+    top1 = np.array([predicted[p][0]["index"] for p in paths])
+
+    result = CliRunner().invoke(main, ["eval", str(finished_run), "--data", str(tmp_path / "photos"), "--json"])
+    assert result.exit_code == 0, result.output
+    evaluated = json.loads(result.output.strip().splitlines()[-1])
+    assert evaluated["images"] == len(samples) and evaluated["skipped"] == []
+    assert evaluated["accuracy"] == pytest.approx(float((top1 == labels.numpy()).mean()), abs=1e-12)
+
+
+def test_models_from_before_the_eval_transform_travelled_still_squash(finished_run, tmp_path):
+    from edge_alast.deploy.predict import predict, softmax
+
+    if not (finished_run / "model.onnx").exists():
+        export_run(finished_run)
+    proto = onnx.load(str(finished_run / "model.onnx"))
+    kept = [(p.key, p.value) for p in proto.metadata_props if p.key not in ("edge_alast.crop_pct",
+                                                                             "edge_alast.crop_mode")]
+    del proto.metadata_props[:]
+    for key, value in kept:
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(tmp_path / "old.onnx"))
+    meta = read_metadata(tmp_path / "old.onnx")
+    assert "crop_pct" not in meta
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, size=(40, 96, 3), dtype=np.uint8)).save(wide)
+    squashed = load_image(wide, 32, meta["mean"], meta["std"])  # what edge-alast did before crop_pct
+    expected = softmax(session(tmp_path / "old.onnx").run(None, {"input": squashed[None]})[0])[0]
+    [got] = predict(tmp_path / "old.onnx", [wide], top_k=5)
+    assert {t["index"]: t["probability"] for t in got["top"]} == pytest.approx(
+        {i: float(expected[i]) for i in range(3)}, abs=1e-6)
+
+    summary = json.loads((finished_run / "summary.json").read_text())  # an old run folder: no eval_transform recorded
+    old_run = tmp_path / "old_run"
+    old_run.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (old_run / name).write_bytes((finished_run / name).read_bytes())
+    (old_run / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "eval_transform"}))
+    assert {k: load_run_model(old_run)[1][k] for k in ("crop_pct", "crop_mode")} == {"crop_pct": 1.0,
+                                                                                   "crop_mode": "squash"}
