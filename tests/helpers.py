@@ -116,6 +116,26 @@ def make_run(data, out, val_data=None, steps=2, seed=0) -> Path:
     return Path(out)
 
 
+# ---------------------------------------------------------------------------------------------- planning
+PLAN_BASELINE = 100 * 2**20  # a fixed process baseline keeps the planner tests independent of this process's RSS
+
+
+def trainable_for(model, method: str):
+    """What ``method`` trains in ``model`` (:class:`~edge_alast.model.trainable.TrainableSet`)."""
+    from edge_alast.methods import METHODS
+    from edge_alast.model.trainable import TrainableSet
+
+    return TrainableSet.for_method(model, METHODS[method])
+
+
+def cost_for(model, cal, method: str = "alast", **kw):
+    """The cost model of ``method`` on a tiny model at the tiny image size and :data:`PLAN_BASELINE`."""
+    from edge_alast.device.costmodel import CostModel
+
+    return CostModel(model, cal, img_size=TINY["img_size"], trainable=trainable_for(model, method),
+                     baseline_bytes=PLAN_BASELINE, **kw)
+
+
 def run_cli_without_torch(command: str, args: list[str]):
     """Run an ``edge_alast.cli.deploy`` command in a fresh interpreter; fails there if torch or timm got imported."""
     code = ("import sys\n"
