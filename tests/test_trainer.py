@@ -139,9 +139,17 @@ def test_bad_config_and_data_errors(image_folder, tmp_path):
 
 
 def test_profile_supplies_defaults(image_folder, tmp_path):
-    summary = train(tiny_config(image_folder, tmp_path / "r", profile="raspberry_pi_4_4gb", batch_size=None)).summary
-    assert summary["profile"] == "raspberry_pi_4_4gb" and summary["precision"] == "fp32"
-    assert summary["device"] == "cpu"
+    from edge_alast.device.profiles import load_profile
+
+    pi = load_profile("raspberry_pi_4_4gb")
+    summary = train(tiny_config(image_folder, tmp_path / "r", profile=pi.name, batch_size=None)).summary
+    bare = train(tiny_config(image_folder, tmp_path / "bare", batch_size=None)).summary
+    assert summary["profile"] == pi.name and bare["profile"] is None
+    assert summary["batch_size"] == pi.default_batch_size != bare["batch_size"]  # 4; else 16, capped at 9
+    assert (summary["precision"], summary["device"]) == (pi.default_precision, pi.device)
+    # its ceilings are planned against: memory as written, FLOPs per step = target seconds x fp32 FLOP/s
+    assert summary["memory_ceiling_bytes"] == pi.memory_ceiling_bytes and bare["memory_ceiling_bytes"] is None
+    assert summary["flop_ceiling_per_step"] == pytest.approx(pi.target_step_seconds * pi.flops_per_second["fp32"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
