@@ -394,7 +394,15 @@ def test_detect_host_on_this_machine():
 
 
 def test_detect_host_with_cuda_probe_runs():
-    assert detect_host().device in ("cpu", "cuda")
+    import torch
+
+    profile = detect_host()
+    if torch.cuda.is_available():  # the GPU is described: its memory (capped by the RAM on a Jetson), its SMs
+        props = torch.cuda.get_device_properties(0)
+        assert profile.device == "cuda" and profile.memory_ceiling_bytes <= int(props.total_memory * 0.85)
+        assert profile.flops_per_second["fp32"] == props.multi_processor_count * P._CUDA_FLOPS_PER_SM
+    else:  # no CUDA device: the probe finds nothing and the host is described as without it
+        assert profile == detect_host(probe_cuda=False) and profile.device == "cpu"
 
 
 # ================================================================================================================
