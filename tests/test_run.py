@@ -25,6 +25,9 @@ def test_setup_with_profile_plans_caps_and_guards(image_folder, tmp_path):
     run = setup_run(tiny_config(image_folder, tmp_path / "r", profile=_profile_file(tmp_path, rss_bytes() + 2**31)))
     assert run.plan is not None and run.caps == run.plan.caps and run.guard is not None
     assert run.guard.ceiling_bytes == run.plan.memory_ceiling_bytes
+    policy = first_stage(run).policy  # the guard has no policy of its own: it predicts with the one it is given
+    assert run.guard.predict(run.caps, policy) == run.plan.cost.worst_peak(
+        policy.worst_plans(run.caps), run.order.batch_size)["train_peak"]
 
 
 def test_light_peft_stage_transition_prunes_and_rebuilds(image_folder, tmp_path):
