@@ -4,8 +4,9 @@ Stage 1 (estimation) trains LoRA adapters plus learnable scalar masks, initialis
 on that head's slice of the attention output (the input of ``attn.proj``), and one per FFN hidden unit, after the
 activation (the input of ``mlp.fc2``). Both masks are :class:`InputMask` wrappers around timm's own Linears. An L1
 penalty ``mask_l1 * sum|m|`` joins the loss. :class:`ImportanceRecorder` averages, over the second half of the
-estimation steps, each adapter's importance ``||dW x|| / ||W x||`` and each rank's first-order importance
-``|mean(A_r * dA_r)| + |mean(B_r * dB_r)|``.
+estimation steps, each adapter's importance ``||dW x|| / ||W x||`` (measured by forward hooks it registers on the
+adapters: :class:`~edge_alast.adapters.lora.LoRALinear` knows nothing of Light-PEFT) and each rank's first-order
+importance ``|mean(A_r * dA_r)| + |mean(B_r * dB_r)|``.
 
 Stage 2 (:func:`plan_pruning`, :func:`apply_pruning`): per block, the ``head_prune_ratio`` share of heads with the
 smallest |mask| go; FFN units go globally by |mask| (``ffn_prune_ratio``); then all but the ``module_keep_ratio``
@@ -20,8 +21,10 @@ Stage 3 is ordinary LoRA fine-tuning (optionally ALaST) of the pruned model in t
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import LightPeftConfig
@@ -89,7 +92,10 @@ class ImportanceRecorder:
     """Averages adapter and rank importances over the second half of the estimation steps.
 
     Call :meth:`before_forward` before a step's forward and :meth:`after_backward` once its gradients exist
-    (unscaled). ``state_dict`` makes an interrupted estimation resume to the same result.
+    (unscaled); :meth:`stop` removes the hooks. While a recorded step's forward runs, forward hooks on each adapter
+    (and on its dropout, for the exact input of A) measure ``||dW x|| / ||W x||`` from the adapter's own input, with
+    ``W x`` the base weight's product without its bias. ``state_dict`` makes an interrupted estimation resume to the
+    same result.
     """
 
     def __init__(self, model: nn.Module, estimation_steps: int):
@@ -100,33 +106,54 @@ class ImportanceRecorder:
         self.module_sum = {n: 0.0 for n in self.modules}
         self.rank_sum = {n: torch.zeros(m.r) for n, m in self.modules.items()}
         self.count = 0
+        self._measuring = False
+        self._dropped: dict[str, torch.Tensor] = {}  # each adapter's input after its dropout, this forward
+        self._importance: dict[str, torch.Tensor] = {}  # each adapter's importance, this step
+        self._hooks = []
+        for name, m in self.modules.items():
+            self._hooks.append(m.dropout.register_forward_hook(partial(self._on_dropout, name)))
+            self._hooks.append(m.register_forward_hook(partial(self._on_adapter, name), with_kwargs=True))
 
     def recording(self, step: int) -> bool:
         return step >= self.first
 
     def before_forward(self, step: int) -> None:
-        on = self.recording(step)
-        for m in self.modules.values():
-            m.record = on
-            m.last_importance = None
+        self._measuring = self.recording(step)
+        self._importance = {}
+
+    def _on_dropout(self, name: str, module, args, output: torch.Tensor) -> None:
+        if self._measuring:
+            self._dropped[name] = output
+
+    @torch.no_grad()
+    def _on_adapter(self, name: str, module: LoRALinear, args, kwargs, output) -> None:
+        if not self._measuring:
+            return
+        x = args[0]
+        scale = kwargs.get("input_scale", args[1] if len(args) > 1 else None)
+        wx = F.linear(x if scale is None else x * scale, module.base.weight)
+        delta = module.low_rank(self._dropped.pop(name), scale)  # the forward's own dW x, dropout mask included
+        self._importance[name] = delta.float().norm() / wx.float().norm().clamp_min(1e-12)
 
     @torch.no_grad()
     def after_backward(self, step: int) -> None:
         if not self.recording(step):
             return
         for n, m in self.modules.items():
-            if m.last_importance is None or m.lora_A.grad is None or m.lora_B.grad is None:
+            importance = self._importance.get(n)
+            if importance is None or m.lora_A.grad is None or m.lora_B.grad is None:
                 raise RuntimeError(f"{n}: no forward/gradient recorded this step (is the adapter trainable?)")
-            self.module_sum[n] += float(m.last_importance)
+            self.module_sum[n] += float(importance)
             a = (m.lora_A.float() * m.lora_A.grad.float()).mean(dim=1).abs()
             b = (m.lora_B.float() * m.lora_B.grad.float()).mean(dim=0).abs()
             self.rank_sum[n] += (a + b).cpu()
         self.count += 1
 
     def stop(self) -> None:
-        for m in self.modules.values():
-            m.record = False
-            m.last_importance = None
+        """Remove the hooks (the adapters compute as plain LoRA again); idempotent."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks, self._measuring, self._dropped, self._importance = [], False, {}, {}
 
     def module_importance(self) -> dict[str, float]:
         return {n: s / max(1, self.count) for n, s in self.module_sum.items()}

@@ -24,8 +24,7 @@ TARGET_PATHS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2":
 class LoRALinear(nn.Module):
     """``base(x) + alpha/r * B(A(dropout(x)))`` around an existing Linear.
 
-    ``lora_B`` starts at zero, so a fresh adapter leaves the layer's output unchanged. While ``record`` is True,
-    each forward stores the module's importance ``||dW x|| / ||W x||`` (Light-PEFT) in ``last_importance``.
+    ``lora_B`` starts at zero, so a fresh adapter leaves the layer's output unchanged.
     """
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
@@ -38,8 +37,6 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=w.device, dtype=w.dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and the LoRA reference code
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.record = False
-        self.last_importance: torch.Tensor | None = None
 
     @property
     def r(self) -> int:
@@ -54,23 +51,20 @@ class LoRALinear(nn.Module):
         return self.base.out_features
 
     def delta(self, x: torch.Tensor, input_scale: torch.Tensor | None = None) -> torch.Tensor:
-        """The adapter's contribution ``alpha/r * B A (x * input_scale)``."""
+        """The adapter's contribution ``alpha/r * B A (dropout(x) * input_scale)``."""
+        return self.low_rank(self.dropout(x), input_scale)
+
+    def low_rank(self, x: torch.Tensor, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``alpha/r * B A (x * input_scale)``: the adapter's contribution for an input already through its dropout."""
         a = self.lora_A if input_scale is None else self.lora_A * input_scale
-        return F.linear(F.linear(self.dropout(x), a), self.lora_B) * self.scaling
+        return F.linear(F.linear(x, a), self.lora_B) * self.scaling
 
     def forward(self, x: torch.Tensor, input_scale: torch.Tensor | None = None) -> torch.Tensor:
         """``input_scale`` (per input feature) scales the input of both paths. It is folded into A for the adapter
         (a [r, in] product) so that autograd keeps one activation, ``x``, for both the scale's and A's gradients,
         instead of ``x`` and ``x * input_scale`` (the frozen base saves no input)."""
         xs = x if input_scale is None else x * input_scale
-        if not self.record:
-            return self.base(xs) + self.delta(x, input_scale)
-        wx = F.linear(xs, self.base.weight)
-        delta = self.delta(x, input_scale)
-        with torch.no_grad():
-            self.last_importance = delta.float().norm() / wx.float().norm().clamp_min(1e-12)
-        out = wx + delta
-        return out + self.base.bias if self.base.bias is not None else out
+        return self.base(xs) + self.delta(x, input_scale)
 
     def merged(self) -> nn.Linear:
         """A plain Linear computing the same function (eval mode: dropout off)."""

@@ -172,7 +172,7 @@ def eval_command(run_dir, data, batch_size, as_json):
         from ..data.loader import Preprocess
         from ..runfolder import load_run_model
         from ..data.images import BadImages, scan_image_folder, scan_warnings
-        from ..training.trainer import evaluate
+        from ..training.evaluate import evaluate
 
         model, meta = load_run_model(run_dir)
         folder = scan_image_folder(data, classes=meta["classes"], option="--data")

@@ -2,8 +2,9 @@
 
 Pure logic. After each step the trainer passes that step's own peak RSS (:class:`edge_alast.device.memory.PeakTracker`,
 reset every step: the lifetime high-water mark never falls, so a guard reading it would tighten on every new high
-and wreck the run) and the caps in force. The guard predicts the next step with the plan's cost model,
-``predict(caps)`` (the worst step the policy can take under those caps), plus ``drift``: how far the measured peaks
+and wreck the run), the caps in force and the policy in force (the stage's: Light-PEFT's fine-tuning stage has another
+than its estimation stage). The guard predicts the next step with the plan's cost model, ``predict(caps, policy)``
+(the worst step that policy can take under those caps), plus ``drift``: how far the measured peaks
 have recently run above the model (allocator fragmentation, a baseline that grew), an exponential mean, never
 below zero. Then:
 
@@ -23,7 +24,7 @@ above ``high``, and relaxing after ``patience`` steps below ``low`` (0.85).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from .planner import tighten
 from ..alast.policy import PolicyCaps
@@ -47,12 +48,13 @@ class MemoryGuard:
         kind: The method's plan kind (:attr:`edge_alast.methods.MethodSpec.plan_kind`): ``full`` only recomputes,
             ``head`` has nothing to tighten.
         train_below: The embeddings train (every block then stores activations).
-        predict: Predicted peak bytes of the worst step under given caps (the plan's cost model).
+        predict: Predicted peak bytes of the worst step a policy can take under given caps (the plan's cost
+            model); called with the policy :meth:`check` is given, so the guard holds no policy of its own.
         b_min: ALaST's lowest budget, to say when a keep cap goes below it.
     """
 
     def __init__(self, ceiling_bytes: int, depth: int, *, kind: str = "alast", train_below: bool = False,
-                 predict: Callable[[PolicyCaps], float] | None = None, b_min: float | None = None,
+                 predict: Callable[[PolicyCaps, Any], float] | None = None, b_min: float | None = None,
                  high: float = GUARD_HIGH, low: float = GUARD_LOW, patience: int = GUARD_PATIENCE):
         if not 0 < low < high <= 1:
             raise ValueError(f"thresholds must satisfy 0 < low < high <= 1, got low={low}, high={high}")
@@ -67,24 +69,24 @@ class MemoryGuard:
         self.calm = 0
         self.stack: list[PolicyCaps] = []  # the caps before each tightening still in force, loosest first
 
-    def _expected(self, caps: PolicyCaps, measured: int) -> float:
-        return measured if self.predict is None else self.predict(caps) + self.drift
-
-    def check(self, step_peak: int, caps: PolicyCaps) -> tuple[PolicyCaps, dict | None]:
-        """(caps for the next steps, event or None) after a step that peaked at ``step_peak`` bytes under
-        ``caps``."""
+    def check(self, step_peak: int, caps: PolicyCaps, policy: Any = None) -> tuple[PolicyCaps, dict | None]:
+        """(caps for the next steps, event or None) after a step that peaked at ``step_peak`` bytes under ``caps``,
+        for the steps ``policy`` (the stage's) decides next."""
         ceiling, limit = self.ceiling_bytes, self.high * self.ceiling_bytes
+
+        def expected(c: PolicyCaps) -> float:
+            return step_peak if self.predict is None else self.predict(c, policy) + self.drift
+
         if self.predict is None:
             over, calm = step_peak > limit, step_peak < self.low * ceiling
         else:
-            predicted = self.predict(caps)
+            predicted = self.predict(caps, policy)
             self.drift = max(0.0, DRIFT_SMOOTHING * self.drift + (1 - DRIFT_SMOOTHING) * (step_peak - predicted))
             # Over: the next step is predicted to cross, or this one came near the ceiling above what the model
             # allows (the plan itself may sit between `high` and the ceiling: that is not a reason to act).
             over = predicted + self.drift > ceiling or (
                 step_peak > limit and step_peak > predicted + TOLERANCE * ceiling)
             calm = predicted + self.drift <= limit or self.drift <= TOLERANCE * ceiling
-        expected = self._expected(caps, step_peak)
         if over:
             self.calm = 0
             new, actions = caps, []
@@ -96,17 +98,17 @@ class MemoryGuard:
                 self.stack.append(new)
                 new, action = tighter
                 actions.append(action)
-                if self.predict is None or self._expected(new, step_peak) <= limit:
+                if self.predict is None or expected(new) <= limit:
                     break
-            return new, self._event("tighten", step_peak, expected, new, actions)
+            return new, self._event("tighten", step_peak, expected(caps), new, actions)
         self.calm = self.calm + 1 if calm else 0
         if self.calm >= self.patience and self.stack:
             looser = self.stack[-1]
-            loose = self._expected(looser, step_peak)
+            loose = expected(looser)
             if self.predict is None or loose <= limit or (self.drift <= TOLERANCE * ceiling and loose <= ceiling):
                 self.stack.pop()
                 self.calm = 0
-                return looser, self._event("relax", step_peak, expected, looser,
+                return looser, self._event("relax", step_peak, expected(caps), looser,
                                            ["back to the caps before the last tightening"])
         return caps, None
 

@@ -13,7 +13,6 @@ import io
 import json
 import os
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
@@ -52,7 +51,8 @@ def train_round(node: NodeSettings, train_keys: Mapping, tensors: Mapping[str, t
         tensors: The global model's trainable tensors.
         weights_sha256: The server's base weights checksum; a node with another file refuses (the frozen weights
             never travel, so a different file would average adapters trained on different models).
-        proximal_mu: FedProx's mu (0: plain local training).
+        proximal_mu: FedProx's mu (0: plain local training): the round's objective adds ``mu/2 * |w - w_global|^2``
+            over the trainable tensors (``train``'s ``start``; metric ``loss/proximal``).
         on_event: Receives the trainer's events.
 
     Raises:
@@ -71,20 +71,8 @@ def train_round(node: NodeSettings, train_keys: Mapping, tensors: Mapping[str, t
                   "classes": list(config.classes or [])}
     policy = load_policy(node_dir, policy_key)
 
-    steps: list[dict] = []
-    train_images = [0]
-
-    def collect(event: dict) -> None:
-        if event.get("event") == "step":
-            steps.append(event)
-        elif event.get("event") == "start":
-            train_images[0] = int(event["train_images"])
-        if on_event is not None:
-            on_event(event)
-
-    with proximal_term(proximal_mu):
-        result = train(config, on_event=collect, start={"trainable": dict(tensors), "policy": policy},
-                       return_state=True)
+    result = train(config, on_event=on_event,
+                   start={"trainable": dict(tensors), "policy": policy, "proximal_mu": proximal_mu}, return_state=True)
     if set(result.trainable) != set(tensors):
         extra = sorted(set(result.trainable) ^ set(tensors))
         raise ConfigError(f"node method {config.method} trains other tensors than the fleet sends "
@@ -93,16 +81,16 @@ def train_round(node: NodeSettings, train_keys: Mapping, tensors: Mapping[str, t
         save_policy(node_dir, policy_key, result.policy_state)
     Path(config.out, MODEL_FILE).unlink(missing_ok=True)  # merged full weights: only the trainable tensors travel
 
-    summary = result.summary
-    losses = [s["loss"] for s in steps]
+    summary, history = result.summary, result.history
+    losses = history["losses"]
     metrics = {
-        "num-examples": train_images[0],  # FedAvg's weight: the node's local training images
+        "num-examples": result.train_images,  # FedAvg's weight: the node's local training images
         "train-loss": sum(losses) / len(losses) if losses else 0.0,
         "final-loss": float(summary.get("final_loss") or 0.0),
         "steps": int(summary.get("steps") or 0),
         "peak-rss-bytes": int(summary.get("train_peak_rss_bytes") or summary.get("peak_rss_bytes") or 0),
-        "step-peak-bytes": max((int(s.get("mem/step_peak_bytes", 0)) for s in steps), default=0),
-        "train-seconds": float(sum(s.get("time/step_seconds", 0.0) for s in steps)),
+        "step-peak-bytes": int(max(history["step_peak_bytes"], default=0)),
+        "train-seconds": float(sum(history["step_seconds"])),
         "round-seconds": time.monotonic() - t0,
         "train-flops": float(summary.get("total_train_flops") or 0),
     }
@@ -163,37 +151,3 @@ def weights_checksum(path: str | os.PathLike, cache_dir: Path | None = None) -> 
         cache.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(cache, {"file": ident, "sha256": digest})
     return digest
-
-
-# -------------------------------------------------------------------------------------------- FedProx
-@contextmanager
-def proximal_term(mu: float):
-    """FedProx's proximal term ``mu/2 * |w - w_global|^2`` for the trainer's optimizer steps inside this block.
-
-    The trainer's loss is the plain cross-entropy; the term's gradient ``mu * (w - w_global)`` is added to each
-    gradient just before every optimizer step (an optimizer step pre-hook: the gradients are unscaled there, and
-    a parameter frozen for the step has no gradient, as it would have none of the term either). ``w_global`` is
-    each parameter's value at the first step, i.e. the global tensors the round started from. The node process
-    runs one round (one ``train``), so the process-wide hook sees only the trainer's optimizer.
-    """
-    if not mu:
-        yield
-        return
-    from torch.optim.optimizer import register_optimizer_step_pre_hook
-
-    anchors: dict[int, torch.Tensor] = {}
-
-    def add_gradient(optimizer, args, kwargs) -> None:
-        with torch.no_grad():
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    if id(p) not in anchors:  # the first step: every parameter still holds its global value
-                        anchors[id(p)] = p.detach().clone()
-                    if p.grad is not None:
-                        p.grad.add_(p.detach() - anchors[id(p)], alpha=mu)
-
-    handle = register_optimizer_step_pre_hook(add_gradient)
-    try:
-        yield
-    finally:
-        handle.remove()

@@ -24,8 +24,9 @@ from ..training.checkpoint import load_latest, save_checkpoint
 from ..errors import ConfigError
 from ..adapters.lora import merge_lora
 from ..device.precision import autocast
+from ..model.trainable import load_trainable
 from ..training.run import setup_run
-from ..training.trainer import evaluate
+from ..training.evaluate import evaluate
 from ..runfolder import save_model
 from .settings import FleetSettings
 
@@ -54,13 +55,8 @@ class GlobalModel:
         return {n: p.detach().clone() for n, p in self.run.trainable.parameters(self.run.model)}
 
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
-        params = dict(self.run.trainable.parameters(self.run.model))
-        if set(tensors) != set(params):
-            raise ConfigError(f"global tensors: {len(set(tensors) ^ set(params))} names differ from the model's "
-                              "trainable parameters")
-        with torch.no_grad():
-            for name, value in tensors.items():
-                params[name].copy_(value.to(params[name].dtype))
+        """Replace every trainable tensor (ConfigError naming the first that does not fit)."""
+        load_trainable(self.run.model, self.run.trainable, tensors, source="global tensors", complete=True)
 
     def evaluate(self) -> tuple[float | None, float | None]:
         """Accuracy and loss on the held-out folder, every token (as ``train``'s final evaluation)."""

@@ -7,10 +7,12 @@ toggles every step), so the order in which they are set up does not matter.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Mapping
 
+import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..methods import BLOCKS_ADAPTERS, BLOCKS_ALL, BLOCKS_NONE, MethodSpec
 from .names import ADAPTER_PARAMS, is_embedding, is_head
 
@@ -72,3 +74,37 @@ class TrainableSet:
         """Set ``requires_grad`` to this set (the state before any plan freezes a block)."""
         for n, p in model.named_parameters():
             p.requires_grad_(n in self.names)
+
+
+def load_trainable(model: nn.Module, trainable: TrainableSet, tensors: Mapping[str, torch.Tensor], *, source: str,
+                   complete: bool = False) -> None:
+    """Copy ``tensors`` into ``model``'s parameters of the same names, each one in ``trainable`` (a fleet round's
+    start, the fleet's global model).
+
+    Args:
+        source: What the tensors are, for the errors (``start``, ``global tensors``).
+        complete: ``tensors`` must cover every parameter of ``trainable`` (else a subset is loaded).
+
+    Raises:
+        ConfigError: a name that is not a trainable parameter, a shape that is not the parameter's, or (``complete``)
+            a trainable parameter left out; nothing is copied then.
+    """
+    params = dict(trainable.parameters(model))
+    unknown = sorted(set(tensors) - set(params))
+    if unknown:
+        raise ConfigError(f"{source}: {len(unknown)} tensors are not trainable parameters of this run "
+                          f"({_first(unknown)})")
+    missing = sorted(set(params) - set(tensors)) if complete else []
+    if missing:
+        raise ConfigError(f"{source}: {len(missing)} trainable parameters of this run are missing ({_first(missing)})")
+    for name, value in tensors.items():
+        if tuple(value.shape) != tuple(params[name].shape):
+            raise ConfigError(f"{source}: {name} has shape {tuple(value.shape)}, the model's is "
+                              f"{tuple(params[name].shape)}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+
+
+def _first(names: list[str], shown: int = 4) -> str:
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")

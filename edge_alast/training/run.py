@@ -116,8 +116,35 @@ def setup_run(config: TrainConfig) -> Run:
     """
     config.validate()
     spec = METHODS[config.method]
+    profile, device, precision, batch_size = _resolve_device(config)
+    torch.manual_seed(config.seed)  # the model's initialisation and the adapters' draw from it
+    run_dir = _prepare_run_dir(Path(config.out))
+    data = _scan_data(config)
+    model, preprocess, base_params = _build_model(config, spec, len(data.classes), device)
+    trainable = TrainableSet.for_method(model, spec, train_embeddings=config.train_embeddings,
+                                        freeze_below=config.freeze_below)
+    trainable.apply(model)
+    flop_counter = StepFlopCounter(model, trainable)
+    alast, baseline = _alast_settings(config, spec, model, trainable, flop_counter, batch_size)
+    recompute = tuple(i in config.recompute_blocks for i in range(len(model.blocks)))
+    run = Run(config=config, spec=spec, profile=profile, device=device, precision=precision, run_dir=run_dir,
+              classes=data.classes, train_samples=data.train_samples, val_samples=data.val_samples,
+              warnings=data.warnings, order=BatchOrder(len(data.train_samples), batch_size, config.seed),
+              total_steps=0, model=model, preprocess=preprocess, trainable=trainable, flop_counter=flop_counter,
+              base_params=base_params, plan=None,
+              caps=PolicyCaps(lowest_trainable=config.freeze_below, recompute=recompute), guard=None,
+              eval_samples=spread(data.val_samples, config.eval_images) if config.eval_every else [],
+              alast=alast, baseline=baseline, bad_images=data.bad_images, val_bad_images=data.val_bad_images)
+    if profile is not None:
+        _plan(run, profile)
+    _find_resume_point(run)
+    run.total_steps = _total_steps(config, run.order)
+    return run
 
-    # ---------------------------------------------------------------- device profile, precision, threads
+
+# -------------------------------------------------------------------------------------------- parts of setup_run
+def _resolve_device(config: TrainConfig) -> tuple[DeviceProfile | None, str, str, int]:
+    """The device profile, device, precision and batch size; the profile's threads are set."""
     profile = None
     if config.profile is not None:
         try:
@@ -133,30 +160,44 @@ def setup_run(config: TrainConfig) -> Run:
     batch_size = config.batch_size or (profile.default_batch_size if profile else 16)
     if profile is not None and profile.threads:
         torch.set_num_threads(int(profile.threads))
-    torch.manual_seed(config.seed)
-    run_dir = _prepare_run_dir(Path(config.out))
+    return profile, device, precision, batch_size
 
-    # ---------------------------------------------------------------- data
+
+@dataclass
+class _Data:
+    classes: list[str]
+    train_samples: list
+    val_samples: list
+    warnings: list[str]
+    bad_images: BadImages
+    val_bad_images: BadImages
+
+
+def _scan_data(config: TrainConfig) -> _Data:
+    """The training and validation samples (``--val-data``, else a seeded split of ``--data``), the files skipped,
+    and the records of files that fail to decode when used."""
     folder = scan_image_folder(config.data, classes=config.classes, option="--data",
                                max_bad_fraction=config.max_bad_fraction)
     warnings = scan_warnings(folder, "--data")
     if len(folder.classes) < 2:
         raise DataError(f"--data: {config.data} has one usable class ({folder.classes[0]}); a classifier needs "
                         "at least two class folders with images")
-    if config.val_data:
-        val_folder = scan_image_folder(config.val_data, classes=folder.classes, option="--val-data",
-                                       max_bad_fraction=config.max_bad_fraction)
-        warnings += scan_warnings(val_folder, "--val-data")
-        train_samples, val_samples = folder.samples, val_folder.samples
-    else:
-        train_samples, val_samples = split_samples(folder, config.val_fraction, config.seed)
     bad_images = BadImages(folder, "--data", config.max_bad_fraction)
-    val_bad_images = (BadImages(val_folder, "--val-data", config.max_bad_fraction) if config.val_data
-                      else bad_images)
+    if not config.val_data:
+        train_samples, val_samples = split_samples(folder, config.val_fraction, config.seed)
+        return _Data(folder.classes, train_samples, val_samples, warnings, bad_images, bad_images)
+    val_folder = scan_image_folder(config.val_data, classes=folder.classes, option="--val-data",
+                                   max_bad_fraction=config.max_bad_fraction)
+    warnings += scan_warnings(val_folder, "--val-data")
+    return _Data(folder.classes, folder.samples, val_folder.samples, warnings, bad_images,
+                 BadImages(val_folder, "--val-data", config.max_bad_fraction))
 
-    # ---------------------------------------------------------------- model, adapters, what can ever train
-    model = create_model(config.model, num_classes=len(folder.classes), img_size=config.img_size,
-                         **config.model_args)
+
+def _build_model(config: TrainConfig, spec: MethodSpec, num_classes: int,
+                 device: str) -> tuple[nn.Module, Preprocess, int]:
+    """The model on ``device`` with its weights, the method's adapters and masks; its preprocessing and its
+    parameter count before adapters. Refuses options that do not fit the model."""
+    model = create_model(config.model, num_classes=num_classes, img_size=config.img_size, **config.model_args)
     if spec.alast:  # refuse, before anything is loaded, a model ALaST would train wrongly or crash on
         check_model(model, config.model)
     if config.weights:
@@ -176,59 +217,54 @@ def setup_run(config: TrainConfig) -> Run:
         raise ConfigError(f"--freeze-below/--recompute-blocks: {config.model} has {depth} blocks (0..{depth - 1})")
     if spec.alast:
         config.alast.validate(depth)
-    trainable = TrainableSet.for_method(model, spec, train_embeddings=config.train_embeddings,
-                                        freeze_below=config.freeze_below)
-    trainable.apply(model)
-    flop_counter = StepFlopCounter(model, trainable)
-    alast, baseline = config.alast, None
-    if alast.seed is None:  # --seed seeds layer sampling too, unless alast.seed says otherwise
+    return model, preprocess, base_params
+
+
+def _alast_settings(config: TrainConfig, spec: MethodSpec, model: nn.Module, trainable: TrainableSet,
+                    flop_counter: StepFlopCounter, batch_size: int) -> tuple[AlastConfig, dict | None]:
+    """The ALaST settings the policy uses (``--seed`` seeds layer sampling unless ``alast.seed`` says otherwise; a
+    static/random baseline's keep ratios and blocks from ``--alast-from``) and what that baseline matched."""
+    alast = config.alast
+    if alast.seed is None:
         alast = dataclasses.replace(alast, seed=config.seed)
     if spec.alast and alast.update in ("static", "random") and alast.from_run:
-        alast, baseline = _baseline(config, model, trainable, flop_counter, batch_size)
+        return _baseline(config, model, trainable, flop_counter, batch_size)
+    return alast, None
 
-    # ---------------------------------------------------------------- plan against the profile's ceilings
-    recompute = tuple(i in config.recompute_blocks for i in range(depth))
-    run = Run(config=config, spec=spec, profile=profile, device=device, precision=precision, run_dir=run_dir,
-              classes=folder.classes, train_samples=train_samples, val_samples=val_samples, warnings=warnings,
-              order=BatchOrder(len(train_samples), batch_size, config.seed), total_steps=0, model=model,
-              preprocess=preprocess, trainable=trainable, flop_counter=flop_counter, base_params=base_params,
-              plan=None, caps=PolicyCaps(lowest_trainable=config.freeze_below, recompute=recompute), guard=None,
-              eval_samples=spread(val_samples, config.eval_images) if config.eval_every else [], alast=alast,
-              baseline=baseline)
-    run.bad_images, run.val_bad_images = bad_images, val_bad_images
-    if profile is not None:
-        policy = make_policy(spec, spec.stages[0], depth, alast, lr=config.lr)
-        try:
-            run.plan = plan_for(run, profile, policy)
-        except ConfigError as e:
-            raise ConfigError(f"--profile {profile.name}: no plan fits this device: {e}") from e
-        run.caps = run.plan.caps
-        if run.plan.batch_size != run.order.batch_size:
-            run.order = BatchOrder(len(train_samples), run.plan.batch_size, config.seed)
-        if run.plan.memory_ceiling_bytes:
-            cost, batch = run.plan.cost, run.order.batch_size
 
-            def predict(caps: PolicyCaps) -> float:  # the worst training step under caps (the guard's concern)
-                return cost.worst_peak(policy.worst_plans(caps), batch)["train_peak"]
+def _plan(run: Run, profile: DeviceProfile) -> None:
+    """Plan against ``profile``'s ceilings: the run's plan, caps and batch size, and its memory guard."""
+    try:
+        run.plan = plan_for(run, profile)
+    except ConfigError as e:
+        raise ConfigError(f"--profile {profile.name}: no plan fits this device: {e}") from e
+    run.caps = run.plan.caps
+    if run.plan.batch_size != run.order.batch_size:
+        run.order = BatchOrder(len(run.train_samples), run.plan.batch_size, run.config.seed)
+    if run.plan.memory_ceiling_bytes:
+        run.guard = _memory_guard(run)
 
-            run.guard = MemoryGuard(run.plan.memory_ceiling_bytes, depth, kind=spec.plan_kind, predict=predict,
-                                    train_below=trainable.embeddings, b_min=alast.b_min if spec.alast else None)
 
-    # ---------------------------------------------------------------- the checkpoint to resume
-    run.checkpoint, run.resume_notes = _find_checkpoint(config, run_dir, precision)
-    if run.checkpoint is not None:
-        # The plan in force when the checkpoint was written (a fresh plan could differ: it measures live RSS).
-        run.caps = PolicyCaps.from_state(run.checkpoint["caps"])
-        if run.checkpoint["batch_size"] != run.order.batch_size:
-            run.order = BatchOrder(len(train_samples), run.checkpoint["batch_size"], config.seed)
-        if run.guard is not None and run.checkpoint.get("guard"):
-            run.guard.load_state_dict(run.checkpoint["guard"])
-    run.total_steps = _total_steps(config, run.order)
-    if spec.light_peft and run.total_steps <= config.light_peft.estimation_steps:
-        raise ConfigError(f"{config.light_peft.name('estimation_steps')}: {config.method} runs {run.total_steps} "
-                          f"steps in all, which leaves none for fine-tuning after "
-                          f"{config.light_peft.estimation_steps} estimation steps; train longer or estimate shorter")
-    return run
+def _memory_guard(run: Run) -> MemoryGuard:
+    """The guard of ``run``'s plan; it predicts with the policy the trainer passes each check (the stage's)."""
+    cost, batch = run.plan.cost, run.order.batch_size
+
+    def predict(caps: PolicyCaps, policy) -> float:  # the worst training step under caps (the guard's concern)
+        return cost.worst_peak(policy.worst_plans(caps), batch)["train_peak"]
+
+    return MemoryGuard(run.plan.memory_ceiling_bytes, run.depth, kind=run.spec.plan_kind, predict=predict,
+                       train_below=run.trainable.embeddings, b_min=run.alast.b_min if run.spec.alast else None)
+
+
+def _find_resume_point(run: Run) -> None:
+    """The checkpoint to resume (the trainer restores it), and the caps and batch size in force when it was
+    written: a fresh plan could differ (it measures live RSS)."""
+    run.checkpoint, run.resume_notes = _find_checkpoint(run.config, run.run_dir, run.precision)
+    if run.checkpoint is None:
+        return
+    run.caps = PolicyCaps.from_state(run.checkpoint["caps"])
+    if run.checkpoint["batch_size"] != run.order.batch_size:
+        run.order = BatchOrder(len(run.train_samples), run.checkpoint["batch_size"], run.config.seed)
 
 
 def plan_for(run: Run, profile: DeviceProfile | None, policy=None) -> RunPlan:
@@ -320,6 +356,11 @@ def _find_checkpoint(config: TrainConfig, run_dir: Path, precision: str) -> tupl
 
 
 def _total_steps(config: TrainConfig, order: BatchOrder) -> int:
-    if config.steps is not None:
-        return config.steps
-    return max(1, math.ceil((config.epochs or 1.0) * order.batches_per_epoch))
+    """``--steps``, else ``--epochs`` of ``order``'s batches; Light-PEFT must have steps left after estimating."""
+    total = config.steps if config.steps is not None else max(
+        1, math.ceil((config.epochs or 1.0) * order.batches_per_epoch))
+    if METHODS[config.method].light_peft and total <= config.light_peft.estimation_steps:
+        raise ConfigError(f"{config.light_peft.name('estimation_steps')}: {config.method} runs {total} "
+                          f"steps in all, which leaves none for fine-tuning after "
+                          f"{config.light_peft.estimation_steps} estimation steps; train longer or estimate shorter")
+    return total

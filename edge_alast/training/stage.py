@@ -65,7 +65,9 @@ class Stage:
         return sum(p.numel() for g in self.optimizer.param_groups for p in g["params"])
 
     def close(self) -> None:
-        """Remove the patch; the model computes as timm's again."""
+        """Remove the patch and the importance recorder's hooks; the model computes as timm's again."""
+        if self.recorder is not None:
+            self.recorder.stop()
         self.handle.remove()
 
     def free(self) -> None:
@@ -87,8 +89,6 @@ def next_stage(run: Run, stage: Stage, pruning: dict | None = None) -> Stage:
     checkpoint) and return the fine-tuning stage of the smaller model, starting at ``stage.end_step``."""
     if pruning is None:
         pruning = plan_pruning(run.model, run.config.light_peft, stage.recorder)
-    if stage.recorder is not None:
-        stage.recorder.stop()
     stage.close()
     apply_pruning(run.model, pruning)
     trainable = TrainableSet.for_method(run.model, run.spec, train_embeddings=run.config.train_embeddings,

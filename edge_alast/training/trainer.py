@@ -1,13 +1,17 @@
 """The training loop: policy decides the step plan -> mechanism applies it -> forward/backward/step -> policy
-observes. Set-up lives in :mod:`edge_alast.training.run`, stages in :mod:`edge_alast.training.stage`; this module reads top to
-bottom as the loop it is, and no callbacks do the real work.
+observes. Set-up lives in :mod:`edge_alast.training.run`, stages in :mod:`edge_alast.training.stage`, the objective's
+penalties in :mod:`edge_alast.training.objective`, evaluation in :mod:`edge_alast.training.evaluate`; this module
+reads top to bottom as the loop it is, and no callbacks do the real work.
+
+:func:`train` reads set-up -> resume -> loop -> evaluate -> save -> summary -> export. What the loop carries from
+step to step is a :class:`LoopState`; a checkpoint is named state: the model, the stage, the loop state, the guard,
+the unreadable files and the RNG (:func:`_checkpoint`, restored by :func:`_restore`).
 """
 from __future__ import annotations
 
 import json
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,32 +19,75 @@ import torch
 import torch.nn.functional as F
 
 from .. import __version__
-from ..device.allocator import allocator_in_use
-from ..atomic import atomic_write_json
-from .checkpoint import save_checkpoint
-from ..config import TrainConfig
-from ..errors import ConfigError
-from ..data.loader import iter_batches
-from ..adapters.lightpeft import mask_penalty
 from ..adapters.lora import merge_lora
+from ..alast.policy import PolicyCaps
+from ..atomic import atomic_write_json
+from ..config import TrainConfig
+from ..device.allocator import allocator_in_use
 from ..device.memory import PeakTracker, rss_bytes, trim_heap
-from ..runfolder import save_model, steady, truncate_metrics
 from ..device.precision import autocast as autocast_for
-from .run import make_loader, setup_run
-from .stage import first_stage, next_stage, pruning_summary
+from ..errors import ConfigError
+from ..model.trainable import load_trainable
+from ..runfolder import save_model, steady, truncate_metrics
+from .checkpoint import save_checkpoint
+from .evaluate import evaluate
+from .objective import ProximalTerm, penalties
+from .run import Run, make_loader, setup_run
+from .stage import Stage, first_stage, next_stage, pruning_summary
 
 CHECKPOINT_FORMAT = 1
+HISTORY = ("step_seconds", "step_flops", "losses", "step_peak_bytes")
+START_KEYS = ("trainable", "policy", "proximal_mu")
 
 
 @dataclass
 class TrainResult:
-    """What a run produced. ``trainable`` and ``policy_state`` (with ``return_state=True``): the tensors of every
+    """What a run produced. ``history``: per step run, as :class:`LoopState` keeps it; ``train_images``: the
+    training images of the run. ``trainable`` and ``policy_state`` (with ``return_state=True``): the tensors of every
     parameter that could train, as trained (LoRA adapters unmerged), and the policy's state, e.g. for a fleet."""
 
     summary: dict[str, Any]
     run_dir: Path
     trainable: dict[str, torch.Tensor] | None = None
     policy_state: dict | None = None
+    history: dict[str, list] = field(default_factory=dict)
+    train_images: int = 0
+
+
+@dataclass
+class LoopState:
+    """What the training loop carries from step to step (checkpointed as it is).
+
+    Attributes:
+        caps: The caps in force: the plan's (or the resumed checkpoint's), as the memory guard tightens and relaxes
+            them.
+        scaler: fp16's loss scaler (disabled, a no-op, for bf16 and fp32).
+        step: Steps done: the next step to run.
+        history: Per step run, in order: ``step_seconds``, ``step_flops``, ``losses`` (the cross-entropy) and
+            ``step_peak_bytes``.
+    """
+
+    caps: PolicyCaps
+    scaler: torch.amp.GradScaler
+    step: int = 0
+    history: dict[str, list] = field(default_factory=lambda: {k: [] for k in HISTORY})
+
+    def record(self, step: int, seconds: float, flops: float, loss: float, peak_bytes: int) -> None:
+        """Step ``step`` is done."""
+        for key, value in zip(HISTORY, (seconds, flops, loss, peak_bytes)):
+            self.history[key].append(value)
+        self.step = step + 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "caps": self.caps.state_dict(), "scaler": self.scaler.state_dict(),
+                "history": {k: list(v) for k, v in self.history.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.caps = PolicyCaps.from_state(state["caps"])
+        self.scaler.load_state_dict(state["scaler"])
+        # step_peak_bytes: absent from checkpoints written before it was kept (those steps' peaks are not known)
+        self.history = {k: list(state["history"].get(k, ())) for k in HISTORY}
 
 
 def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
@@ -55,207 +102,290 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
             running again with the same config resumes exactly).
         start: Where to start instead of ``config.weights`` alone (a fleet round): ``trainable``, tensors by
             parameter name for (a subset of) what can train, loaded over the weights; ``policy``, a policy state
-            (ALaST budgets carried from this node's previous round).
+            (ALaST budgets carried from this node's previous round); ``proximal_mu``, FedProx's mu: the objective
+            adds ``mu/2 * |w - w_start|^2`` over the trainable tensors (metric ``loss/proximal``).
         return_state: Also return the trainable tensors and the policy state (:class:`TrainResult`).
 
     Returns:
-        The summary (as written to ``summary.json``) and the run folder.
+        The summary (as written to ``summary.json``), the run folder and the loop's history.
     """
     emit = on_event or (lambda event: None)
+
+    def warn(message: str) -> None:
+        emit({"event": "warning", "message": message})
 
     # ---------------------------------------------------------------- set-up
     run = setup_run(config)
     for message in run.warnings + run.resume_notes:
-        emit({"event": "warning", "message": message})
+        warn(message)
     for note in run.plan.notes if run.plan else []:
         emit({"event": "plan", "message": note})
-    model, device = run.model, run.device
     stage = first_stage(run)
-    if start is not None:  # a fleet round: the global model's trainable tensors, this node's budgets
-        _load_trainable(model, stage.trainable, start.get("trainable") or {})
-        if start.get("policy"):
-            stage.policy.load_state_dict(start["policy"])
+    proximal = _start_from(start, run, stage) if start is not None else None
     # Decodes the next batches in the background; leaves out, names and counts files that fail to decode.
-    loader = make_loader(run, on_warning=lambda message: emit({"event": "warning", "message": message}))
-    autocast = autocast_for(device, run.precision)
+    loader = make_loader(run, on_warning=warn)
+    autocast = autocast_for(run.device, run.precision)
     # fp16 gradients underflow without loss scaling; bf16 and fp32 need none (the scaler is then a no-op).
-    scaler = torch.amp.GradScaler(device, enabled=run.precision == "fp16")
-    caps, history, first_step = run.caps, {"step_seconds": [], "step_flops": [], "losses": []}, 0
+    loop = LoopState(caps=run.caps, scaler=torch.amp.GradScaler(run.device, enabled=run.precision == "fp16"))
+    train_images = len(run.train_samples)
 
     # ---------------------------------------------------------------- resume
     if run.checkpoint is not None:
         checkpoint, run.checkpoint = run.checkpoint, None  # no second copy of the weights once restored
-        if checkpoint.get("pruning") is not None:  # written after Light-PEFT's pruning: prune first
-            stage = next_stage(run, stage, pruning=checkpoint["pruning"])
-        model.load_state_dict(checkpoint["model"])
-        stage.load_state_dict(checkpoint)
-        if checkpoint.get("bad_images"):  # files found unreadable before the checkpoint stay left out
-            run.bad_images.load_state_dict(checkpoint["bad_images"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        history = {k: list(v) for k, v in checkpoint["history"].items()}
-        first_step = int(checkpoint["step"])
+        stage = _restore(run, stage, loop, checkpoint)
         del checkpoint
     metrics_path = run.run_dir / "metrics.jsonl"
-    truncate_metrics(metrics_path, first_step)
-
-    start = {"event": "start", "method": config.method, "model": config.model, "steps": run.total_steps,
-             "batch_size": run.order.batch_size, "precision": run.precision, "allocator": allocator_in_use(),
-             "device": device,
-             "profile": run.profile.name if run.profile else None, "train_images": len(run.train_samples),
-             "val_images": len(run.val_samples), "classes": run.classes, "run_dir": str(run.run_dir),
-             "resumed_from_step": first_step}
-    atomic_write_json(run.run_dir / "config.json", {"config": config.to_dict(), "resolved": start})
-    emit(start)
-
-    def save(step: int) -> None:
-        state = {"format": CHECKPOINT_FORMAT, "step": step, "config": config.resume_key(run.precision),
-                 "model": model.state_dict(), **stage.state_dict(),
-                 "rng": {"torch": torch.get_rng_state()}, "history": history, "caps": caps.state_dict(),
-                 "batch_size": run.order.batch_size, "scaler": scaler.state_dict(),
-                 "guard": run.guard.state_dict() if run.guard else None,
-                 "bad_images": run.bad_images.state_dict()}
-        try:
-            path = save_checkpoint(run.run_dir, step, state)
-            emit({"event": "checkpoint", "step": step, "path": str(path)})
-        except OSError as e:  # e.g. disk full: the previous checkpoint is untouched, training goes on
-            emit({"event": "warning", "message": f"checkpoint at step {step} not written ({e}); "
-                                                  "the previous checkpoint is kept"})
+    truncate_metrics(metrics_path, loop.step)
+    started = _start_event(config, run, loop.step)
+    atomic_write_json(run.run_dir / "config.json", {"config": config.to_dict(), "resolved": started})
+    emit(started)
 
     # ---------------------------------------------------------------- training loop
     interrupted = False
     peaks = PeakTracker()
     peaks.interval_peak()  # from here on, each reading is one step's own peak
     last_save = time.monotonic()
-    model.train()
+    run.model.train()
     with open(metrics_path, "a") as metrics:
         def log(record: dict) -> None:
             metrics.write(json.dumps(record) + "\n")
             emit(record)
 
-        for step in range(first_step, run.total_steps):
+        for step in range(loop.step, run.total_steps):
             if step == stage.end_step:
                 # ---- Light-PEFT: prune by the estimates, then fine-tune the smaller model
                 stage = next_stage(run, stage)
                 # "step": the first step that trains the pruned model (a resume before it re-runs the pruning and
                 # drops this line with the steps after its checkpoint)
-                log({"event": "prune", "step": step + 1, **pruning_summary(model, stage.pruning, run.base_params)})
+                log({"event": "prune", "step": step + 1, **pruning_summary(run.model, stage.pruning, run.base_params)})
             t0 = time.perf_counter()
-            plan = stage.policy.decide(caps)
-            budgets = stage.policy.budgets
+            plan = stage.policy.decide(loop.caps)
+            budgets = stage.policy.budgets  # as decided: observe() replaces them
             stage.handle.set_plan(plan)
             x, y = loader.get(step)
             if len(y) == 0:  # every file of this batch failed to decode: no update; step s+1 still reads batch s+1
                 continue
-            x, y = x.to(device), y.to(device)
-            recorder = stage.recorder
-            if recorder is not None:
-                recorder.before_forward(step)
-            with autocast:
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-            objective, penalty = loss, None
-            if recorder is not None and config.light_peft.mask_l1 > 0:  # Light-PEFT's L1 on the masks
-                penalty = config.light_peft.mask_l1 * mask_penalty(model)
-                objective = loss + penalty
-            scaler.scale(objective).backward()
-            if recorder is not None and recorder.recording(step):
-                scaler.unscale_(stage.optimizer)  # rank importances need true gradients (a no-op unless fp16)
-                recorder.after_backward(step)
-            scaler.step(stage.optimizer)
-            scaler.update()
-            stage.optimizer.zero_grad(set_to_none=True)
-            stage.scheduler.step()
+            loss, terms = _forward_backward_step(run, stage, loop.scaler, autocast, x.to(run.device),
+                                                 y.to(run.device), step, proximal)
             stage.policy.observe(stage.handle.step_deltas(), stage.handle.step_streams())
             if config.trim_memory:
                 trim_heap()
-            step_peak = peaks.interval_peak()  # this step's own peak (the lifetime mark never falls)
-            if device == "cuda":  # Jetson (unified memory): tensors live outside the process RSS
-                step_peak += torch.cuda.max_memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
+            step_peak = _step_peak(peaks, run.device)
             if run.guard is not None:  # near the ceiling: the caps for the steps that follow
-                caps, guard_event = run.guard.check(step_peak, caps)
+                loop.caps, guard_event = run.guard.check(step_peak, loop.caps, stage.policy)
                 if guard_event is not None:
                     log({**guard_event, "step": step + 1})
-            if device == "cuda":
+            if run.device == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
-
-            trainable = stage.trainable
-            flops = stage.flop_counter.step_flops(len(y), config.img_size, stage.handle.tokens_in, plan.trainable,
-                                                  train_embeddings=trainable.embeddings, keep_ratios=plan.keep_ratios,
-                                                  train_final_norm=trainable.final_norm, recompute=plan.recompute)
-            history["step_seconds"].append(seconds)
-            history["step_flops"].append(flops)
-            history["losses"].append(float(loss.detach()))
-            record = {
-                "event": "step", "step": step + 1, "steps": run.total_steps, "loss": history["losses"][-1],
-                "lr": stage.scheduler.get_last_lr()[0], "time/step_seconds": seconds, "flops/step": flops,
-                "tokens/per_block": list(stage.handle.tokens_in),
-                "blocks/trainable": [i for i, t in enumerate(plan.trainable) if t],
-                "plan/keep_ratio": [round(r, 6) for r in plan.keep_ratios],
-                "budget/raw": [round(b, 6) for b in budgets],
-                "mem/rss_bytes": rss_bytes(), "mem/step_peak_bytes": step_peak,
-                "mem/peak_rss_bytes": peaks.lifetime_peak(),
-            }
-            if penalty is not None:  # "loss" stays the cross-entropy, comparable across methods
-                record["loss/mask_l1"] = float(penalty.detach())
-            log(record)
-            done = step + 1
-            if config.eval_every and done % config.eval_every == 0:  # a point of the validation curve
-                stage.handle.set_plan(None)
-                accuracy, val_loss = evaluate(model, run.eval_samples, run.preprocess, run.eval_batch_size, device,
-                                              autocast, bad=run.val_bad_images, on_warning=loader.on_warning)
-                log({"event": "eval", "step": done, "val_accuracy": accuracy, "val_loss": val_loss,
-                     "val_images": len(run.eval_samples), "elapsed_seconds": sum(history["step_seconds"]),
-                     "flops_total": int(sum(history["step_flops"]))})
+            loop.record(step, seconds, _step_flops(stage, plan, len(y), config.img_size), float(loss.detach()),
+                        step_peak)
+            log(_step_record(run, stage, loop, plan, budgets, terms, peaks))
+            if config.eval_every and loop.step % config.eval_every == 0:  # a point of the validation curve
+                log(_validation_point(run, stage, loop, autocast, warn))
             metrics.flush()
-            if should_stop is not None and should_stop() and done < run.total_steps:
-                metrics.flush()
-                save(done)
+            if should_stop is not None and should_stop() and loop.step < run.total_steps:
+                _save(config, run, stage, loop, emit)
                 interrupted = True
                 break
-            due_steps = config.checkpoint_every_steps and done % config.checkpoint_every_steps == 0
-            due_time = (config.checkpoint_every_seconds is not None
-                        and time.monotonic() - last_save >= config.checkpoint_every_seconds)
-            if (due_steps or due_time) and done < run.total_steps:
-                metrics.flush()
-                save(done)
+            if _checkpoint_due(config, loop.step, last_save) and loop.step < run.total_steps:
+                _save(config, run, stage, loop, emit)
                 last_save = time.monotonic()
 
     loader.close()
     if interrupted:
         stage.close()
-        result = {"interrupted": True, "resumable": True, "steps": len(history["losses"]),
+        result = {"interrupted": True, "resumable": True, "steps": len(loop.history["losses"]),
                   "total_steps": run.total_steps}
         emit({"event": "interrupted", **result})
-        return TrainResult(summary=result, run_dir=run.run_dir)
-
+        return TrainResult(summary=result, run_dir=run.run_dir, history=loop.history, train_images=train_images)
     train_peak = peaks.lifetime_peak()  # the training loop's own peak; evaluation, saving and export come next
 
     # ---------------------------------------------------------------- evaluation (all tokens, no budgets)
     stage.handle.set_plan(None)
-    val_accuracy, val_loss = evaluate(model, run.val_samples, run.preprocess, run.eval_batch_size, device, autocast,
-                                      bad=run.val_bad_images,
-                                      on_warning=lambda message: emit({"event": "warning", "message": message}))
+    val_accuracy, val_loss = evaluate(run.model, run.val_samples, run.preprocess, run.eval_batch_size, run.device,
+                                      autocast, bad=run.val_bad_images, on_warning=warn)
     emit({"event": "eval", "val_accuracy": val_accuracy, "val_loss": val_loss, "val_images": len(run.val_samples)})
     stage.close()
 
-    trainable_params = stage.trainable_params
-    state = ({n: p.detach().clone() for n, p in stage.trainable.parameters(model)} if return_state else None)
+    # ---------------------------------------------------------------- save the tuned model
+
+    trainable = ({n: p.detach().clone() for n, p in stage.trainable.parameters(run.model)} if return_state else None)
     policy_state = stage.policy.state_dict() if return_state else None
-    pruned = pruning_summary(model, stage.pruning, run.base_params) if stage.pruning else None
-    merge_lora(model)  # adapters folded into the weights: the saved and exported model is timm's architecture
-    save_model(model, run.run_dir)  # the tuned weights, for `export` and `eval` (atomic)
+    pruned = pruning_summary(run.model, stage.pruning, run.base_params) if stage.pruning else None
+    merge_lora(run.model)  # adapters folded into the weights: the saved and exported model is timm's architecture
+    save_model(run.model, run.run_dir)  # the tuned weights, for `export` and `eval` (atomic)
 
     # ---------------------------------------------------------------- summary
-    plan_ = run.plan
+    summary = _summary(config, run, stage, loop, val_accuracy, val_loss, pruned, peaks, train_peak)
+    atomic_write_json(run.run_dir / "summary.json", summary)
+
+    # ---------------------------------------------------------------- export
+    if config.export:
+        # The export rebuilds the model from model.safetensors: free the training state first (weights, grads,
+        # optimizer moments), so the export's peak does not stack on top of it on a small device.
+        stage.free()
+        del stage, run, proximal
+        _export(config, summary, peaks, emit)
+    emit({"event": "done", **{k: summary[k] for k in ("steps", "val_accuracy", "mean_step_seconds",
+                                                        "peak_rss_bytes", "train_flops_per_step")}})
+    return TrainResult(summary=summary, run_dir=Path(config.out), trainable=trainable, policy_state=policy_state,
+                       history=loop.history, train_images=train_images)
+
+
+# -------------------------------------------------------------------------------------------- set-up and resume
+def _start_from(start: dict, run: Run, stage: Stage) -> ProximalTerm | None:
+    """A fleet round's start (see :func:`train`): load the given trainable tensors and policy state; FedProx's
+    term, anchored at the tensors the round starts from, or None."""
+    unknown = sorted(set(start) - set(START_KEYS))
+    if unknown:
+        raise ConfigError(f"start: unknown keys {', '.join(unknown)} (known: {', '.join(START_KEYS)})")
+    load_trainable(run.model, stage.trainable, start.get("trainable") or {}, source="start")
+    if start.get("policy"):
+        stage.policy.load_state_dict(start["policy"])
+    mu = float(start.get("proximal_mu") or 0.0)
+    if not mu:
+        return None
+    if len(run.spec.stages) > 1:
+        raise ConfigError(f"start: proximal_mu needs a one-stage method; {run.config.method} prunes the model "
+                          "mid-run, so its tensors no longer match the start")
+    return ProximalTerm.at(mu, stage.trainable.parameters(run.model))
+
+
+def _restore(run: Run, stage: Stage, loop: LoopState, checkpoint: dict[str, Any]) -> Stage:
+    """Load the named state of ``checkpoint`` (see :func:`_checkpoint`); returns the stage it was written in."""
+    if checkpoint.get("pruning") is not None:  # written after Light-PEFT's pruning: prune first
+        stage = next_stage(run, stage, pruning=checkpoint["pruning"])
+    run.model.load_state_dict(checkpoint["model"])
+    stage.load_state_dict(checkpoint)
+    loop.load_state_dict(checkpoint)
+    if run.guard is not None and checkpoint.get("guard"):
+        run.guard.load_state_dict(checkpoint["guard"])
+    if checkpoint.get("bad_images"):  # files found unreadable before the checkpoint stay left out
+        run.bad_images.load_state_dict(checkpoint["bad_images"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    return stage
+
+
+def _start_event(config: TrainConfig, run: Run, first_step: int) -> dict:
+    return {"event": "start", "method": config.method, "model": config.model, "steps": run.total_steps,
+            "batch_size": run.order.batch_size, "precision": run.precision, "allocator": allocator_in_use(),
+            "device": run.device, "profile": run.profile.name if run.profile else None,
+            "train_images": len(run.train_samples), "val_images": len(run.val_samples), "classes": run.classes,
+            "run_dir": str(run.run_dir), "resumed_from_step": first_step}
+
+
+# -------------------------------------------------------------------------------------------- one step
+def _forward_backward_step(run: Run, stage: Stage, scaler: torch.amp.GradScaler, autocast, x: torch.Tensor,
+                           y: torch.Tensor, step: int, proximal: ProximalTerm | None
+                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward, backward and the optimizer and LR steps under the plan set; returns the cross-entropy and the
+    penalties the objective added to it (by metric name)."""
+    recorder = stage.recorder
+    if recorder is not None:
+        recorder.before_forward(step)
+    with autocast:
+        logits = run.model(x)
+    loss = F.cross_entropy(logits.float(), y)
+    terms = penalties(run.model, stage, run.config.light_peft.mask_l1, proximal)
+    objective = loss
+    for term in terms.values():
+        objective = objective + term
+    scaler.scale(objective).backward()
+    if recorder is not None and recorder.recording(step):
+        scaler.unscale_(stage.optimizer)  # rank importances need true gradients (a no-op unless fp16)
+        recorder.after_backward(step)
+    scaler.step(stage.optimizer)
+    scaler.update()
+    stage.optimizer.zero_grad(set_to_none=True)
+    stage.scheduler.step()
+    return loss, terms
+
+
+def _step_peak(peaks: PeakTracker, device: str) -> int:
+    """This step's own peak memory (the lifetime mark never falls)."""
+    step_peak = peaks.interval_peak()
+    if device == "cuda":  # Jetson (unified memory): tensors live outside the process RSS
+        step_peak += torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    return step_peak
+
+
+def _step_flops(stage: Stage, plan, batch: int, img_size: int) -> float:
+    trainable = stage.trainable
+    return stage.flop_counter.step_flops(batch, img_size, stage.handle.tokens_in, plan.trainable,
+                                         train_embeddings=trainable.embeddings, keep_ratios=plan.keep_ratios,
+                                         train_final_norm=trainable.final_norm, recompute=plan.recompute)
+
+
+def _step_record(run: Run, stage: Stage, loop: LoopState, plan, budgets: list[float], terms: dict[str, torch.Tensor],
+                 peaks: PeakTracker) -> dict:
+    """The ``step`` line of ``metrics.jsonl`` for the step just recorded in ``loop``."""
+    history = loop.history
+    record = {
+        "event": "step", "step": loop.step, "steps": run.total_steps, "loss": history["losses"][-1],
+        "lr": stage.scheduler.get_last_lr()[0], "time/step_seconds": history["step_seconds"][-1],
+        "flops/step": history["step_flops"][-1],
+        "tokens/per_block": list(stage.handle.tokens_in),
+        "blocks/trainable": [i for i, t in enumerate(plan.trainable) if t],
+        "plan/keep_ratio": [round(r, 6) for r in plan.keep_ratios],
+        "budget/raw": [round(b, 6) for b in budgets],
+        "mem/rss_bytes": rss_bytes(), "mem/step_peak_bytes": history["step_peak_bytes"][-1],
+        "mem/peak_rss_bytes": peaks.lifetime_peak(),
+    }
+    # "loss" stays the cross-entropy, comparable across methods; each penalty has its own name
+    record.update({name: float(term.detach()) for name, term in terms.items()})
+    return record
+
+
+def _validation_point(run: Run, stage: Stage, loop: LoopState, autocast, on_warning) -> dict:
+    """``--eval-every``: accuracy on the fixed validation subset, every token (the next step sets its plan again)."""
+    stage.handle.set_plan(None)
+    accuracy, val_loss = evaluate(run.model, run.eval_samples, run.preprocess, run.eval_batch_size, run.device,
+                                  autocast, bad=run.val_bad_images, on_warning=on_warning)
+    return {"event": "eval", "step": loop.step, "val_accuracy": accuracy, "val_loss": val_loss,
+            "val_images": len(run.eval_samples), "elapsed_seconds": sum(loop.history["step_seconds"]),
+            "flops_total": int(sum(loop.history["step_flops"]))}
+
+
+# -------------------------------------------------------------------------------------------- checkpoints
+def _checkpoint_due(config: TrainConfig, done: int, last_save: float) -> bool:
+    due_steps = config.checkpoint_every_steps and done % config.checkpoint_every_steps == 0
+    due_time = (config.checkpoint_every_seconds is not None
+                and time.monotonic() - last_save >= config.checkpoint_every_seconds)
+    return bool(due_steps or due_time)
+
+
+def _checkpoint(config: TrainConfig, run: Run, stage: Stage, loop: LoopState) -> dict[str, Any]:
+    """The run's state after ``loop.step`` steps, by name: the model, the stage (optimizer, schedule, policy,
+    pruning, estimation), the loop state (step, caps, scaler, history), the guard, the unreadable files, the RNG;
+    ``config`` and ``batch_size`` let a resume refuse other settings and keep the batches."""
+    return {"format": CHECKPOINT_FORMAT, "config": config.resume_key(run.precision),
+            "batch_size": run.order.batch_size, "model": run.model.state_dict(), **stage.state_dict(),
+            **loop.state_dict(), "guard": run.guard.state_dict() if run.guard else None,
+            "bad_images": run.bad_images.state_dict(), "rng": {"torch": torch.get_rng_state()}}
+
+
+def _save(config: TrainConfig, run: Run, stage: Stage, loop: LoopState, emit: Callable[[dict], None]) -> None:
+    try:
+        path = save_checkpoint(run.run_dir, loop.step, _checkpoint(config, run, stage, loop))
+        emit({"event": "checkpoint", "step": loop.step, "path": str(path)})
+    except OSError as e:  # e.g. disk full: the previous checkpoint is untouched, training goes on
+        emit({"event": "warning", "message": f"checkpoint at step {loop.step} not written ({e}); "
+                                              "the previous checkpoint is kept"})
+
+
+# -------------------------------------------------------------------------------------------- summary and export
+def _summary(config: TrainConfig, run: Run, stage: Stage, loop: LoopState, val_accuracy: float | None,
+             val_loss: float | None, pruned: dict | None, peaks: PeakTracker, train_peak: int) -> dict[str, Any]:
+    """``summary.json`` of a finished run (``run.model`` saved, adapters merged)."""
+    history, memory_plan = loop.history, run.plan
     summary = {
         "edge_alast_version": __version__,
         "method": config.method,
         "model": config.model,
         "profile": run.profile.name if run.profile else None,
-        "device": device,
+        "device": run.device,
         "precision": run.precision,
         "allocator": allocator_in_use(),
         "batch_size": run.order.batch_size,
@@ -271,84 +401,36 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
         "train_flops_per_step": sum(history["step_flops"]) / len(history["step_flops"]),
         "total_train_flops": int(sum(history["step_flops"])),
         "budgets": list(stage.policy.budgets),
-        "trainable_params": trainable_params,
-        "base_params": sum(p.numel() for p in model.parameters()),
+        "trainable_params": stage.trainable_params,
+        "base_params": sum(p.numel() for p in run.model.parameters()),
         "base_params_original": run.base_params,
         "pruning": pruned,
-        "memory_ceiling_bytes": plan_.memory_ceiling_bytes if plan_ else None,
-        "predicted_peak_bytes": plan_.predicted_peak_bytes if plan_ else None,  # the whole process
-        "predicted_train_peak_bytes": plan_.predicted_train_peak_bytes if plan_ else None,
-        "flop_ceiling_per_step": plan_.flop_ceiling_per_step if plan_ else None,
-        "predicted_flops_per_step": plan_.predicted_flops_per_step if plan_ else None,
-        "planner_notes": list(plan_.notes) if plan_ else [],
+        "memory_ceiling_bytes": memory_plan.memory_ceiling_bytes if memory_plan else None,
+        "predicted_peak_bytes": memory_plan.predicted_peak_bytes if memory_plan else None,  # the whole process
+        "predicted_train_peak_bytes": memory_plan.predicted_train_peak_bytes if memory_plan else None,
+        "flop_ceiling_per_step": memory_plan.flop_ceiling_per_step if memory_plan else None,
+        "predicted_flops_per_step": memory_plan.predicted_flops_per_step if memory_plan else None,
+        "planner_notes": list(memory_plan.notes) if memory_plan else [],
         "alast_update": run.alast.update if run.spec.alast else None,
         "baseline": run.baseline,
         "classes": run.classes,
         "warnings": run.warnings,
     }
-    if device == "cuda":
+    if run.device == "cuda":
         summary["cuda_max_memory_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
-    atomic_write_json(run.run_dir / "summary.json", summary)
-
-    # ---------------------------------------------------------------- export
-    if config.export:
-        from ..deploy.export import export_run
-
-        # The export rebuilds the model from model.safetensors: free the training state first (weights, grads,
-        # optimizer moments), so the export's peak does not stack on top of it on a small device.
-        stage.free()
-        del model, stage, run
-        trim_heap()
-        before_export = rss_bytes()
-        peaks.interval_peak()
-        manifest = export_run(config.out)  # model.onnx + manifest.json, parity-checked in onnxruntime
-        emit({"event": "export", "path": str(Path(config.out) / "model.onnx"), "sha256": manifest.get("sha256")})
-        summary.update(rss_before_export_bytes=before_export, export_peak_rss_bytes=peaks.interval_peak())
-        summary["peak_rss_bytes"] = peaks.lifetime_peak()
-        atomic_write_json(Path(config.out) / "summary.json", summary)
-    emit({"event": "done", **{k: summary[k] for k in ("steps", "val_accuracy", "mean_step_seconds",
-                                                        "peak_rss_bytes", "train_flops_per_step")}})
-    return TrainResult(summary=summary, run_dir=Path(config.out), trainable=state, policy_state=policy_state)
+    return summary
 
 
-def _load_trainable(model, trainable, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy ``tensors`` into the model's parameters of the same names, each one that can train (named errors)."""
-    params = dict(trainable.parameters(model))
-    unknown = sorted(set(tensors) - set(params))
-    if unknown:
-        raise ConfigError(f"start: {len(unknown)} tensors are not trainable parameters of this run "
-                          f"({', '.join(unknown[:4])}{', ...' if len(unknown) > 4 else ''})")
-    with torch.no_grad():
-        for name, value in tensors.items():
-            if tuple(value.shape) != tuple(params[name].shape):
-                raise ConfigError(f"start: {name} has shape {tuple(value.shape)}, the model's is "
-                                  f"{tuple(params[name].shape)}")
-            params[name].copy_(value)
+def _export(config: TrainConfig, summary: dict[str, Any], peaks: PeakTracker, emit: Callable[[dict], None]) -> None:
+    """``model.onnx`` + ``manifest.json`` from the saved model, parity-checked in onnxruntime; the export's memory
+    joins ``summary`` (rewritten). Call with the training state freed."""
+    from ..deploy.export import export_run
 
-
-@torch.no_grad()
-def evaluate(model, samples, preprocess, batch_size: int, device: str, autocast=None, bad=None,
-             on_warning=None) -> tuple[float | None, float | None]:
-    """Accuracy and mean loss over ``samples`` with every token (eval mode), never augmented.
-
-    Args:
-        bad: An :class:`~edge_alast.data.images.BadImages`: files that fail to decode are left out (accuracy and loss
-            are over the images evaluated), named through ``on_warning`` and counted against its limit (DataError
-            above it). None: such a file raises DataError.
-    """
-    if not samples:
-        return None, None
-    was_training = model.training
-    model.eval()
-    correct, loss_sum, count = 0, 0.0, 0
-    for x, y in iter_batches(samples, batch_size, preprocess, bad=bad, on_warning=on_warning):
-        x, y = x.to(device), y.to(device)
-        with autocast or nullcontext():
-            logits = model(x)
-        loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
-        correct += int((logits.argmax(-1) == y).sum())
-        count += len(y)
-    model.train(was_training)
-    if not count:
-        return None, None
-    return correct / count, loss_sum / count
+    trim_heap()
+    before_export = rss_bytes()
+    peaks.interval_peak()
+    manifest = export_run(config.out)
+    emit({"event": "export", "path": str(Path(config.out) / "model.onnx"), "sha256": manifest.get("sha256")})
+    summary.update(rss_before_export_bytes=before_export, export_peak_rss_bytes=peaks.interval_peak())
+    summary["peak_rss_bytes"] = peaks.lifetime_peak()
+    atomic_write_json(Path(config.out) / "summary.json", summary)

@@ -153,7 +153,89 @@ def test_recorder_averages_the_second_half_and_round_trips():
     other.load_state_dict(rec.state_dict())
     assert other.module_importance() == imp
     rec.stop()
-    assert not any(m.record for m in adapters(model).values())
+    other.stop()
+    assert not any(m._forward_hooks or m.dropout._forward_hooks for m in adapters(model).values())
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_recorder_measures_each_adapters_importance_from_its_own_forward(dropout):
+    """||dW x|| / ||W x|| with W x the base product without bias, x scaled by the mask, dW x as the forward computed it
+    (the same dropout mask): the hooks see the adapter's input, LoRALinear knows nothing of them."""
+    torch.manual_seed(0)
+    inner = LoRALinear(nn.Linear(8, 4), r=2, alpha=2.0, dropout=dropout)
+    with torch.no_grad():
+        inner.lora_B.fill_(0.1)
+    masked = InputMask(inner, groups=4, group_size=2)
+    with torch.no_grad():
+        masked.mask.copy_(torch.tensor([1.0, 0.5, 2.0, 0.0]))
+    model = nn.Module()
+    model.adapter = masked
+    rec = ImportanceRecorder(model, estimation_steps=2)
+    x = torch.randn(5, 8)
+    rec.before_forward(1)
+    out = masked(x)
+    xs = x * masked.expanded()
+    delta = out - inner.base(xs)  # the forward's own adapter contribution, its dropout mask included
+    expected = delta.norm() / nn.functional.linear(xs, inner.base.weight).norm()
+    torch.testing.assert_close(rec._importance["adapter"], expected.detach(), rtol=1e-5, atol=0)
+    rec.before_forward(0)  # the first half: nothing measured
+    masked(x)
+    assert rec._importance == {}
+
+
+def _estimate(dropout):
+    """A short Light-PEFT estimation of a fixed model (masks under L1, adapters trained), then the pruning plan."""
+    torch.manual_seed(0)
+    model = VisionTransformer(**SIX_HEADS)
+    apply_lora(model, LoraConfig(r=4, dropout=dropout))
+    add_masks(model)
+    model.train()
+    rec = ImportanceRecorder(model, estimation_steps=6)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.005)
+    y = torch.tensor([0, 3])
+    for step in range(6):
+        rec.before_forward(step)
+        (nn.functional.cross_entropy(model(X), y) + 1e-2 * mask_penalty(model)).backward()
+        rec.after_backward(step)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    rec.stop()
+    cfg = LightPeftConfig(head_prune_ratio=0.34, ffn_prune_ratio=0.1, module_keep_ratio=0.5, rank_keep_ratio=0.5)
+    return plan_pruning(model, cfg, rec), rec.module_importance()
+
+
+# Recorded with the importance measured inside LoRALinear.forward (before Light-PEFT's hooks): the same heads, units,
+# adapters and ranks must be chosen, from the same importances.
+ESTIMATED = {
+    0.0: {"heads": [[1, 2, 3, 5], [1, 2, 3, 5], [0, 2, 3, 4]],
+          "dropped_units": [[17, 18, 33, 35, 52, 59, 63, 66, 68, 73, 78, 83, 89], [2, 31, 46, 77, 88, 91],
+                            [10, 13, 30, 33, 35, 53, 59, 74, 79]],
+          "adapters": {"blocks.1.attn.proj": [1, 2], "blocks.1.attn.qkv": [1, 2, 3], "blocks.1.mlp.fc1": [0, 1, 2],
+                       "blocks.2.attn.proj": [0, 1, 2], "blocks.2.attn.qkv": [3]},
+          "importance": {"blocks.0.attn.proj": 0.339101, "blocks.0.attn.qkv": 0.41082, "blocks.0.mlp.fc1": 0.300735,
+                         "blocks.0.mlp.fc2": 0.258601, "blocks.1.attn.proj": 0.878188, "blocks.1.attn.qkv": 0.688604,
+                         "blocks.1.mlp.fc1": 0.501558, "blocks.1.mlp.fc2": 0.300435, "blocks.2.attn.proj": 0.735169,
+                         "blocks.2.attn.qkv": 0.439528, "blocks.2.mlp.fc1": 0.389085, "blocks.2.mlp.fc2": 0.277556}},
+    0.3: {"heads": [[0, 1, 3, 5], [0, 1, 2, 3], [0, 2, 3, 4]],
+          "dropped_units": [[17, 18, 22, 31, 40, 59, 63, 68, 73, 83, 89, 95], [1, 18, 21, 51, 60, 77, 80, 87],
+                            [6, 7, 33, 35, 59, 60, 74, 79]],
+          "adapters": {"blocks.0.attn.qkv": [1, 3], "blocks.1.attn.proj": [2, 3], "blocks.1.attn.qkv": [2, 3],
+                       "blocks.2.attn.proj": [0], "blocks.2.attn.qkv": [0, 3], "blocks.2.mlp.fc1": [0, 2, 3]},
+          "importance": {"blocks.0.attn.proj": 0.358325, "blocks.0.attn.qkv": 0.521005, "blocks.0.mlp.fc1": 0.485254,
+                         "blocks.0.mlp.fc2": 0.3092, "blocks.1.attn.proj": 0.546868, "blocks.1.attn.qkv": 0.615693,
+                         "blocks.1.mlp.fc1": 0.513488, "blocks.1.mlp.fc2": 0.429976, "blocks.2.attn.proj": 0.682503,
+                         "blocks.2.attn.qkv": 0.543861, "blocks.2.mlp.fc1": 0.547855, "blocks.2.mlp.fc2": 0.273857}},
+}
+
+
+@pytest.mark.parametrize("dropout", sorted(ESTIMATED))
+def test_estimation_prunes_the_same_heads_units_and_ranks_as_before_the_hooks(dropout):
+    spec, importance = _estimate(dropout)
+    expected = ESTIMATED[dropout]
+    assert spec["heads"] == expected["heads"]
+    assert [sorted(set(range(96)) - set(u)) for u in spec["units"]] == expected["dropped_units"]
+    assert spec["adapters"] == expected["adapters"]
+    assert importance == pytest.approx(expected["importance"], abs=1e-6)
 
 
 def test_mask_penalty_is_l1_of_masks():

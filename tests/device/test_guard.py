@@ -44,7 +44,7 @@ def test_guard_on_a_creeping_peak_tightens_a_bounded_number_of_times(creep_per_s
     new high until every block was recomputed and the keep cap was at 0.25. Per-step peaks against the cost model:
     a creep within the model's tolerance changes nothing; one of 10 % of the ceiling over the run tightens a few
     notches, never flaps back and forth, and keeps the steps under the ceiling."""
-    def predict(caps):
+    def predict(caps, policy=None):
         return simulated_peak(caps, 0) + 5  # the model is a little pessimistic
 
     guard = MemoryGuard(1000, depth=3, predict=predict, b_min=0.5)
@@ -59,7 +59,7 @@ def test_guard_on_a_creeping_peak_tightens_a_bounded_number_of_times(creep_per_s
 
 
 def test_guard_acts_before_a_step_crosses_and_relaxes_with_hysteresis():
-    def predict(caps):
+    def predict(caps, policy=None):
         return simulated_peak(caps, 0)  # 960 for the plan's caps: between 0.92 and 1.0 of the ceiling
 
     guard = MemoryGuard(1000, depth=3, predict=predict, patience=5)
@@ -90,7 +90,7 @@ def test_guard_warns_when_a_keep_cap_goes_below_b_min():
 
 
 def test_guard_state_resumes():
-    def predict(caps):
+    def predict(caps, policy=None):
         return simulated_peak(caps, 0)
 
     guard = MemoryGuard(1000, depth=3, predict=predict)
@@ -105,3 +105,25 @@ def test_guard_full_only_recomputes():
     caps = PolicyCaps(recompute=(True, True))
     new, event = guard.check(999, caps)
     assert new.max_keep is None and event["changes"] == ["none left"]
+
+
+def test_guard_predicts_with_the_policy_each_check_is_given():
+    """The guard holds no policy of its own: each check predicts with the policy passed (the trainer passes the
+    stage's), so the same reading is calm under one policy and tightens under a costlier one."""
+    class Policy:
+        def __init__(self, peak):
+            self.peak = peak
+
+    seen = []
+
+    def predict(caps, policy):
+        seen.append(policy)
+        return policy.peak - 100 * sum(caps.recompute or ())
+
+    cheap, costly = Policy(500), Policy(1010)
+    guard = MemoryGuard(1000, depth=3, predict=predict)
+    caps = PolicyCaps(recompute=(False,) * 3)
+    assert guard.check(500, caps, cheap) == (caps, None)
+    new, event = guard.check(500, caps, costly)
+    assert event["action"] == "tighten" and event["predicted_bytes"] == 1010 and new.recompute == (True, False, False)
+    assert {id(p) for p in seen} == {id(cheap), id(costly)}

@@ -28,7 +28,7 @@ if os.environ.get("EDGE_ALAST_REQUIRE_ASSETS") != "1":  # in CI (make test insta
 
 from edge_alast.cli.main import main  # noqa: E402
 from edge_alast.errors import ConfigError  # noqa: E402
-from edge_alast.fleet.node import POLICY_FILE, load_policy, proximal_term, train_round  # noqa: E402
+from edge_alast.fleet.node import POLICY_FILE, load_policy, train_round  # noqa: E402
 from edge_alast.fleet.partition import parse_partition, split_indices, write_partitions  # noqa: E402
 from edge_alast.fleet.settings import RUN_CONFIG, FleetSettings, NodeSettings, write_app  # noqa: E402
 
@@ -172,6 +172,8 @@ def test_adapters_only_payload_and_a_nodes_round(assets, tmp_path):
     overhead = sum(len(record[n].data) - t.numel() * t.element_size() + len(n) for n, t in tensors.items())
     assert record.count_bytes() == tensor_bytes + overhead and overhead <= 200 * len(tensors)
     assert tensor_bytes == model.payload_facts()["tensor_bytes"] and tensor_bytes < 0.15 * model_bytes
+    with pytest.raises(ConfigError, match="global tensors: 1 trainable parameters of this run are missing .head.bias"):
+        model.load({n: t for n, t in tensors.items() if n != "head.bias"})
 
     node = NodeSettings(data=str(assets / "train"), out=str(tmp_path / "node"), name="n0")
     train_keys = {**settings.train, "classes": model.classes}
@@ -182,10 +184,18 @@ def test_adapters_only_payload_and_a_nodes_round(assets, tmp_path):
     assert not (tmp_path / "node" / "round-0001" / "model.safetensors").exists()
     key = {"model": "vit_tiny_patch16_224", "method": "alast-lora", "img_size": 32, "classes": list(CLASSES)}
     budgets = load_policy(tmp_path / "node", key)["budgets"]  # round 1's final budgets, kept on the node
-    second = train_round(node, train_keys, first.tensors, 2)
+    second = train_round(node, train_keys, first.tensors, 2, proximal_mu=0.5)
     assert second.summary["steps"] == 2 and (tmp_path / "node" / POLICY_FILE).exists()
     lines = [json.loads(x) for x in (tmp_path / "node" / "round-0002" / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["budget/raw"] == pytest.approx(budgets, abs=1e-6)  # round 2 started from them
+    # FedProx is part of the round's objective: no pull at the global tensors, then one toward them
+    steps = [r for r in lines if r["event"] == "step"]
+    assert steps[0]["loss/proximal"] == 0.0 and steps[1]["loss/proximal"] > 0
+    # the metrics come from train()'s result: its history and its training images
+    assert second.metrics["train-loss"] == pytest.approx(sum(r["loss"] for r in steps) / 2)
+    assert second.metrics["step-peak-bytes"] == max(r["mem/step_peak_bytes"] for r in steps)
+    assert second.metrics["train-seconds"] == pytest.approx(sum(r["time/step_seconds"] for r in steps))
+    assert second.metrics["num-examples"] == 36
 
 
 def test_nodes_plan_within_their_own_profiles(assets, tmp_path):
@@ -204,24 +214,6 @@ def test_nodes_plan_within_their_own_profiles(assets, tmp_path):
         ceilings[profile] = result.summary["memory_ceiling_bytes"]
     assert ceilings["jetson_orin_nano_4gb"] and ceilings["raspberry_pi_4_4gb"]
     assert ceilings["jetson_orin_nano_4gb"] != ceilings["raspberry_pi_4_4gb"]
-
-
-def test_proximal_term_pulls_towards_the_round_start():
-    """FedProx: mu * (w - w_global) is added to each gradient before the optimizer step; w_global is the value at
-    the first step."""
-    p = torch.nn.Parameter(torch.tensor([1.0]))
-    opt = torch.optim.SGD([p], lr=0.1)
-    with proximal_term(2.0):
-        p.grad = torch.zeros(1)
-        opt.step()  # at the start: no pull
-        with torch.no_grad():
-            p.fill_(3.0)
-        p.grad = torch.zeros(1)
-        opt.step()  # pulled by 0.1 * 2.0 * (3 - 1)
-    assert p.item() == pytest.approx(3.0 - 0.4)
-    p.grad = torch.zeros(1)
-    opt.step()  # outside the block: plain SGD again
-    assert p.item() == pytest.approx(2.6)
 
 
 # ---------------------------------------------------------------------------------------------- real federations

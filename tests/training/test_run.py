@@ -1,4 +1,5 @@
 """setup_run: a config resolved into a run (profile, data, model, what trains, plan, the checkpoint to resume)."""
+from edge_alast.training.stage import first_stage
 from edge_alast.training.run import plan_for, setup_run
 from tests.helpers import profile_file, tiny_config
 
@@ -20,3 +21,6 @@ def test_setup_with_profile_plans_caps_and_guards(image_folder, tmp_path):
     run = setup_run(tiny_config(image_folder, tmp_path / "r", profile=profile_file(tmp_path, rss_bytes() + 2**31)))
     assert run.plan is not None and run.caps == run.plan.caps and run.guard is not None
     assert run.guard.ceiling_bytes == run.plan.memory_ceiling_bytes
+    policy = first_stage(run).policy  # the guard has no policy of its own: it predicts with the one it is given
+    assert run.guard.predict(run.caps, policy) == run.plan.cost.worst_peak(
+        policy.worst_plans(run.caps), run.order.batch_size)["train_peak"]

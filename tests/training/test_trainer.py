@@ -268,6 +268,133 @@ def test_start_from_given_trainable_tensors_and_return_them(image_folder, tmp_pa
     with pytest.raises(ConfigError, match="start: 1 tensors are not trainable"):
         train(tiny_config(image_folder, tmp_path / "c", method="lora", steps=1),
               start={"trainable": {"blocks.0.attn.qkv.base.weight": torch.zeros(96, 32)}})
+    with pytest.raises(ConfigError, match=r"start: head.weight has shape \(1,\), the model's is \(2, 32\)"):
+        train(tiny_config(image_folder, tmp_path / "c", method="lora", steps=1),
+              start={"trainable": {"head.weight": torch.zeros(1)}})
+    with pytest.raises(ConfigError, match="start: unknown keys proximal "):
+        train(tiny_config(image_folder, tmp_path / "c", method="lora", steps=1), start={"proximal": 0.1})
+    with pytest.raises(ConfigError, match="proximal_mu needs a one-stage method"):
+        train(tiny_config(image_folder, tmp_path / "c", method="light-peft", steps=3,
+                          light_peft={"estimation_steps": 2}), start={"proximal_mu": 0.1})
+
+
+# ---------------------------------------------------------------- FedProx's term in the objective
+def _steps_of(run_dir):
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["event"] == "step"]
+
+
+def test_proximal_term_is_half_mu_squared_distance_and_pulls_toward_the_start():
+    from edge_alast.training.objective import ProximalTerm
+
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    term = ProximalTerm.at(2.0, [("w", w)])
+    with torch.no_grad():
+        w.copy_(torch.tensor([3.0, 2.0]))
+    value = term([("w", w)])
+    assert value.item() == pytest.approx(2.0 / 2 * 4.0)
+    value.backward()
+    assert w.grad.tolist() == [4.0, 0.0]  # mu * (w - w_start), the gradient FedProx adds
+
+
+def test_fedprox_term_appears_in_the_objective_and_its_metric(image_folder, tmp_path):
+    """start={"proximal_mu": mu}: step 1 starts at the global tensors (term 0); step 2's loss/proximal is
+    mu/2 |w1 - w_global|^2 with w1 the tensors after step 1, and the term changes step 2's update, not its
+    cross-entropy ("loss")."""
+    mu = 0.5
+    origin = train(tiny_config(image_folder, tmp_path / "o", method="lora", steps=1), return_state=True).trainable
+    global_tensors = {n: t + 0.05 for n, t in origin.items()}
+    one = train(tiny_config(image_folder, tmp_path / "one", method="lora", steps=1),
+                start={"trainable": global_tensors}, return_state=True).trainable
+    prox = train(tiny_config(image_folder, tmp_path / "prox", method="lora", steps=2),
+                 start={"trainable": global_tensors, "proximal_mu": mu}, return_state=True)
+    plain = train(tiny_config(image_folder, tmp_path / "plain", method="lora", steps=2),
+                  start={"trainable": global_tensors}, return_state=True)
+    steps = _steps_of(tmp_path / "prox")
+    expected = mu / 2 * sum(float((one[n].double() - g.double()).pow(2).sum()) for n, g in global_tensors.items())
+    assert steps[0]["loss/proximal"] == 0.0
+    assert steps[1]["loss/proximal"] > 0 and steps[1]["loss/proximal"] == pytest.approx(expected, rel=1e-4)
+    assert prox.history["losses"] == plain.history["losses"]  # "loss" stays the cross-entropy
+    assert any(not torch.equal(prox.trainable[n], plain.trainable[n]) for n in global_tensors)
+    assert "loss/proximal" not in _steps_of(tmp_path / "plain")[0]
+
+
+
+# ---------------------------------------------------------------- the loop's state and the checkpoint's parts
+def test_loop_state_round_trips():
+    from edge_alast.alast.policy import PolicyCaps
+    from edge_alast.training.trainer import LoopState
+
+    loop = LoopState(caps=PolicyCaps(lowest_trainable=1, recompute=(True, False, False)),
+                     scaler=torch.amp.GradScaler("cpu", init_scale=512.0))
+    loop.record(0, 0.5, 1e6, 2.5, 1000)
+    loop.record(1, 0.25, 2e6, 2.0, 1200)
+    other = LoopState(caps=PolicyCaps(), scaler=torch.amp.GradScaler("cpu"))
+    other.load_state_dict(loop.state_dict())
+    assert other.step == 2 and other.caps == loop.caps and other.history == loop.history
+    assert other.history == {"step_seconds": [0.5, 0.25], "step_flops": [1e6, 2e6], "losses": [2.5, 2.0],
+                             "step_peak_bytes": [1000, 1200]}
+    assert other.scaler.state_dict() == loop.scaler.state_dict()
+    older = loop.state_dict()  # written before the step peaks were kept: they are not known
+    del older["history"]["step_peak_bytes"]
+    other.load_state_dict(older)
+    assert other.history["step_peak_bytes"] == [] and other.history["losses"] == [2.5, 2.0]
+
+
+FORMAT_1_KEYS = {"format", "step", "config", "model", "optimizer", "scheduler", "policy", "pruning", "estimation",
+                 "rng", "history", "caps", "batch_size", "scaler", "guard", "bad_images"}
+
+
+def test_checkpoint_keeps_format_1_and_a_format_1_checkpoint_resumes(image_folder, tmp_path):
+    """The checkpoint is built from named state with the keys format 1 always had; one written before the loop kept
+    step peaks (no history/step_peak_bytes) resumes to the same losses."""
+    from edge_alast.training.checkpoint import checkpoints, load_latest, save_checkpoint
+
+    train(tiny_config(image_folder, tmp_path / "ref", steps=5))
+    calls = iter(range(100))
+    train(tiny_config(image_folder, tmp_path / "r", steps=5), should_stop=lambda: next(calls) == 1)
+    checkpoint, _ = load_latest(tmp_path / "r")
+    assert set(checkpoint) == FORMAT_1_KEYS and checkpoint["format"] == 1 and checkpoint["step"] == 2
+    del checkpoint["history"]["step_peak_bytes"]
+    [(step, path)] = checkpoints(tmp_path / "r")
+    path.unlink()
+    save_checkpoint(tmp_path / "r", step, checkpoint)
+    train(tiny_config(image_folder, tmp_path / "r", steps=5))
+    assert _losses(tmp_path / "r") == _losses(tmp_path / "ref")
+
+
+def test_memory_guard_predicts_with_the_stage_policy(image_folder, tmp_path, monkeypatch):
+    """Light-PEFT+ALaST under a memory ceiling: the guard checks the estimation steps with the estimation stage's
+    policy (every block, every token) and the fine-tuning steps with ALaST's, the very objects the stages decide
+    with."""
+    from edge_alast.device.guard import MemoryGuard
+    from edge_alast.device.memory import rss_bytes
+    from edge_alast.training import stage as stage_module
+
+    decided, checked = [], []
+    real_first, real_next, real_check = stage_module.first_stage, stage_module.next_stage, MemoryGuard.check
+
+    def check(self, step_peak, caps, policy=None):
+        checked.append(policy)
+        return real_check(self, step_peak, caps, policy)
+
+    def remember(build):
+        def wrapper(*args, **kwargs):
+            stage = build(*args, **kwargs)
+            decided.append(stage.policy)
+            return stage
+        return wrapper
+
+    import edge_alast.training.trainer as trainer
+    monkeypatch.setattr(MemoryGuard, "check", check)
+    monkeypatch.setattr(trainer, "first_stage", remember(real_first))
+    monkeypatch.setattr(trainer, "next_stage", remember(real_next))
+    six = dict(patch_size=8, embed_dim=48, depth=3, num_heads=6, mlp_ratio=2.0)
+    train(tiny_config(image_folder, tmp_path / "r", method="light-peft+alast", steps=6, model_args=six,
+                      light_peft={"estimation_steps": 4}, lora={"r": 4},
+                      profile=profile_file(tmp_path, rss_bytes() + 2**31)))
+    estimate, finetune = decided
+    assert [type(p).__name__ for p in (estimate, finetune)] == ["StaticPolicy", "AlastPolicy"]
+    assert [id(p) for p in checked] == [id(estimate)] * 4 + [id(finetune)] * 2
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "alast-lora"])
