@@ -74,6 +74,15 @@ def test_every_figure_says_where_it_comes_from(tmp_path):
     assert "[team]" not in text
 
 
+@pytest.mark.parametrize("load, warned", [(None, False), (1.9, False), (4.5, True)])
+def test_a_busy_host_is_named_in_the_file_and_warned_about(load, warned):
+    m = _measurement(load_average=load, cpus=2)
+    prose = re.sub(r"\n *# ", " ", C.render_profile(m, "b"))
+    assert ("load average" in prose) == (load is not None)
+    assert load is None or f"load average {load:.2f} on 2 CPUs" in prose
+    assert any(line.startswith("warning:") for line in C.summarise(m)) == warned
+
+
 def test_cuda_measurement_keeps_default_threads(tmp_path):
     rates = {p: C.KernelRates(linear=2e13, attention=1e13, block=1.8e13) for p in ("fp32", "bf16", "fp16")}
     m = _measurement(device="cuda", threads=None, rates=rates, fast_precisions=("bf16", "fp16"), skipped={},

@@ -113,6 +113,8 @@ class HostMeasurement:
     memory_note: str
     baseline_rss_bytes: int
     skipped: dict[str, str] = field(default_factory=dict)  # precision -> why it was not measured
+    load_average: float | None = None  # 1-minute load average right after the timing: other work skews the rates
+    cpus: int = 1  # CPUs this process may run on
 
     @property
     def memory_ceiling_bytes(self) -> int:
@@ -203,8 +205,8 @@ def read_cgroup_memory_limit(
     return best
 
 
-def _usable_host_memory(cgroup: tuple[int, Path] | None, available: int) -> tuple[int, str]:
-    note = f"{available / 2**30:.2f} GiB of RAM available (MemAvailable, read before torch was imported)"
+def _usable_host_memory(cgroup: tuple[int, Path] | None, available: int, when: str = "") -> tuple[int, str]:
+    note = f"{available / 2**30:.2f} GiB of RAM available (MemAvailable{when})"
     if cgroup is not None and cgroup[0] < available:
         return cgroup[0], f"the cgroup limit {cgroup[0] / 2**30:.2f} GiB ({cgroup[1]}), below the {note}"
     if cgroup is not None:
@@ -342,11 +344,14 @@ def _cpu_model(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
     return names.get("model name") or names.get("model") or platform.processor() or "unknown CPU"
 
 
+def _usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _hardware(device: str) -> str:
     import torch
 
-    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    cpu = f"{_cpu_model()}, {logical} CPUs usable by this process, {platform.machine()}"
+    cpu = f"{_cpu_model()}, {_usable_cpus()} CPUs usable by this process, {platform.machine()}"
     if device != "cuda":
         return cpu
     props = torch.cuda.get_device_properties(0)
@@ -371,7 +376,10 @@ def measure_host(*, device: str | None = None, seconds: float = 20.0, batch_size
         ConfigError: ``device`` is not ``"cpu"``/``"cuda"``, or ``"cuda"`` without a CUDA device.
         CalibrationError: The runtime baseline could not be measured.
     """
-    available = int(psutil.virtual_memory().available)  # before torch is imported: what a fresh process finds
+    # Read before torch is imported, this is nearly what a fresh training process finds.
+    when = (f", read with this process holding {psutil.Process().memory_info().rss / 2**20:.0f} MiB incl. torch"
+            if "torch" in sys.modules else ", read before torch was imported")
+    available = int(psutil.virtual_memory().available)
     cgroup = read_cgroup_memory_limit(proc_cgroup, mountinfo)
 
     import torch
@@ -384,7 +392,7 @@ def measure_host(*, device: str | None = None, seconds: float = 20.0, batch_size
         raise ConfigError("'cuda' asked for, and torch sees no CUDA device")
     batch = batch_size or (_AUTO_BATCH_SIZE_CUDA if device == "cuda" else _AUTO_BATCH_SIZE_CPU)
 
-    memory, memory_note = _usable_host_memory(cgroup, available)
+    memory, memory_note = _usable_host_memory(cgroup, available, when)
     if device == "cuda":
         free, _ = torch.cuda.mem_get_info(0)
         if Path(tegra_release).exists():
@@ -397,11 +405,13 @@ def measure_host(*, device: str | None = None, seconds: float = 20.0, batch_size
     precisions = ["fp32", *reduced]
     rates = {p: measure_rates(p, device=device, batch=batch, seconds=seconds / len(precisions)) for p in precisions}
     fast = tuple(p for p in reduced if rates[p].block > FAST_MARGIN * rates["fp32"].block)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return HostMeasurement(
         date=datetime.date.today().isoformat(), device=device, hardware=_hardware(device),
         torch_version=torch.__version__, threads=torch.get_num_threads() if device == "cpu" else None,
         batch_size=batch, seconds=seconds, rates=rates, fast_precisions=fast, memory_bytes=memory,
-        memory_note=memory_note, baseline_rss_bytes=measure_baseline_rss(), skipped=skipped,
+        memory_note=memory_note, baseline_rss_bytes=measure_baseline_rss(), skipped=skipped, load_average=load,
+        cpus=_usable_cpus(),
     )
 
 
@@ -416,6 +426,18 @@ def _quote(text: str) -> str:
 
 def _comment(text: str, indent: str = "") -> list[str]:
     return textwrap.wrap(text, width=118 - len(indent), initial_indent=f"{indent}# ", subsequent_indent=f"{indent}# ")
+
+
+def _load_note(m: HostMeasurement) -> str:
+    if m.load_average is None:
+        return ""
+    return f"; 1-minute load average {m.load_average:.2f} on {m.cpus} CPUs right after"
+
+
+def busy(m: HostMeasurement) -> bool:
+    """Whether other work ran while the rates were timed, so they read low: a load average above 1.5x the CPUs
+    (the timing itself keeps one thread per CPU busy)."""
+    return m.load_average is not None and m.load_average > 1.5 * m.cpus
 
 
 def render_profile(m: HostMeasurement, name: str) -> str:
@@ -443,7 +465,7 @@ def render_profile(m: HostMeasurement, name: str) -> str:
         f"{m.memory_ceiling_bytes / 2**30:.2f} GiB, see above",
         *_comment(f"{tag} one ViT-S block forward (4 matmuls, attention) at batch {m.batch_size} x {VIT_S_TOKENS} "
                   f"tokens; FLOPs counted by FlopCounterMode over the median time of samples taken for "
-                  f"{per_kernel:.3g} s per kernel after a warm-up."),
+                  f"{per_kernel:.3g} s per kernel after a warm-up{_load_note(m)}."),
         "flops_per_second:",
     ]
     for precision, r in m.rates.items():
@@ -505,4 +527,7 @@ def summarise(m: HostMeasurement) -> Sequence[str]:
     rows.append(f"fast precisions: {', '.join(m.fast_precisions) or 'none'}")
     rows.append(f"memory ceiling: {m.memory_ceiling_bytes / 2**30:.2f} GiB ({m.memory_note}); "
                 f"runtime baseline {m.baseline_rss_bytes / 2**20:.0f} MiB")
+    if busy(m):
+        rows.append(f"warning: the 1-minute load average was {m.load_average:.2f} on {m.cpus} CPUs: other work ran "
+                    "while timing, so the FLOP/s read low; rerun on an idle host")
     return rows
