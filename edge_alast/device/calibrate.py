@@ -11,9 +11,8 @@ says how, or a ``[default]`` that says it was not measured:
   rate is the block's: its matmul and attention FLOPs over the time the two take together.
 - Fast precisions: bf16 (CPU: only where torch reports oneDNN bf16 support) and, on CUDA, fp16; a precision is
   fast when its rate beats fp32's by the margin :func:`edge_alast.device.precision.cpu_bf16_is_faster` uses.
-- Memory: the least of the cgroup memory limits over this process's cgroup and its ancestors (v2 ``memory.max``,
-  v1 ``memory.limit_in_bytes``, found through ``/proc/self/cgroup`` and ``/proc/self/mountinfo``) and the RAM
-  the OS reports available (read before torch is imported); on CUDA the GPU's free memory (on Jetson, whose
+- Memory: the RAM the OS reports available (read before torch is imported), capped by the headroom of this
+  process's cgroup (the probes of :mod:`edge_alast.device.host`); on CUDA the GPU's free memory (on Jetson, whose
   memory is shared, the lesser of the two). The ceiling is ``detect_host``'s share of it. The resident size of a
   fresh process that imported torch and timm and built a ViT-S is measured and reported, not subtracted: the
   planner adds the process baseline to every prediction it compares with the ceiling.
@@ -39,6 +38,7 @@ from typing import Callable, Sequence
 import psutil
 import yaml
 
+from . import host
 from .profiles import (
     _AUTO_BATCH_SIZE_CPU,
     _AUTO_BATCH_SIZE_CUDA,
@@ -54,7 +54,7 @@ __all__ = [
     "HostMeasurement",
     "KernelRates",
     "measure_host",
-    "read_cgroup_memory_limit",
+    "usable_memory",
     "render_profile",
     "write_profile",
 ]
@@ -67,8 +67,6 @@ FAST_MARGIN = 1 / 0.9
 # A timed sample repeats the kernel until it lasts this long, so timer and synchronisation overheads stay small.
 MIN_SAMPLE_SECONDS = 0.01
 MIN_SAMPLES = 3
-# cgroup v1 writes "no limit" as the largest page-aligned counter, about 2**63; anything this large is no limit.
-_CGROUP_V1_UNLIMITED = 2**62
 _TEGRA_RELEASE = "/etc/nv_tegra_release"
 # What a fresh training process holds before it trains: interpreter, torch, timm and a ViT-S (random weights),
 # built the way a run builds it (edge_alast.model.build also carries the timm/torchvision import fix).
@@ -126,92 +124,23 @@ class HostMeasurement:
 # ================================================================================================================
 
 
-def _cgroup_paths(proc_cgroup: Path) -> dict[str, str]:
-    """This process's cgroup path per hierarchy: ``"v2"`` for the unified one, ``"memory"`` for the v1 controller."""
-    paths = {}
-    for line in proc_cgroup.read_text(encoding="utf-8").splitlines():
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        _, controllers, path = parts
-        if controllers == "":
-            paths["v2"] = path
-        elif "memory" in controllers.split(","):
-            paths["memory"] = path
-    return paths
-
-
-def _cgroup_mounts(mountinfo: Path) -> dict[str, tuple[str, Path]]:
-    """(root inside the hierarchy, mount point) of the v2 hierarchy (``"v2"``) and the v1 memory one (``"memory"``)."""
-    mounts: dict[str, tuple[str, Path]] = {}
-    for line in mountinfo.read_text(encoding="utf-8").splitlines():
-        left, sep, right = line.partition(" - ")
-        fields, tail = left.split(), right.split()
-        if not sep or len(fields) < 5 or len(tail) < 3:
-            continue
-        root, mount_point = fields[3], Path(fields[4].replace("\\040", " "))
-        fstype, super_options = tail[0], tail[2].split(",")
-        if fstype == "cgroup2":
-            mounts.setdefault("v2", (root, mount_point))
-        elif fstype == "cgroup" and "memory" in super_options:
-            mounts.setdefault("memory", (root, mount_point))
-    return mounts
-
-
-def _read_limit(path: Path) -> int | None:
-    try:
-        text = path.read_text(encoding="utf-8").strip()
-    except OSError:
-        return None
-    if not text.isdigit():
-        return None  # "max" (v2), or unreadable
-    value = int(text)
-    return value if 0 < value < _CGROUP_V1_UNLIMITED else None
-
-
-def read_cgroup_memory_limit(
-    proc_cgroup: str | os.PathLike = "/proc/self/cgroup",
-    mountinfo: str | os.PathLike = "/proc/self/mountinfo",
-) -> tuple[int, Path] | None:
-    """The tightest memory limit on this process's cgroup, and the file that sets it; None without one.
-
-    A limit on an ancestor cgroup binds too, so the cgroup and each ancestor up to the hierarchy's mount are read
-    (v2 ``memory.max``, v1 ``memory.limit_in_bytes``). ``max`` and v1's "unlimited" count as no limit.
-
-    Args:
-        proc_cgroup: This process's cgroup membership (``hierarchy:controllers:path`` lines).
-        mountinfo: The mount table, to find where each hierarchy is mounted and which part of it is visible.
-    """
-    try:
-        paths, mounts = _cgroup_paths(Path(proc_cgroup)), _cgroup_mounts(Path(mountinfo))
-    except OSError:
-        return None
-    best: tuple[int, Path] | None = None
-    for key, limit_file in (("v2", "memory.max"), ("memory", "memory.limit_in_bytes")):
-        if key not in paths or key not in mounts:
-            continue
-        root, mount_point = mounts[key]
-        path = paths[key]
-        if root != "/" and (path + "/").startswith(root.rstrip("/") + "/"):
-            path = path[len(root.rstrip("/")):]  # the mount shows only this part of the hierarchy
-        folder = mount_point / path.strip("/")
-        while True:
-            limit = _read_limit(folder / limit_file)
-            if limit is not None and (best is None or limit < best[0]):
-                best = (limit, folder / limit_file)
-            if folder == mount_point or mount_point not in folder.parents:
-                break
-            folder = folder.parent
-    return best
-
-
-def _usable_host_memory(cgroup: tuple[int, Path] | None, available: int, when: str = "") -> tuple[int, str]:
-    note = f"{available / 2**30:.2f} GiB of RAM available (MemAvailable{when})"
-    if cgroup is not None and cgroup[0] < available:
-        return cgroup[0], f"the cgroup limit {cgroup[0] / 2**30:.2f} GiB ({cgroup[1]}), below the {note}"
-    if cgroup is not None:
-        return available, f"{note}, below the cgroup limit {cgroup[0] / 2**30:.2f} GiB ({cgroup[1]})"
-    return available, f"{note}; no cgroup memory limit"
+def usable_memory(proc_cgroup: str | os.PathLike = "/proc/self/cgroup",
+                  cgroup_v2_root: str | os.PathLike = host.CGROUP_V2_ROOT,
+                  cgroup_v1_root: str | os.PathLike = host.CGROUP_V1_MEMORY) -> tuple[int, str]:
+    """Bytes this process may still use, and how that was found: the RAM the OS reports available, capped by the
+    headroom of this process's cgroup (limit less usage; :func:`edge_alast.device.host.cgroup_memory`)."""
+    when = (f", read with this process holding {psutil.Process().memory_info().rss / 2**20:.0f} MiB incl. torch"
+            if "torch" in sys.modules else ", read before torch was imported")
+    info = host.memory_available(host.cgroup_memory(proc_cgroup, cgroup_v2_root, cgroup_v1_root))
+    note = f"{info['available_bytes'] / 2**30:.2f} GiB of RAM available (MemAvailable{when})"
+    cgroup = info["cgroup"]
+    if cgroup is None:
+        return info["usable_bytes"], f"{note}; no cgroup memory limit"
+    limit = (f"the cgroup v{cgroup['version']} limit {cgroup['limit_bytes'] / 2**30:.2f} GiB less its usage "
+             f"{(cgroup['usage_bytes'] or 0) / 2**30:.2f} GiB ({cgroup['path']})")
+    if info["usable_bytes"] < info["available_bytes"]:
+        return info["usable_bytes"], f"{limit}, below the {note}"
+    return info["usable_bytes"], f"{note}, below {limit}"
 
 
 def measure_baseline_rss(timeout: float = 600) -> int:
@@ -330,20 +259,6 @@ def _reduced_precisions(device: str) -> tuple[list[str], dict[str, str]]:
 # ================================================================================================================
 
 
-def _cpu_model(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
-    """The CPU's name as /proc/cpuinfo gives it (x86 ``model name``; Arm boards ``Model``), else the platform's."""
-    try:
-        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        text = ""
-    names = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and value.strip():
-            names.setdefault(key.strip().lower(), value.strip())
-    return names.get("model name") or names.get("model") or platform.processor() or "unknown CPU"
-
-
 def _usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -351,7 +266,8 @@ def _usable_cpus() -> int:
 def _hardware(device: str) -> str:
     import torch
 
-    cpu = f"{_cpu_model()}, {_usable_cpus()} CPUs usable by this process, {platform.machine()}"
+    name = host.board_model()["model"] or host.cpu_model() or platform.processor() or "unknown CPU"
+    cpu = f"{name}, {_usable_cpus()} CPUs usable by this process, {platform.machine()}"
     if device != "cuda":
         return cpu
     props = torch.cuda.get_device_properties(0)
@@ -360,8 +276,6 @@ def _hardware(device: str) -> str:
 
 
 def measure_host(*, device: str | None = None, seconds: float = 20.0, batch_size: int | None = None,
-                 proc_cgroup: str | os.PathLike = "/proc/self/cgroup",
-                 mountinfo: str | os.PathLike = "/proc/self/mountinfo",
                  tegra_release: str | os.PathLike = _TEGRA_RELEASE) -> HostMeasurement:
     """Measure this host (see the module docstring). Takes about ``seconds`` plus a fresh process's start.
 
@@ -369,18 +283,13 @@ def measure_host(*, device: str | None = None, seconds: float = 20.0, batch_size
         device: ``"cuda"`` or ``"cpu"``; None picks CUDA when torch sees a device.
         seconds: Time budget of the FLOP/s measurement, split evenly between precisions and kernels.
         batch_size: Images per timed call; None uses the default batch size the profile will carry.
-        proc_cgroup, mountinfo: Where to read this process's cgroups (see :func:`read_cgroup_memory_limit`).
         tegra_release: Present on NVIDIA Jetson, whose GPU shares the system's RAM.
 
     Raises:
         ConfigError: ``device`` is not ``"cpu"``/``"cuda"``, or ``"cuda"`` without a CUDA device.
         CalibrationError: The runtime baseline could not be measured.
     """
-    # Read before torch is imported, this is nearly what a fresh training process finds.
-    when = (f", read with this process holding {psutil.Process().memory_info().rss / 2**20:.0f} MiB incl. torch"
-            if "torch" in sys.modules else ", read before torch was imported")
-    available = int(psutil.virtual_memory().available)
-    cgroup = read_cgroup_memory_limit(proc_cgroup, mountinfo)
+    memory, memory_note = usable_memory()  # before torch is imported: nearly what a fresh training process finds
 
     import torch
 
@@ -392,7 +301,6 @@ def measure_host(*, device: str | None = None, seconds: float = 20.0, batch_size
         raise ConfigError("'cuda' asked for, and torch sees no CUDA device")
     batch = batch_size or (_AUTO_BATCH_SIZE_CUDA if device == "cuda" else _AUTO_BATCH_SIZE_CPU)
 
-    memory, memory_note = _usable_host_memory(cgroup, available, when)
     if device == "cuda":
         free, _ = torch.cuda.mem_get_info(0)
         if Path(tegra_release).exists():
