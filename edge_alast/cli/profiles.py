@@ -1,4 +1,5 @@
-"""``edge-alast profiles``: list, show and validate device profiles (shipped names, ``auto``, or YAML files)."""
+"""``edge-alast profiles``: list, show and validate device profiles (shipped names, ``auto``, or YAML files), and
+calibrate one by measuring this host."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ from pathlib import Path
 import click
 import yaml
 
+from edge_alast.errors import ConfigError
 from edge_alast.device.profiles import AUTO, DeviceProfile, ProfileError, list_profiles, load_profile
 from edge_alast.errors import EXIT_USAGE
 
@@ -91,3 +93,46 @@ def validate_command(file: str) -> None:
     """
     _load(Path(file))  # a Path is always read as a file, whatever its name
     click.echo("ok")
+
+
+@profiles.command("calibrate")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False),
+              help="The profile file to write (.yaml); it is validated after writing.")
+@click.option("--name", default=None, help="The profile's name. Default: the --out file's stem.")
+@click.option("--seconds", default=20.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Time spent timing kernels, split between precisions; a fresh process's start comes on top.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="Device to measure. Default: CUDA when torch sees a device, else the CPU.")
+def calibrate_command(out: str, name: str | None, seconds: float, device: str | None) -> None:
+    """Measure this host and write a profile whose figures say they were measured here.
+
+    Times the matmuls and attention of a ViT-S block per precision (fp32; bf16 where supported; fp16 on CUDA)
+    and reads the memory a training process may use (cgroup limit, available RAM, GPU memory). Figures that
+    are not measured (step target, batch size) are marked [default].
+
+    \b
+    Example:
+      edge-alast profiles calibrate --out my_board.yaml --seconds 30
+      edge-alast train --profile my_board.yaml ...
+    """
+    from edge_alast.device.calibrate import CalibrationError, check_writable, measure_host, render_profile, \
+        summarise, write_profile
+
+    problem = check_writable(out)
+    if problem is not None:
+        raise ProfileCliError(f"--out: {problem}")
+    try:
+        measurement = measure_host(device=device, seconds=seconds)
+    except ConfigError as e:
+        raise ProfileCliError(f"--device: {e}") from None
+    except CalibrationError as e:
+        raise click.ClickException(str(e)) from None
+    try:
+        write_profile(out, render_profile(measurement, name or Path(out).stem))
+    except OSError as e:
+        raise ProfileCliError(f"--out: cannot write {out}: {e}") from None
+    except CalibrationError as e:
+        raise click.ClickException(str(e)) from None
+    for line in summarise(measurement):
+        click.echo(line)
+    click.echo(f"wrote {out}")

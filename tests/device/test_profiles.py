@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,7 +76,7 @@ def test_shipped_profile_loads_and_validates(name):
         assert parse_profile(data, profile.source) == profile
 
 
-def test_shipped_figures_match_the_team_measurements():
+def test_shipped_figures_are_the_cited_ones():
     assert 2.0e9 <= load_profile("jetson_orin_nano_4gb").memory_ceiling_bytes <= 2.2e9
     assert 5.0e9 <= load_profile("jetson_orin_nano_8gb").memory_ceiling_bytes <= 5.5e9
     assert load_profile("jetson_agx_orin_64gb").memory_ceiling_bytes == 58e9
@@ -90,6 +91,36 @@ def test_shipped_figures_match_the_team_measurements():
         assert jetson.device == "cuda" and set(jetson.fast_precisions) == {"bf16", "fp16"}
     laptop = load_profile("laptop_cpu")
     assert (laptop.fast_precisions, laptop.default_precision) == ((), "auto")
+
+
+SOURCE_TAG = re.compile(r"\[(spec|published|estimate|assumed|measured on [^\]]+)\]")
+
+
+def _figure_sources(text: str) -> dict[str, str]:
+    """Each figure line (memory ceiling, each FLOP/s) with its comment and the comment block right above it."""
+    figures, above = {}, []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped)
+            continue
+        key = re.match(r"^(memory_ceiling_bytes|  (?:fp32|bf16|fp16)):", line)
+        if key:
+            figures[key.group(1).strip()] = " ".join([*above, line])
+        above = []
+    return figures
+
+
+@pytest.mark.parametrize("name", list_profiles())
+def test_every_shipped_figure_cites_its_source(name):
+    text = Path(load_profile(name).source).read_text()
+    if "alias_of" in yaml.safe_load(text):
+        return
+    assert "[team]" not in text  # no board measurement was ever made by this project
+    figures = _figure_sources(text)
+    assert set(figures) >= {"memory_ceiling_bytes", "fp32"}
+    for key, context in figures.items():
+        assert SOURCE_TAG.search(context), f"{name}: {key} cites no [spec]/[published]/[estimate]/[assumed]/[measured]"
 
 
 def test_alias_resolves_to_its_target():

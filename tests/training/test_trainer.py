@@ -190,7 +190,7 @@ def test_profile_ceiling_is_planned_and_reported(image_folder, tmp_path):
     summary = train(tiny_config(image_folder, tmp_path / "r", profile=profile_file(tmp_path, ceiling))).summary
     assert summary["memory_ceiling_bytes"] == ceiling
     assert 0 < summary["predicted_peak_bytes"] <= ceiling
-    assert summary["flop_ceiling_per_step"] == pytest.approx(20 * 1e11)  # target_step_seconds x fp32 FLOP/s
+    assert summary["flop_ceiling_per_step"] == pytest.approx(20 * 3.1e11)  # target_step_seconds x fp32 FLOP/s
     assert summary["train_flops_per_step"] <= summary["flop_ceiling_per_step"]
 
 
