@@ -10,7 +10,7 @@ carrying the cumulative training seconds and FLOPs) it reports, per method and d
 * peak RSS.
 
 The static and random baselines are built from each seed's ALaST run of the same settings (``--alast-from``), at
-its FLOPs per step (edge_alast/baselines.py). Data sets: Fashion-MNIST (``apt-get install dataset-fashion-mnist``)
+its FLOPs per step (edge_alast/alast/baselines.py). Data sets: Fashion-MNIST (``apt-get install dataset-fashion-mnist``)
 and scikit-learn's ``load_digits`` (ships offline), both written as ImageFolders. Embeddings: frozen for every
 method (``full`` included, ``--no-train-embeddings``), so full and ALaST differ only in what ALaST does.
 
