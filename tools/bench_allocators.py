@@ -17,6 +17,7 @@ metrics.jsonl): slack = (measured training peak - predicted live bytes) / predic
     python tools/make_fashion_mnist.py /work/bench/fm-alloc --train 320 --val 64
     python tools/bench_allocators.py --data /work/bench/fm-alloc/train --val-data /work/bench/fm-alloc/val \\
         --weights ../shared/assets/vit_small_patch14_dinov2.imgfocus.safetensors --workdir /work/bench/alloc
+    python tools/bench_allocators.py --markdown /work/bench/alloc/results.json   # the table again, running nothing
 """
 from __future__ import annotations
 
@@ -206,6 +207,12 @@ def table(results: dict, methods: list[str], allocators: list[str]) -> str:
     return "\n".join(lines)
 
 
+def markdown(results: dict) -> str:
+    """The table of a ``results.json`` ("METHOD@ALLOCATOR" -> run), methods and allocators in the file's order."""
+    keys = [key.split("@", 1) for key in results]
+    return table(results, list(dict.fromkeys(m for m, _ in keys)), list(dict.fromkeys(a for _, a in keys)))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--predict", help=argparse.SUPPRESS)
@@ -230,7 +237,12 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", type=Path, required=False)
     ap.add_argument("--json-out", type=Path)
     ap.add_argument("--table-only", action="store_true", help="re-print the table from --workdir/results.json")
+    ap.add_argument("--markdown", type=Path, metavar="FILE",
+                    help="print the table of a results.json (--workdir's or --json-out's) and exit")
     args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return 0
     if args.predict:
         if args.mallopt:
             from edge_alast.device.allocator import tune_glibc

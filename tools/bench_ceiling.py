@@ -7,7 +7,9 @@ whole-process and training-loop peaks against the planner's predictions, and whe
 OOM kill, a complete run folder).
 
     python tools/bench_ceiling.py --data runs/fmnist/train --val-data runs/fmnist/val \\
-        --weights ../shared/assets/vit_small_patch14_dinov2.imgfocus.safetensors --fractions 0.6,0.45
+        --weights ../shared/assets/vit_small_patch14_dinov2.imgfocus.safetensors --fractions 0.6,0.45 \\
+        --json-out runs/ceiling.json
+    python tools/bench_ceiling.py --markdown runs/ceiling.json   # the table again, running nothing
 """
 from __future__ import annotations
 
@@ -46,11 +48,33 @@ def err(pred, meas) -> str:
     return "-" if not pred or not meas else f"{100 * (pred - meas) / meas:+.1f}"
 
 
+def markdown(results: dict) -> str:
+    """The table of a ``--json-out`` file: each constrained run against its ceiling and the planner's predictions."""
+    setup, full = results["setup"], results["full"]
+    lines = [f"\nViT-S/14 {setup['img_size']} px, batch {setup['batch_size']}, {setup['steps']} steps, fp32, "
+             f"{'with' if setup['export'] else 'without'} ONNX export; full's whole-process peak "
+             f"{mib(full['peak_rss_bytes'])} MiB (allocator {full.get('allocator')})\n",
+             "| method | ceiling (× full) MiB | exit | OOM kills | complete | process peak MiB | predicted | error % "
+             "| training peak MiB | predicted | error % | planner | val acc |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        s, tail = r["summary"], r["tail"].strip()
+        notes = "; ".join(s.get("planner_notes", [])) or (tail.splitlines()[-1] if tail else "-")
+        lines.append(f"| {r['method']} | {mib(r['ceiling_bytes'])} ({r['fraction']:.2f}) | {r['exit']} | "
+                     f"{r['oom_kills']} | {'yes' if r['complete'] else 'no'} | {mib(s.get('peak_rss_bytes'))} | "
+                     f"{mib(s.get('predicted_peak_bytes'))} | "
+                     f"{err(s.get('predicted_peak_bytes'), s.get('peak_rss_bytes'))} | "
+                     f"{mib(s.get('train_peak_rss_bytes'))} | {mib(s.get('predicted_train_peak_bytes'))} | "
+                     f"{err(s.get('predicted_train_peak_bytes'), s.get('train_peak_rss_bytes'))} | {notes} | "
+                     f"{s.get('val_accuracy', '-')} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--val-data", required=True)
-    ap.add_argument("--weights", required=True)
+    ap.add_argument("--data")
+    ap.add_argument("--val-data")
+    ap.add_argument("--weights")
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--steps", type=int, default=20)
@@ -58,7 +82,14 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default="alast,lora")
     ap.add_argument("--no-export", action="store_true", help="the constrained runs skip the ONNX export")
     ap.add_argument("--workdir", type=Path)
+    ap.add_argument("--json-out", type=Path, help="also write the figures here (for --markdown)")
+    ap.add_argument("--markdown", type=Path, metavar="FILE", help="print the table of a --json-out file and exit")
     args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return 0
+    if not (args.data and args.val_data and args.weights):
+        ap.error("--data, --val-data and --weights are required")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_ceiling_"))
     work.mkdir(parents=True, exist_ok=True)
     base = {"data": args.data, "val_data": args.val_data, "weights": args.weights, "img_size": args.img_size,
@@ -88,22 +119,17 @@ def main(argv=None) -> int:
                 cgroup.remove()
             complete = all((out / f).exists() for f in FILES if not args.no_export or "onnx" not in f
                            and "manifest" not in f)
-            rows.append((fraction, method, ceiling, code, kills, complete, s or {}, tail))
+            rows.append({"fraction": fraction, "method": method, "ceiling_bytes": ceiling, "exit": code,
+                         "oom_kills": kills, "complete": complete, "summary": s or {}, "tail": tail})
             print(f"{method} @ {fraction:.0%}: exit {code}, OOM kills {kills}", file=sys.stderr)
 
-    print(f"\nViT-S/14 {args.img_size} px, batch {args.batch_size}, {args.steps} steps, fp32, with ONNX export; "
-          f"full's whole-process peak {mib(full['peak_rss_bytes'])} MiB (allocator {full.get('allocator')})\n")
-    print("| method | ceiling (× full) MiB | exit | OOM kills | complete | process peak MiB | predicted | error % "
-          "| training peak MiB | predicted | error % | planner | val acc |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for fraction, method, ceiling, code, kills, complete, s, tail in rows:
-        print(f"| {method} | {mib(ceiling)} ({fraction:.2f}) | {code} | {kills} | {'yes' if complete else 'no'} | "
-              f"{mib(s.get('peak_rss_bytes'))} | {mib(s.get('predicted_peak_bytes'))} | "
-              f"{err(s.get('predicted_peak_bytes'), s.get('peak_rss_bytes'))} | {mib(s.get('train_peak_rss_bytes'))} | "
-              f"{mib(s.get('predicted_train_peak_bytes'))} | "
-              f"{err(s.get('predicted_train_peak_bytes'), s.get('train_peak_rss_bytes'))} | "
-              f"{'; '.join(s.get('planner_notes', [])) or tail.strip().splitlines()[-1] if tail.strip() else '-'} | "
-              f"{s.get('val_accuracy', '-')} |")
+    results = {"setup": {"img_size": args.img_size, "batch_size": args.batch_size, "steps": args.steps,
+                         "export": not args.no_export},
+               "full": {k: full.get(k) for k in ("peak_rss_bytes", "train_peak_rss_bytes", "allocator")},
+               "rows": rows}
+    if args.json_out:
+        args.json_out.write_text(json.dumps(results, indent=1))
+    print(markdown(results))
     return 0
 
 

@@ -17,7 +17,9 @@ Each finished run is kept in --workdir (rerunning skips it). Prints markdown tab
 
     python tools/make_fashion_mnist.py runs/fm-fleet --train 800 --val 500
     python tools/bench_fleet.py --data runs/fm-fleet/train --val-data runs/fm-fleet/val \\
-        --weights ../shared/assets/vit_small_patch14_dinov2.imgfocus.safetensors --workdir runs/bench-fleet
+        --weights ../shared/assets/vit_small_patch14_dinov2.imgfocus.safetensors --workdir runs/bench-fleet \\
+        --json-out runs/bench-fleet/results.json
+    python tools/bench_fleet.py --markdown runs/bench-fleet/results.json   # the tables again, running nothing
 """
 from __future__ import annotations
 
@@ -140,13 +142,82 @@ def mib(n) -> str:
     return f"{n / 2**20:.2f}"
 
 
+def markdown(results: dict) -> str:
+    """The tables of a ``--json-out`` file: accuracy per round, payload, nodes and faults."""
+    setup, lines = results["setup"], []
+    out = lines.append
+    methods = list(results["federated"])
+    rounds, steps, nodes = setup["rounds"], setup["steps"], setup["nodes"]
+    total = rounds * steps * nodes
+    # ---- accuracy after each round (federated) / after each round's worth of steps (central, local-only)
+    heads = " | ".join(f"r{r}" for r in range(rounds + 1))
+    out(f"\n{nodes} nodes, {setup['partition']}, {rounds} rounds x {steps} steps per node "
+        f"(total {total} steps), {setup['img_size']} px, batch {setup['batch_size']}, lr {setup['lr']}\n")
+    out(f"| run | {heads} | total steps | wall s | MiB up+down per round | peak RSS MiB |")
+    out("|---|" + "---|" * (rounds + 1) + "---|---|---|---|")
+    for method in methods:
+        fed = results["federated"][method]
+        accs = " | ".join(f"{r['val_accuracy']:.3f}" for r in fed["val_accuracy_per_round"])
+        per_round = fed["bytes_per_round"][0]["up"] + fed["bytes_per_round"][0]["down"]
+        peak = max(fed["node_peak_rss_bytes"].values())
+        out(f"| federated {method} | {accs} | {fed['steps']} | {fed['bench']['run_seconds']:.0f} | "
+            f"{mib(per_round)} | {peak / 2**20:.0f} (max node) |")
+        if method in results["central"]:
+            c = results["central"][method]
+            out(f"| centralised {method} | – | " + " | ".join(f"{a:.3f}" for a in c["curve"]) +
+                f" | {c['steps']} | {c['wall_seconds']:.0f} | 0 | {c['peak_rss_bytes'] / 2**20:.0f} |")
+        if method in results["local"]:
+            runs = results["local"][method]
+            cols = []
+            for r in range(rounds):
+                vals = [run["curve"][r] for run in runs]
+                cols.append(f"{sum(vals) / len(vals):.3f} ({min(vals):.2f}–{max(vals):.2f})")
+            out(f"| local-only {method}, mean (min–max) of {len(runs)} nodes | – | " + " | ".join(cols) +
+                f" | {sum(r['steps'] for r in runs)} | {sum(r['wall_seconds'] for r in runs):.0f} (sum) | 0 | "
+                f"{max(r['peak_rss_bytes'] for r in runs) / 2**20:.0f} |")
+
+    # ---- payload
+    out("\n| method | tensors that travel | params | tensor MiB | whole model MiB | share |")
+    out("|---|---|---|---|---|---|")
+    for method in methods:
+        p = results["federated"][method]["payload"]
+        out(f"| {method} | {p['tensors']} | {p['params']:,} | {mib(p['tensor_bytes'])} | {mib(p['model_bytes'])} | "
+            f"{p['tensor_bytes'] / p['model_bytes']:.3f} |")
+
+    # ---- nodes
+    method = methods[0]
+    fed = results["federated"][method]
+    out(f"\n| node | images | classes with images | federated {method}: peak RSS MiB | local-only final acc |")
+    out("|---|---|---|---|---|")
+    for i, node in enumerate(fed["partition"]["nodes"]):
+        local = results["local"].get(method)
+        acc = f"{local[i]['val_accuracy']:.3f}" if local else "–"
+        classes = sum(1 for v in node["per_class"].values() if v)
+        out(f"| {node['node']} | {node['images']} | {classes} | "
+            f"{fed['node_peak_rss_bytes'].get(node['node'], 0) / 2**20:.0f} | {acc} |")
+
+    # ---- faults
+    if results["faults"]:
+        out(f"\n| fault ({method}) | outcome | nodes that replied per round | accuracy per round | wall s |")
+        out("|---|---|---|---|---|")
+        for fault, s in results["faults"].items():
+            ok = ", ".join(f"r{h['round']}: {h['ok']}/{h['sent']}" for h in s["nodes_per_round"])
+            accs = ", ".join(f"{r['val_accuracy']:.3f}" for r in s["val_accuracy_per_round"])
+            outcome = f"{s['bench']['status']}, {s['rounds_completed']} rounds"
+            if s.get("resumed_after_round"):
+                outcome += f", resumed after round {s['resumed_after_round']}"
+            out(f"| {fault} killed at {s['bench']['killed_at_s']:.0f} s | {outcome} | {ok} | {accs} | "
+                f"{s['bench']['run_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--val-data", required=True)
-    ap.add_argument("--weights", required=True)
+    ap.add_argument("--data")
+    ap.add_argument("--val-data")
+    ap.add_argument("--weights")
     ap.add_argument("--model", default="vit_small_patch14_dinov2")
-    ap.add_argument("--workdir", type=Path, required=True)
+    ap.add_argument("--workdir", type=Path)
     ap.add_argument("--nodes", type=int, default=4)
     ap.add_argument("--partition", default="dirichlet:0.5")
     ap.add_argument("--rounds", type=int, default=4)
@@ -161,7 +232,13 @@ def main(argv=None) -> int:
     ap.add_argument("--node-profiles", default=None, help="profiles per node for the federated runs (cycled)")
     ap.add_argument("--skip", default="", help="comma-separated: central, local")
     ap.add_argument("--json-out", type=Path)
+    ap.add_argument("--markdown", type=Path, metavar="FILE", help="print the tables of a --json-out file and exit")
     args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return 0
+    if not (args.data and args.val_data and args.weights and args.workdir):
+        ap.error("--data, --val-data, --weights and --workdir are required")
     args.workdir = args.workdir.resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
     methods = [m for m in args.methods.split(",") if m]
@@ -183,65 +260,7 @@ def main(argv=None) -> int:
     for fault in filter(None, args.faults.split(",")):
         results["faults"][fault] = federated(args, methods[0], f"fed-{methods[0]}-kill{fault}", fault=fault)
 
-    # ---- accuracy after each round (federated) / after each round's worth of steps (central, local-only)
-    heads = " | ".join(f"r{r}" for r in range(args.rounds + 1))
-    print(f"\n{args.nodes} nodes, {args.partition}, {args.rounds} rounds x {args.steps} steps per node "
-          f"(total {total} steps), {args.img_size} px, batch {args.batch_size}, lr {args.lr}\n")
-    print(f"| run | {heads} | total steps | wall s | MiB up+down per round | peak RSS MiB |")
-    print("|---|" + "---|" * (args.rounds + 1) + "---|---|---|---|")
-    for method in methods:
-        fed = results["federated"][method]
-        accs = " | ".join(f"{r['val_accuracy']:.3f}" for r in fed["val_accuracy_per_round"])
-        per_round = fed["bytes_per_round"][0]["up"] + fed["bytes_per_round"][0]["down"]
-        peak = max(fed["node_peak_rss_bytes"].values())
-        print(f"| federated {method} | {accs} | {fed['steps']} | {fed['bench']['run_seconds']:.0f} | "
-              f"{mib(per_round)} | {peak / 2**20:.0f} (max node) |")
-        if method in results["central"]:
-            c = results["central"][method]
-            print(f"| centralised {method} | – | " + " | ".join(f"{a:.3f}" for a in c["curve"]) +
-                  f" | {c['steps']} | {c['wall_seconds']:.0f} | 0 | {c['peak_rss_bytes'] / 2**20:.0f} |")
-        if method in results["local"]:
-            runs = results["local"][method]
-            cols = []
-            for r in range(args.rounds):
-                vals = [run["curve"][r] for run in runs]
-                cols.append(f"{sum(vals) / len(vals):.3f} ({min(vals):.2f}–{max(vals):.2f})")
-            print(f"| local-only {method}, mean (min–max) of {len(runs)} nodes | – | " + " | ".join(cols) +
-                  f" | {sum(r['steps'] for r in runs)} | {sum(r['wall_seconds'] for r in runs):.0f} (sum) | 0 | "
-                  f"{max(r['peak_rss_bytes'] for r in runs) / 2**20:.0f} |")
-
-    # ---- payload
-    print("\n| method | tensors that travel | params | tensor MiB | whole model MiB | share |")
-    print("|---|---|---|---|---|---|")
-    for method in methods:
-        p = results["federated"][method]["payload"]
-        print(f"| {method} | {p['tensors']} | {p['params']:,} | {mib(p['tensor_bytes'])} | {mib(p['model_bytes'])} | "
-              f"{p['tensor_bytes'] / p['model_bytes']:.3f} |")
-
-    # ---- nodes
-    method = methods[0]
-    fed = results["federated"][method]
-    print(f"\n| node | images | classes with images | federated {method}: peak RSS MiB | local-only final acc |")
-    print("|---|---|---|---|---|")
-    for i, node in enumerate(fed["partition"]["nodes"]):
-        local = results["local"].get(method)
-        acc = f"{local[i]['val_accuracy']:.3f}" if local else "–"
-        classes = sum(1 for v in node["per_class"].values() if v)
-        print(f"| {node['node']} | {node['images']} | {classes} | "
-              f"{fed['node_peak_rss_bytes'].get(node['node'], 0) / 2**20:.0f} | {acc} |")
-
-    # ---- faults
-    if results["faults"]:
-        print(f"\n| fault ({method}) | outcome | nodes that replied per round | accuracy per round | wall s |")
-        print("|---|---|---|---|---|")
-        for fault, s in results["faults"].items():
-            ok = ", ".join(f"r{h['round']}: {h['ok']}/{h['sent']}" for h in s["nodes_per_round"])
-            accs = ", ".join(f"{r['val_accuracy']:.3f}" for r in s["val_accuracy_per_round"])
-            outcome = f"{s['bench']['status']}, {s['rounds_completed']} rounds"
-            if s.get("resumed_after_round"):
-                outcome += f", resumed after round {s['resumed_after_round']}"
-            print(f"| {fault} killed at {s['bench']['killed_at_s']:.0f} s | {outcome} | {ok} | {accs} | "
-                  f"{s['bench']['run_seconds']:.0f} |")
+    print(markdown(results))
     if args.json_out:
         args.json_out.write_text(json.dumps(results, indent=1, default=str))
     return 0

@@ -12,11 +12,13 @@ and the same content, upright, as small PNGs (short side 256 px). Measures:
 Prints a markdown table. Single process, single thread (PIL decodes on the calling thread); on a shared machine the
 figures move by some 10-20 % between runs.
 
-    .venv/bin/python tools/bench_images.py --count 120
+    .venv/bin/python tools/bench_images.py --count 120 --json-out runs/images.json
+    .venv/bin/python tools/bench_images.py --markdown runs/images.json   # the table again, running nothing
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -110,14 +112,38 @@ def time_decode(paths: list[Path], size: int, draft: bool) -> tuple[float, list[
     return len(paths) / (time.perf_counter() - t), out
 
 
-def main() -> None:
+def markdown(results: dict) -> str:
+    """The table of a ``--json-out`` file: scan and decode figures for the JPEGs and their PNG copies."""
+    j, p = results["jpeg"], results["png"]
+    return "\n".join([
+        f"\n{results['count']} images each; load_image to {results['img_size']} px, bicubic\n",
+        f"| what | JPEG, {j['mp']:.1f} MP mean ({j['mb']:.0f} MiB) | PNG, short side {results['png_short_side']} px "
+        f"({p['mb']:.0f} MiB) |",
+        "|---|---:|---:|",
+        f"| scan, full decode of every file (before) | {j['old']:.2f} s ({j['old'] / j['files'] * 1e3:.1f} ms/file) "
+        f"| {p['old']:.2f} s ({p['old'] / p['files'] * 1e3:.2f} ms/file) |",
+        f"| scan, header + end marker (now) | {j['new']:.3f} s ({j['new'] / j['files'] * 1e3:.2f} ms/file) "
+        f"| {p['new']:.3f} s ({p['new'] / p['files'] * 1e3:.2f} ms/file) |",
+        f"| scan speed-up | {j['old'] / j['new']:.0f}× | {p['old'] / p['new']:.1f}× |",
+        f"| load_image, full-resolution decode | {j['full']:.1f} img/s | {p['full']:.1f} img/s |",
+        f"| load_image, JPEG draft (now) | {j['draft']:.1f} img/s | {p['draft']:.1f} img/s (no draft for PNG) |",
+        f"| draft vs full decode, mean abs diff (of 0–1) | {j['diff']:.4f} | {p['diff']:.4f} |",
+        f"| JPEG (EXIF applied) vs its upright PNG, mean abs diff (of 0–1) | {results['parity']:.4f} | |"])
+
+
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=300, help="images of each kind")
     parser.add_argument("--out", type=Path, help="folder for the images (kept); default: a temporary folder")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--png-short-side", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument("--json-out", type=Path, help="also write the figures here (for --markdown)")
+    parser.add_argument("--markdown", type=Path, metavar="FILE", help="print the table of a --json-out file and exit")
+    args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return
 
     root = args.out or Path(tempfile.mkdtemp(prefix="bench_images_"))
     try:
@@ -139,22 +165,13 @@ def main() -> None:
             diff = float(np.mean([np.abs(a - b).mean() for a, b in zip(fast, full)])) * STD[1]  # ≈ of [0, 1]
             rows[kind] = dict(files=len(files), mb=mb, mp=mp, old=old_s, new=new_s, full=full_rate,
                               draft=draft_rate, diff=diff, out=fast)
-        j, p = rows["jpeg"], rows["png"]
-        parity = float(np.mean([np.abs(a - b).mean() for a, b in zip(j["out"], p["out"])])) * STD[1]
-        print(f"\n{args.count} images each; load_image to {args.img_size} px, bicubic\n")
-        print(f"| what | JPEG, {j['mp']:.1f} MP mean ({j['mb']:.0f} MiB) | PNG, short side {args.png_short_side} px "
-              f"({p['mb']:.0f} MiB) |")
-        print("|---|---:|---:|")
-        print(f"| scan, full decode of every file (before) | {j['old']:.2f} s "
-              f"({j['old'] / j['files'] * 1e3:.1f} ms/file) "
-              f"| {p['old']:.2f} s ({p['old'] / p['files'] * 1e3:.2f} ms/file) |")
-        print(f"| scan, header + end marker (now) | {j['new']:.3f} s ({j['new'] / j['files'] * 1e3:.2f} ms/file) "
-              f"| {p['new']:.3f} s ({p['new'] / p['files'] * 1e3:.2f} ms/file) |")
-        print(f"| scan speed-up | {j['old'] / j['new']:.0f}× | {p['old'] / p['new']:.1f}× |")
-        print(f"| load_image, full-resolution decode | {j['full']:.1f} img/s | {p['full']:.1f} img/s |")
-        print(f"| load_image, JPEG draft (now) | {j['draft']:.1f} img/s | {p['draft']:.1f} img/s (no draft for PNG) |")
-        print(f"| draft vs full decode, mean abs diff (of 0–1) | {j['diff']:.4f} | {p['diff']:.4f} |")
-        print(f"| JPEG (EXIF applied) vs its upright PNG, mean abs diff (of 0–1) | {parity:.4f} | |")
+        pairs = zip(rows["jpeg"]["out"], rows["png"]["out"])
+        parity = float(np.mean([np.abs(a - b).mean() for a, b in pairs])) * STD[1]
+        results = {"count": args.count, "img_size": args.img_size, "png_short_side": args.png_short_side,
+                   "parity": parity, **{kind: {k: v for k, v in r.items() if k != "out"} for kind, r in rows.items()}}
+        if args.json_out:
+            args.json_out.write_text(json.dumps(results, indent=1))
+        print(markdown(results))
     finally:
         if args.out is None:
             shutil.rmtree(root, ignore_errors=True)

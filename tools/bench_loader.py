@@ -13,7 +13,9 @@ small PNGs of the same images, and what training augmentation gains in a small-d
 
 Prints markdown tables (and writes the raw rows as JSON with ``--json-out``)::
 
-    .venv/bin/python tools/bench_loader.py --weights ../shared/assets/vit_small_patch14_dinov2.imgfocus.safetensors
+    .venv/bin/python tools/bench_loader.py --weights ../shared/assets/vit_small_patch14_dinov2.imgfocus.safetensors \\
+        --json-out runs/loader.json
+    .venv/bin/python tools/bench_loader.py --markdown runs/loader.json   # the tables again, running nothing
 """
 from __future__ import annotations
 
@@ -110,39 +112,51 @@ def part_augment(args, workdir: Path) -> list[dict]:
     return rows
 
 
-def print_steps(rows: list[dict], args) -> None:
-    print(f"\n(a) step seconds, ViT-S/14 ({args.model}), 224 px, batch 16, alast, fp32, {args.steps} steps, median and "
-          f"mean after {args.warmup}, the run with the lower median of {args.repeat}; {os.cpu_count()} CPUs\n")
-    print("| images | augment | decoding | step s (median) | step s (mean) | × PNG, same loader | "
-          "medians of all runs |")
-    print("|---|---|---|---:|---:|---:|---|")
+def steps_table(rows: list[dict], setup: dict) -> str:
+    lines = [f"\n(a) step seconds, ViT-S/14 ({setup['model']}), 224 px, batch 16, alast, fp32, {setup['steps']} steps, "
+             f"median and mean after {setup['warmup']}, the run with the lower median of {setup['repeat']}; "
+             f"{setup['cpus']} CPUs\n",
+             "| images | augment | decoding | step s (median) | step s (mean) | × PNG, same loader | "
+             "medians of all runs |",
+             "|---|---|---|---:|---:|---:|---|"]
     ref = {(r["augment"], r["prefetch"]): r["median"] for r in rows if r["kind"] == "png"}
     for r in rows:
         where = "background (default)" if r["prefetch"] else "in the step (`--loader-threads 0`)"
         label = "JPEG 2–4 MP" if r["kind"] == "jpeg" else "PNG, short side 256"
-        print(f"| {label} | {r['augment']} | {where} | {r['median']:.3f} | {r['mean']:.3f} | "
-              f"{r['median'] / ref[(r['augment'], r['prefetch'])]:.2f} | "
-              f"{', '.join(f'{m:.3f}' for m in r['medians'])} |")
+        lines.append(f"| {label} | {r['augment']} | {where} | {r['median']:.3f} | {r['mean']:.3f} | "
+                     f"{r['median'] / ref[(r['augment'], r['prefetch'])]:.2f} | "
+                     f"{', '.join(f'{m:.3f}' for m in r['medians'])} |")
+    return "\n".join(lines)
 
 
-def print_augment(rows: list[dict], args) -> None:
-    print(f"\n(b) Fashion-MNIST, {args.per_class} training images per class, 1000 val images, ViT-S/14 at 112 px, "
-          f"alast, {args.aug_steps} steps, batch 16, lr 1e-4; seeds {', '.join(map(str, args.seeds))}\n")
-    print("| --augment | val acc (mean ± std) | per seed | val loss (mean ± std) | per seed |")
-    print("|---|---|---|---|---|")
-    for augment in args.augments:
+def augment_table(rows: list[dict], setup: dict) -> str:
+    seeds = list(dict.fromkeys(r["seed"] for r in rows))
+    lines = [f"\n(b) Fashion-MNIST, {setup['per_class']} training images per class, 1000 val images, ViT-S/14 at "
+             f"112 px, alast, {setup['aug_steps']} steps, batch 16, lr 1e-4; seeds {', '.join(map(str, seeds))}\n",
+             "| --augment | val acc (mean ± std) | per seed | val loss (mean ± std) | per seed |",
+             "|---|---|---|---|---|"]
+
+    def spread(values):
+        return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
+
+    for augment in dict.fromkeys(r["augment"] for r in rows):
         accs = [r["val_accuracy"] for r in rows if r["augment"] == augment]
         losses = [r["summary"]["val_loss"] for r in rows if r["augment"] == augment]
-
-        def spread(values):
-            return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
-        print(f"| {augment} | {spread(accs)} | {', '.join(f'{a:.3f}' for a in accs)} | {spread(losses)} | "
-              f"{', '.join(f'{v:.3f}' for v in losses)} |")
+        lines.append(f"| {augment} | {spread(accs)} | {', '.join(f'{a:.3f}' for a in accs)} | {spread(losses)} | "
+                     f"{', '.join(f'{v:.3f}' for v in losses)} |")
+    return "\n".join(lines)
 
 
-def main() -> None:
+def markdown(results: dict) -> str:
+    """The tables of a ``--json-out`` file: (a) step times, (b) augmentation, whichever parts ran."""
+    parts = [steps_table(results["steps"], results["setup"]) if results.get("steps") else "",
+             augment_table(results["augment"], results["setup"]) if results.get("augment") else ""]
+    return "\n".join(filter(None, parts))
+
+
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--weights", required=True)
+    ap.add_argument("--weights")
     ap.add_argument("--model", default="vit_small_patch14_dinov2")
     ap.add_argument("--part", choices=("steps", "augment", "both"), default="both")
     ap.add_argument("--count", type=int, default=200, help="(a) generated images of each kind")
@@ -158,18 +172,24 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="(a) image generator seed")
     ap.add_argument("--workdir", type=Path, help="kept; default: a temporary folder, removed")
     ap.add_argument("--json-out", type=Path)
-    args = ap.parse_args()
+    ap.add_argument("--markdown", type=Path, metavar="FILE", help="print the tables of a --json-out file and exit")
+    args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return
+    if not args.weights:
+        ap.error("--weights is required")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_loader_"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
         steps = part_steps(args, workdir) if args.part in ("steps", "both") else []
         augment = part_augment(args, workdir) if args.part in ("augment", "both") else []
-        if steps:
-            print_steps(steps, args)
-        if augment:
-            print_augment(augment, args)
+        setup = {"model": args.model, "steps": args.steps, "warmup": args.warmup, "repeat": args.repeat,
+                 "cpus": os.cpu_count(), "per_class": args.per_class, "aug_steps": args.aug_steps}
+        results = {"setup": setup, "steps": steps, "augment": augment}
+        print(markdown(results))
         if args.json_out:
-            args.json_out.write_text(json.dumps({"steps": steps, "augment": augment}, indent=1, default=str))
+            args.json_out.write_text(json.dumps(results, indent=1, default=str))
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -4,7 +4,8 @@ training vs PyTorch training step time with the same trainable parameters (the O
 Medians of ``--runs`` timed runs after ``--warmup`` untimed ones, on random inputs; prints a markdown table.
 Exports ``model.onnx`` / ``ort_training/`` first when the run folder lacks them. Run on a quiet machine.
 
-    python tools/bench_onnx.py runs/a --runs 20 --threads 4
+    python tools/bench_onnx.py runs/a --runs 20 --threads 4 --json-out runs/a-onnx.json
+    python tools/bench_onnx.py --markdown runs/a-onnx.json   # the table again, running nothing
 """
 from __future__ import annotations
 
@@ -92,15 +93,33 @@ def training_row(run: Path, model, img_size: int, classes: int, batch: int, runs
     return label, median_seconds(torch_step, runs, warmup), median_seconds(ort_step, runs, warmup)
 
 
+def markdown(results: dict) -> str:
+    """The table of a ``--json-out`` file: median milliseconds in PyTorch and ONNX Runtime per row."""
+    lines = [f"{results['model']} @ {results['img_size']}px, {results['classes']} classes; median of {results['runs']} "
+             f"runs after {results['warmup']} warm-up, threads {results['threads'] or 'default'}\n",
+             "| what | PyTorch ms | ONNX Runtime ms | PyTorch / ORT |", "|---|---:|---:|---:|"]
+    for r in results["rows"]:
+        lines.append(f"| {r['what']} | {r['torch_seconds'] * 1e3:.2f} | {r['ort_seconds'] * 1e3:.2f} | "
+                     f"{r['torch_seconds'] / r['ort_seconds']:.2f}x |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("run_dir", type=Path, nargs="?")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch and onnxruntime intra-op threads")
     parser.add_argument("--train-batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--json-out", type=Path, help="also write the figures here (for --markdown)")
+    parser.add_argument("--markdown", type=Path, metavar="FILE", help="print the table of a --json-out file and exit")
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return 0
+    if args.run_dir is None:
+        parser.error("RUN_DIR is required")
 
     run = args.run_dir
     if args.threads:
@@ -114,12 +133,13 @@ def main(argv=None) -> int:
     rows.append(training_row(run, model, meta["img_size"], len(meta["classes"]), args.train_batch_size,
                              args.runs, args.warmup, args.lr))
 
-    print(f"{meta['model_name']} @ {meta['img_size']}px, {len(meta['classes'])} classes; median of {args.runs} runs "
-          f"after {args.warmup} warm-up, threads {args.threads or 'default'}\n")
-    print("| what | PyTorch ms | ONNX Runtime ms | PyTorch / ORT |")
-    print("|---|---:|---:|---:|")
-    for label, t_torch, t_ort in rows:
-        print(f"| {label} | {t_torch * 1e3:.2f} | {t_ort * 1e3:.2f} | {t_torch / t_ort:.2f}x |")
+    results = {"model": meta["model_name"], "img_size": meta["img_size"], "classes": len(meta["classes"]),
+               "runs": args.runs, "warmup": args.warmup, "threads": args.threads,
+               "rows": [{"what": label, "torch_seconds": t_torch, "ort_seconds": t_ort}
+                        for label, t_torch, t_ort in rows]}
+    if args.json_out:
+        args.json_out.write_text(json.dumps(results, indent=1))
+    print(markdown(results))
     return 0
 
 

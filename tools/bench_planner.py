@@ -12,7 +12,8 @@ not wired.
 
     python tools/make_fashion_mnist.py /tmp/fm_plan --train 200 --val 50
     python tools/bench_planner.py --data /tmp/fm_plan/train --val-data /tmp/fm_plan/val \\
-        --weights ../shared/assets/vit_small_patch14_dinov2.imgfocus.safetensors --steps 12
+        --weights ../shared/assets/vit_small_patch14_dinov2.imgfocus.safetensors --steps 12 --json-out /tmp/plan.json
+    python tools/bench_planner.py --markdown /tmp/plan.json   # the table again, running nothing
 """
 from __future__ import annotations
 
@@ -113,6 +114,41 @@ def mib(n) -> str:
     return "-" if n is None else f"{n / 2**20:.0f}"
 
 
+def markdown(results: list[dict]) -> str:
+    """The table of a ``--json-out`` file (one entry per configuration), and the 60 % ceiling case's verdict."""
+    lines = ["| config | steps | worst-case predicted MiB | measured peak RSS MiB | error % | source "
+             "| predicted for the steps taken MiB | error % |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "ceiling_bytes" in r:
+            continue
+        s = r.get("summary", {})
+        pred = s.get("predicted_peak_bytes") or r["prediction"].get("predicted_peak_bytes")
+        source = "summary" if s.get("predicted_peak_bytes") else "bench"
+        meas = s.get("peak_rss_bytes")
+        failed = r.get("error", r["prediction"].get("error", "-"))
+        err = f"{100 * (pred - meas) / meas:+.1f}" if pred and meas else failed
+        taken = r["prediction"].get("predicted_steps_taken_bytes")
+        err2 = f"{100 * (taken - meas) / meas:+.1f}" if taken and meas else "-"
+        lines.append(f"| {r['name']} | {s.get('steps', '-')} | {mib(pred)} | {mib(meas)} | {err} | {source} "
+                     f"| {mib(taken)} | {err2} |")
+    for r in (r for r in results if "ceiling_bytes" in r):
+        s, ceiling = r.get("summary", {}), r["ceiling_bytes"]
+        lines.append("")
+        if "summary" not in r:
+            lines.append(f"60 % ceiling case: run failed: {r.get('error')}")
+        elif "memory_ceiling_bytes" not in s or "predicted_peak_bytes" not in s:
+            lines.append(f"60 % ceiling case: NOT WIRED (summary.json has no predicted_peak_bytes/memory_ceiling_bytes"
+                         f"); measured peak {mib(s['peak_rss_bytes'])} MiB vs ceiling {mib(ceiling)} MiB "
+                         f"({'under' if s['peak_rss_bytes'] < ceiling else 'OVER'}) without planner caps")
+        else:
+            ok = s["peak_rss_bytes"] < s["memory_ceiling_bytes"]
+            lines.append(f"60 % ceiling case: ceiling {mib(s['memory_ceiling_bytes'])} MiB, predicted "
+                         f"{mib(s['predicted_peak_bytes'])} MiB, measured {mib(s['peak_rss_bytes'])} MiB: "
+                         f"{'PASS (under the ceiling)' if ok else 'FAIL (over the ceiling)'}; "
+                         f"batch {s.get('batch_size')}, notes {s.get('planner_notes', s.get('plan_notes', '-'))}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--predict", help=argparse.SUPPRESS)
@@ -125,7 +161,11 @@ def main(argv=None) -> int:
     ap.add_argument("--only", help="comma-separated indices of CONFIGS to run (default: all)")
     ap.add_argument("--no-profile-case", action="store_true", help="skip the 60 %% ceiling ALaST case")
     ap.add_argument("--json-out", help="also write every result here")
+    ap.add_argument("--markdown", type=Path, metavar="FILE", help="print the table of a --json-out file and exit")
     args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return 0
     if args.predict:
         # Plan under the allocator the run trained on (the CLI's re-execution; it sets the baseline and the slack).
         from edge_alast.device.allocator import reexec_with_allocator
@@ -148,21 +188,6 @@ def main(argv=None) -> int:
             print(f"# {r['name']}: measured {mib(r.get('summary', {}).get('peak_rss_bytes'))} MiB, "
                   f"predicted {mib(r['prediction'].get('predicted_peak_bytes'))} MiB", file=sys.stderr, flush=True)
 
-        print("| config | steps | worst-case predicted MiB | measured peak RSS MiB | error % | source "
-              "| predicted for the steps taken MiB | error % |")
-        print("|---|---|---|---|---|---|---|---|")
-        for r in results:
-            s = r.get("summary", {})
-            pred = s.get("predicted_peak_bytes") or r["prediction"].get("predicted_peak_bytes")
-            source = "summary" if s.get("predicted_peak_bytes") else "bench"
-            meas = s.get("peak_rss_bytes")
-            failed = r.get("error", r["prediction"].get("error", "-"))
-            err = f"{100 * (pred - meas) / meas:+.1f}" if pred and meas else failed
-            taken = r["prediction"].get("predicted_steps_taken_bytes")
-            err2 = f"{100 * (taken - meas) / meas:+.1f}" if taken and meas else "-"
-            print(f"| {r['name']} | {s.get('steps', '-')} | {mib(pred)} | {mib(meas)} | {err} | {source} "
-                  f"| {mib(taken)} | {err2} |")
-
         full = next((r for r in results if r["name"].endswith("full") and "summary" in r), None)
         if not args.no_profile_case and full is not None:
             ceiling = int(0.6 * full["summary"]["peak_rss_bytes"])
@@ -174,21 +199,9 @@ def main(argv=None) -> int:
             _, margs, weights, img, batch, _ = next(c for c in CONFIGS if c[0] == full["name"])
             r = run_config(args, full["name"].replace("full", "alast") + " @60% ceiling", margs, weights, img, batch,
                            "alast", work, profile=str(path))
+            r["ceiling_bytes"] = ceiling
             results.append(r)
-            s = r.get("summary", {})
-            print()
-            if "summary" not in r:
-                print(f"60 % ceiling case: run failed: {r.get('error')}")
-            elif "memory_ceiling_bytes" not in s or "predicted_peak_bytes" not in s:
-                print(f"60 % ceiling case: NOT WIRED (summary.json has no predicted_peak_bytes/memory_ceiling_bytes); "
-                      f"measured peak {mib(s['peak_rss_bytes'])} MiB vs ceiling {mib(ceiling)} MiB "
-                      f"({'under' if s['peak_rss_bytes'] < ceiling else 'OVER'}) without planner caps")
-            else:
-                ok = s["peak_rss_bytes"] < s["memory_ceiling_bytes"]
-                print(f"60 % ceiling case: ceiling {mib(s['memory_ceiling_bytes'])} MiB, predicted "
-                      f"{mib(s['predicted_peak_bytes'])} MiB, measured {mib(s['peak_rss_bytes'])} MiB: "
-                      f"{'PASS (under the ceiling)' if ok else 'FAIL (over the ceiling)'}; "
-                      f"batch {s.get('batch_size')}, notes {s.get('planner_notes', s.get('plan_notes', '-'))}")
+    print(markdown(results))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=1, default=str))
     return 0

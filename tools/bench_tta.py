@@ -10,12 +10,13 @@ carrying the cumulative training seconds and FLOPs) it reports, per method and d
 * peak RSS.
 
 The static and random baselines are built from each seed's ALaST run of the same settings (``--alast-from``), at
-its FLOPs per step (edge_alast/baselines.py). Data sets: Fashion-MNIST (``apt-get install dataset-fashion-mnist``)
+its FLOPs per step (edge_alast/alast/baselines.py). Data sets: Fashion-MNIST (``apt-get install dataset-fashion-mnist``)
 and scikit-learn's ``load_digits`` (ships offline), both written as ImageFolders. Embeddings: frozen for every
 method (``full`` included, ``--no-train-embeddings``), so full and ALaST differ only in what ALaST does.
 
     python tools/bench_tta.py --weights ../shared/assets/vit_small_patch14_dinov2.imgfocus.safetensors \\
         --img-size 112 --seeds 0,1,2 --datasets fmnist,digits --out runs/tta
+    python tools/bench_tta.py --markdown runs/tta/results.json   # the tables again, from the results file
 """
 from __future__ import annotations
 
@@ -147,9 +148,47 @@ def mean_std(values: list[float | None], scale: float = 1.0, fmt: str = "{:.3f}"
     return f"{fmt.format(statistics.mean(got))} ± {fmt.format(statistics.stdev(got))}{missing}"
 
 
+def markdown(stored: dict) -> str:
+    """The tables of a ``results.json`` ("DATASET/METHOD" -> that method's runs, one per seed), one per data set.
+    The setup line is read off the first run's config."""
+    out = []
+    for dataset in dict.fromkeys(key.split("/", 1)[0] for key in stored):
+        methods = [key.split("/", 1)[1] for key in stored if key.split("/", 1)[0] == dataset]
+        results = {name: stored[f"{dataset}/{name}"] for name in methods}
+        first = results.get("full") or next(iter(results.values()))
+        cfg, seeds = first[0]["config"], ",".join(str(r["config"]["seed"]) for r in first)
+        full = results.get("full", [])
+        target = (statistics.mean(max(e["val_accuracy"] for e in r["evals"]) for r in full) - 0.01) if full else None
+        out.append(f"\n{dataset}: {cfg['model']} @ {cfg['img_size']}px, batch {cfg['batch_size']}, lr {cfg['lr']} "
+                   f"(head, adapters 1e-3), eval every {cfg['eval_every']} steps on {cfg['eval_images']} images, "
+                   f"seeds {seeds}; target = full's final accuracy - 1 pt = "
+                   f"{target if target is None else round(target, 4)}\n")
+        # like with like in time: each method's best accuracy within the training seconds of the shortest method
+        totals = [statistics.mean(r["evals"][-1]["elapsed_seconds"] for r in runs) for runs in results.values()]
+        at = min(totals) if totals else 0.0
+        out.append(f"(acc @ {at:.0f} s: the best validation accuracy within the first {at:.0f} training seconds, the "
+                   f"mean training time of the quickest method)\n")
+        out.append(f"| method | final val acc | acc @ {at:.0f} s | steps | training s | time to target s | "
+                   "FLOPs to target (TFLOP) | GFLOPs/step | peak RSS MiB |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
+        for name, runs in results.items():
+            finals = [max(e["val_accuracy"] for e in r["evals"]) for r in runs]
+            within = [max((e["val_accuracy"] for e in r["evals"] if e["elapsed_seconds"] <= at + 1e-6), default=None)
+                      for r in runs]
+            to = [time_to(r["evals"], target) if target is not None else (None, None) for r in runs]
+            out.append(f"| {name} | {mean_std(finals)} | {mean_std(within)} | "
+                       f"{mean_std([r['steps'] for r in runs], fmt='{:.0f}')} | "
+                       f"{mean_std([r['evals'][-1]['elapsed_seconds'] for r in runs], fmt='{:.0f}')} | "
+                       f"{mean_std([t for t, _ in to], fmt='{:.0f}')} | "
+                       f"{mean_std([f for _, f in to], 1e12, '{:.1f}')} | "
+                       f"{mean_std([r['flops_per_step'] for r in runs], 1e9, '{:.1f}')} | "
+                       f"{mean_std([r['peak_rss_bytes'] for r in runs], 2**20, '{:.0f}')} |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--weights", required=True)
+    ap.add_argument("--weights")
     ap.add_argument("--model", default="vit_small_patch14_dinov2")
     ap.add_argument("--img-size", type=int, default=112)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -167,7 +206,14 @@ def main(argv=None) -> int:
     ap.add_argument("--train-images", type=int, default=2000, help="Fashion-MNIST training images")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run-file key for every run")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "tta")
+    ap.add_argument("--markdown", type=Path, metavar="FILE",
+                    help="print the tables of a results.json (OUT/results.json) and exit, running nothing")
     args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return 0
+    if not args.weights:
+        ap.error("--weights is required")
 
     args.out.mkdir(parents=True, exist_ok=True)
     data = {"fmnist": lambda: write_fmnist(args.out / "data-fmnist", args.train_images, 1000),
@@ -194,36 +240,9 @@ def main(argv=None) -> int:
                     config[key] = yaml.safe_load(value)
                 print(f"{dataset} seed {seed}: {name} ...", file=sys.stderr, flush=True)
                 results.setdefault((dataset, name), []).append(run(config, out, args.patience, args.min_gain))
-    (args.out / "results.json").write_text(json.dumps({f"{d}/{m}": r for (d, m), r in results.items()}, indent=1))
-
-    for dataset in args.datasets.split(","):
-        full = results.get((dataset, "full"), [])
-        target = (statistics.mean(max(e["val_accuracy"] for e in r["evals"]) for r in full) - 0.01) if full else None
-        print(f"\n{dataset}: {args.model} @ {args.img_size}px, batch {args.batch_size}, lr {args.lr} "
-              f"(head, adapters 1e-3), eval every {args.eval_every} steps on {args.eval_images} images, "
-              f"seeds {args.seeds}; target = full's final accuracy - 1 pt = "
-              f"{target if target is None else round(target, 4)}\n")
-        # like with like in time: each method's best accuracy within the training seconds of the shortest method
-        totals = [statistics.mean(r["evals"][-1]["elapsed_seconds"] for r in results[(dataset, name)])
-                  for name in methods if results.get((dataset, name))]
-        at = min(totals) if totals else 0.0
-        print(f"(acc @ {at:.0f} s: the best validation accuracy within the first {at:.0f} training seconds, the "
-              f"mean training time of the quickest method)\n")
-        print(f"| method | final val acc | acc @ {at:.0f} s | steps | training s | time to target s | "
-              "FLOPs to target (TFLOP) | GFLOPs/step | peak RSS MiB |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        for name in methods:
-            runs = results.get((dataset, name), [])
-            finals = [max(e["val_accuracy"] for e in r["evals"]) for r in runs]
-            within = [max((e["val_accuracy"] for e in r["evals"] if e["elapsed_seconds"] <= at + 1e-6), default=None)
-                      for r in runs]
-            to = [time_to(r["evals"], target) if target is not None else (None, None) for r in runs]
-            print(f"| {name} | {mean_std(finals)} | {mean_std(within)} | "
-                  f"{mean_std([r['steps'] for r in runs], fmt='{:.0f}')} | "
-                  f"{mean_std([r['evals'][-1]['elapsed_seconds'] for r in runs], fmt='{:.0f}')} | "
-                  f"{mean_std([t for t, _ in to], fmt='{:.0f}')} | {mean_std([f for _, f in to], 1e12, '{:.1f}')} | "
-                  f"{mean_std([r['flops_per_step'] for r in runs], 1e9, '{:.1f}')} | "
-                  f"{mean_std([r['peak_rss_bytes'] for r in runs], 2**20, '{:.0f}')} |")
+    stored = {f"{d}/{m}": results[(d, m)] for d in args.datasets.split(",") for m in methods if (d, m) in results}
+    (args.out / "results.json").write_text(json.dumps(stored, indent=1))
+    print(markdown(stored))
     return 0
 
 

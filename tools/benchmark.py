@@ -10,6 +10,7 @@ Extra ``--set key=value`` pairs go into every method's run file (``--set alast.k
 METHOD[,METHOD]:key=value;key=value`` only into those methods' (``--method-set lora,alast-lora:lr=1e-3``);
 ``--variant NAME:key=value;key=value`` adds another ALaST row with those settings. With ``--export`` every run also
 exports ONNX, and the table gains the model's size and onnxruntime batch-1 latency (from ``manifest.json``).
+``--markdown FILE`` prints the table again from a ``--json-out`` file, running nothing.
 """
 from __future__ import annotations
 
@@ -86,10 +87,15 @@ def fmt_table(rows: list[tuple[str, dict]], reference: dict | None) -> str:
     return "\n".join(lines)
 
 
+def markdown(results: dict) -> str:
+    """The table of a ``--json-out`` file (method -> summary), ratios against ``full`` when it ran."""
+    return fmt_table(list(results.items()), results.get("full"))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--val-data", required=True)
+    ap.add_argument("--data")
+    ap.add_argument("--val-data")
     ap.add_argument("--weights")
     ap.add_argument("--model", default="vit_small_patch14_dinov2")
     ap.add_argument("--img-size", type=int, default=224)
@@ -108,7 +114,13 @@ def main(argv=None) -> int:
     ap.add_argument("--json-out", type=Path)
     ap.add_argument("--table-only", action="store_true",
                     help="re-print the table from the run folders already in --workdir (no training)")
+    ap.add_argument("--markdown", type=Path, metavar="FILE", help="print the table of a --json-out file and exit")
     args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return 0
+    if not (args.data and args.val_data):
+        ap.error("--data and --val-data are required")
 
     base = {"data": args.data, "val_data": args.val_data, "model": args.model, "img_size": args.img_size,
             "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "precision": args.precision,

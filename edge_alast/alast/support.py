@@ -119,4 +119,4 @@ def check_model(model: nn.Module, name: str) -> None:
     problems = diagnose(model)
     if problems:
         raise ConfigError(f"--model {name}: ALaST cannot train this model: " + "; ".join(problems)
-                          + " (see README, 'Model coverage')")
+                          + " (see docs/alast.md, 'Model coverage')")

@@ -1,0 +1,108 @@
+"""Every benchmark tool prints its table again from its results file (``--markdown FILE``), running nothing: the
+tables in docs/ are regenerated this way. Each case is a tiny fake results file in the tool's own format."""
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "tools"))
+
+MiB = 2**20
+
+
+def summary(acc, step_s, peak_mib, gflops, **extra):
+    return {"val_accuracy": acc, "median_step_seconds": step_s, "mean_step_seconds": step_s,
+            "peak_rss_bytes": peak_mib * MiB, "train_flops_per_step": gflops * 1e9, **extra}
+
+
+def tta_run(seed, accs, lr=3e-5):
+    evals = [{"step": 25 * (i + 1), "val_accuracy": a, "elapsed_seconds": 10.0 * (i + 1), "flops_total": 1e12 * (i + 1)}
+             for i, a in enumerate(accs)]
+    return {"config": {"model": "vit_small_patch14_dinov2", "img_size": 112, "batch_size": 16, "lr": lr,
+                       "eval_every": 25, "eval_images": 500, "seed": seed},
+            "evals": evals, "steps": 25 * len(accs), "peak_rss_bytes": 800 * MiB, "flops_per_step": 70e9}
+
+
+def fleet_results():
+    node = {"node": "node0", "images": 200, "per_class": {"a": 150, "b": 50}}
+    fed = {"val_accuracy_per_round": [{"val_accuracy": 0.1}, {"val_accuracy": 0.466}, {"val_accuracy": 0.546}],
+           "bytes_per_round": [{"up": 4 * MiB, "down": 4 * MiB}], "node_peak_rss_bytes": {"node0": 840 * MiB},
+           "steps": 40, "bench": {"run_seconds": 710.0, "status": "finished", "killed_at_s": 12.0},
+           "payload": {"tensors": 100, "params": 594442, "tensor_bytes": 2.27 * MiB, "model_bytes": 84.5 * MiB},
+           "partition": {"nodes": [node]}, "nodes_per_round": [{"round": 1, "ok": 1, "sent": 1}],
+           "rounds_completed": 2}
+    return {"setup": {"nodes": 1, "rounds": 2, "steps": 10, "partition": "iid", "img_size": 112, "batch_size": 16,
+                      "lr": 1e-3},
+            "federated": {"alast-lora": fed},
+            "central": {"alast-lora": {"curve": [0.706, 0.688], "steps": 20, "wall_seconds": 458.0,
+                                       "peak_rss_bytes": 697 * MiB}},
+            "local": {"alast-lora": [{"curve": [0.337, 0.46], "steps": 20, "wall_seconds": 523.0,
+                                      "peak_rss_bytes": 701 * MiB, "val_accuracy": 0.46}]},
+            "faults": {"node": fed}}
+
+
+CASES = {
+    "benchmark": ({"full": summary(0.658, 3.27, 2530, 596), "alast": summary(0.764, 1.79, 1541, 309)},
+                  ["| method | val acc | Δ full (pts)", "| alast | 0.764 | +10.6 | 1.79 | 0.55 |"]),
+    "bench_tta": ({"fmnist/full": [tta_run(0, [0.80, 0.875]), tta_run(1, [0.81, 0.875])],
+                   "fmnist/alast-reference": [tta_run(0, [0.70, 0.825]), tta_run(1, [0.72, 0.825])]},
+                  ["fmnist: vit_small_patch14_dinov2 @ 112px", "| full | 0.875 ± 0.000 |",
+                   "| alast-reference | 0.825 ± 0.000 |"]),
+    "bench_allocators": ({"full@glibc": {"peak_rss_bytes": 2560 * MiB, "median_step_seconds": 2.38},
+                          "full@tcmalloc": {"peak_rss_bytes": 2065 * MiB, "median_step_seconds": 2.47, "slack": 0.07}},
+                         ["| full | glibc | 2560 | 1.00 |", "| full | tcmalloc | 2065 | 0.81 |"]),
+    "bench_ceiling": ({"setup": {"img_size": 224, "batch_size": 16, "steps": 20, "export": True},
+                       "full": {"peak_rss_bytes": 2040 * MiB, "allocator": "tcmalloc"},
+                       "rows": [{"fraction": 0.6, "method": "alast", "ceiling_bytes": 1224 * MiB, "exit": 0,
+                                 "oom_kills": 0, "complete": True, "tail": "",
+                                 "summary": {"peak_rss_bytes": 978 * MiB, "predicted_peak_bytes": 1117 * MiB,
+                                             "planner_notes": ["recompute blocks 0-8"]}}]},
+                      ["full's whole-process peak 2040 MiB",
+                       "| alast | 1224 (0.60) | 0 | 0 | yes | 978 | 1117 | +14.2"]),
+    "bench_fleet": (fleet_results(), ["| federated alast-lora | 0.100 | 0.466 | 0.546 |",
+                                      "| centralised alast-lora | – | 0.706 | 0.688 |", "594,442",
+                                      "| node killed at 12 s | finished, 2 rounds |"]),
+    "bench_onnx": ({"model": "vit_small_patch14_dinov2", "img_size": 224, "classes": 10, "runs": 10, "warmup": 3,
+                    "threads": 2, "rows": [{"what": "inference, batch 16", "torch_seconds": 0.8791,
+                                            "ort_seconds": 1.1436}]},
+                   ["| inference, batch 16 | 879.10 | 1143.60 | 0.77x |"]),
+    "bench_images": ({"count": 120, "img_size": 224, "png_short_side": 256, "parity": 0.01,
+                      "jpeg": {"files": 120, "mb": 59, "mp": 3.0, "old": 1.70, "new": 0.015, "full": 22.1,
+                               "draft": 81.3, "diff": 0.0052},
+                      "png": {"files": 120, "mb": 15, "mp": 0.1, "old": 0.35, "new": 0.005, "full": 156.3,
+                              "draft": 177.5, "diff": 0.0}},
+                     ["| scan, full decode of every file (before) | 1.70 s (14.2 ms/file)",
+                      "| load_image, JPEG draft (now) | 81.3 img/s |"]),
+    "bench_loader": ({"setup": {"model": "vit_small_patch14_dinov2", "steps": 15, "warmup": 3, "repeat": 2, "cpus": 2,
+                                "per_class": 20, "aug_steps": 60},
+                      "steps": [{"kind": "jpeg", "augment": "none", "prefetch": False, "median": 1.423, "mean": 1.45,
+                                 "medians": [1.423, 1.508]},
+                                {"kind": "png", "augment": "none", "prefetch": False, "median": 1.421, "mean": 1.43,
+                                 "medians": [1.426, 1.421]}],
+                      "augment": [{"augment": "flip", "seed": s, "val_accuracy": a, "summary": {"val_loss": 1.2}}
+                                  for s, a in ((0, 0.606), (1, 0.538))]},
+                     ["| JPEG 2–4 MP | none | in the step (`--loader-threads 0`) | 1.423 |", "| flip | 0.572 ±"]),
+    "bench_planner": ([{"name": "S/14 112 b16 full", "prediction": {"predicted_peak_bytes": 1100 * MiB},
+                        "summary": {"steps": 12, "peak_rss_bytes": 1000 * MiB}},
+                       {"name": "S/14 112 b16 alast @60% ceiling", "prediction": {}, "ceiling_bytes": 600 * MiB,
+                        "summary": {"peak_rss_bytes": 550 * MiB, "memory_ceiling_bytes": 600 * MiB,
+                                    "predicted_peak_bytes": 580 * MiB}}],
+                      ["| S/14 112 b16 full | 12 | 1100 | 1000 | +10.0 | bench |",
+                       "60 % ceiling case: ceiling 600 MiB, predicted 580 MiB, measured 550 MiB: PASS"]),
+}
+
+
+@pytest.mark.parametrize("tool", sorted(CASES))
+def test_markdown_renders_results_file(tool, tmp_path, capsys):
+    results, expected = CASES[tool]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    importlib.import_module(tool).main(["--markdown", str(path)])
+    printed = capsys.readouterr().out
+    for cell in expected:
+        assert cell in printed, f"{tool}: {cell!r} not in\n{printed}"
