@@ -135,6 +135,7 @@ class DeviceProfile:
         out = dataclasses.asdict(self)
         out["fast_precisions"] = list(self.fast_precisions)
         out["flops_per_second"] = dict(self.flops_per_second)
+        out["host_match"] = list(self.host_match)
         return out
 
 
