@@ -30,7 +30,9 @@ def fail(error: Exception, code: int, as_json: bool = False) -> None:
 def sd_notify(message: str) -> bool:
     """Send a status line to systemd when run as a ``Type=notify`` service (``NOTIFY_SOCKET`` set).
 
-    The protocol is one datagram to a Unix socket (a leading ``@`` means the abstract namespace).
+    The protocol is one datagram to a Unix socket (a leading ``@`` means the abstract namespace). The send never
+    blocks: when the manager's queue is full the message is dropped (a status line or a watchdog ping is not worth
+    stalling training for; the next one follows).
     """
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
@@ -39,6 +41,7 @@ def sd_notify(message: str) -> bool:
         address = "\0" + address[1:]
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
             sock.connect(address)
             sock.sendall(message.encode())
         return True
