@@ -21,4 +21,5 @@ class DataError(EdgeAlastError):
 
 
 # The process exit codes a daemon acts on (README, "Exit codes"); each error class above carries its own.
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_DATA, EXIT_INTERRUPTED = 0, 1, 2, 3, 75
+# EXIT_KEPT: `edge-alast update` trained a candidate and its gate refused it; the deployed model is unchanged.
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_DATA, EXIT_KEPT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 75

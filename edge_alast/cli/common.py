@@ -1,8 +1,8 @@
 """What every command shares: the exit codes, one way to fail, signal handling and systemd notification.
 
 Exit codes (README, "Exit codes"): 0 done, 1 unexpected failure, 2 usage/configuration error, 3 data error,
-75 interrupted and resumable (SIGTERM/SIGINT: the current step finishes, a checkpoint is written, running the same
-command resumes).
+4 ``update`` kept the current model (its gate refused the candidate), 75 interrupted and resumable (SIGTERM/SIGINT:
+the current step finishes, a checkpoint is written, running the same command resumes).
 """
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ import os
 import signal
 import socket
 import sys
+import time
 
 import click
 
-from ..errors import EXIT_DATA, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE  # noqa: F401  (re-exported)
+from ..errors import (EXIT_DATA, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_KEPT, EXIT_OK,  # noqa: F401  (re-exported)
+                      EXIT_USAGE)
 
 
 def fail(error: Exception, code: int, as_json: bool = False) -> None:
@@ -28,7 +30,9 @@ def fail(error: Exception, code: int, as_json: bool = False) -> None:
 def sd_notify(message: str) -> bool:
     """Send a status line to systemd when run as a ``Type=notify`` service (``NOTIFY_SOCKET`` set).
 
-    The protocol is one datagram to a Unix socket (a leading ``@`` means the abstract namespace).
+    The protocol is one datagram to a Unix socket (a leading ``@`` means the abstract namespace). The send never
+    blocks: when the manager's queue is full the message is dropped (a status line or a watchdog ping is not worth
+    stalling training for; the next one follows).
     """
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
@@ -37,11 +41,35 @@ def sd_notify(message: str) -> bool:
         address = "\0" + address[1:]
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
             sock.connect(address)
             sock.sendall(message.encode())
         return True
     except OSError:
         return False
+
+
+class Watchdog:
+    """systemd's service watchdog (``WatchdogSec=`` in the unit sets ``WATCHDOG_USEC``): :meth:`ping` sends
+    ``WATCHDOG=1``, at most once per half interval (systemd's advice), so it can be called every step, every
+    evaluation batch, every event. Without ``WATCHDOG_USEC``, or when ``WATCHDOG_PID`` names another process, it
+    does nothing. Nothing pings from a background thread: a hung step must stop the pings, which is the point."""
+
+    def __init__(self):
+        usec, pid = os.environ.get("WATCHDOG_USEC", ""), os.environ.get("WATCHDOG_PID")
+        mine = pid is None or pid == str(os.getpid())
+        self.interval = int(usec) / 1e6 if usec.isdigit() and int(usec) > 0 and mine else None
+        self._last = None
+
+    def ping(self) -> bool:
+        """Send ``WATCHDOG=1`` if half the interval has passed since the last one; True when sent."""
+        if self.interval is None:
+            return False
+        now = time.monotonic()
+        if self._last is not None and now - self._last < self.interval / 2:
+            return False
+        self._last = now
+        return sd_notify("WATCHDOG=1")
 
 
 class StopOnSignal:

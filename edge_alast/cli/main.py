@@ -14,13 +14,14 @@ from pathlib import Path
 import click
 
 from ..errors import ConfigError, DataError, EdgeAlastError
-from .common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, StopOnSignal, fail, sd_notify
+from .common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, StopOnSignal, Watchdog, fail, sd_notify
 from .deploy import export, predict, train_ort
 from .doctor import doctor
 from .fleet import fleet
 from .options import config_options, load_run_file, merge_options
 from .profiles import profiles
 from .report import report
+from .store import store, update
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -36,6 +37,8 @@ main.add_command(train_ort)
 main.add_command(report)
 main.add_command(fleet)
 main.add_command(doctor)
+main.add_command(update)
+main.add_command(store)
 
 
 class _Printer:
@@ -45,8 +48,10 @@ class _Printer:
     def __init__(self, as_json: bool):
         self.as_json = as_json
         self._t0 = None
+        self.watchdog = Watchdog()
 
     def __call__(self, event: dict) -> None:
+        self.watchdog.ping()  # every event (one per step at least): a hung step stops the pings
         self._notify(event)
         if self.as_json:
             click.echo(json.dumps(event, default=str))

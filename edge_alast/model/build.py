@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -101,3 +102,37 @@ def data_config(model: nn.Module) -> dict:
     return {"mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]), "interpolation": cfg.get("interpolation", "bicubic"),
             "crop_pct": float(cfg.get("crop_pct") or 0.875),  # timm's DEFAULT_CROP_PCT when a model names none
             "crop_mode": crop_mode if crop_mode in CROP_MODES else "center"}
+
+
+def map_head(state: dict[str, torch.Tensor], old_classes: Sequence[str], new_classes: Sequence[str],
+             new_rows: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+    """``state`` with its classifier head re-indexed from ``old_classes`` to ``new_classes`` by class name.
+
+    A class in both keeps its rows (moved to its new position, so the same classes in another order are the same
+    classifier); a class only in ``new_classes`` gets ``new_rows[name][key]`` for each head key (e.g.
+    ``head.weight``, ``head.bias``), or zeros; a class only in ``old_classes`` is dropped. Keys that are not head
+    keys are returned as they are (the same tensors).
+
+    Raises:
+        ConfigError: a head tensor does not have one row per old class, or a class name is repeated.
+    """
+    for label, names in (("old", old_classes), ("new", new_classes)):
+        if len(set(names)) != len(names):
+            raise ConfigError(f"classes: the {label} class list repeats a name ({', '.join(names)})")
+    new_rows = new_rows or {}
+    index = {name: i for i, name in enumerate(old_classes)}
+    out = dict(state)
+    for key, tensor in state.items():
+        if not key.startswith(HEAD_PREFIXES):
+            continue
+        if tensor.shape[0] != len(old_classes):
+            raise ConfigError(f"classes: {key} has {tensor.shape[0]} rows, the model's class list has "
+                              f"{len(old_classes)} ({', '.join(old_classes)})")
+        mapped = tensor.new_zeros((len(new_classes), *tensor.shape[1:]))
+        for i, name in enumerate(new_classes):
+            if name in index:
+                mapped[i] = tensor[index[name]]
+            elif key in new_rows.get(name, {}):
+                mapped[i] = new_rows[name][key].to(tensor.dtype)
+        out[key] = mapped
+    return out
