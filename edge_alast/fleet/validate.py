@@ -11,8 +11,8 @@ it against it (see :mod:`edge_alast.fleet.server_app`). Checked, in order:
 - metrics: one finite, non-negative scalar each, integers where :data:`REPLY_METRICS` says so;
 - arrays: the global model's names; each header's dtype and shape the global tensor's; the payload no larger than
   such an array; the *decoded* array's dtype and shape again (a header can lie); every value finite;
-- the update's L2 norm (tensors minus the global ones) at most ``max_update_norm``; clipped to ``clip_norm``
-  (Flower's ``compute_clip_model_update``);
+- the update (tensors minus the global ones) not exactly zero (nothing trained), its L2 norm at most
+  ``max_update_norm``; clipped to ``clip_norm`` (Flower's ``compute_clip_model_update``);
 - ``num-examples`` >= 1, and the FedAvg weight capped at ``max_examples`` (what a node can train in a round).
 
 After aggregation, :func:`nonfinite` guards the other side: a global model with a non-finite value is never
@@ -100,6 +100,8 @@ def check_reply(content: RecordDict, bounds: ReplyBounds, global_arrays: Mapping
     norm = math.sqrt(sum(float(np.vdot(u, u)) for u in updates))
     if not math.isfinite(norm):
         raise BadReply("the update's L2 norm overflows")
+    if norm == 0.0:  # a free rider; also Flower's FlatClip divides by this norm
+        raise BadReply("the update is exactly zero: the global tensors came back unchanged, nothing trained")
     if bounds.max_update_norm and norm > bounds.max_update_norm:
         raise BadReply(f"update L2 norm {norm:.4g} exceeds max-update-norm {bounds.max_update_norm:g}")
     notes = []
