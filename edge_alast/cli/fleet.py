@@ -1,8 +1,10 @@
 """``edge-alast fleet``: federated fine-tuning on Flower (needs ``pip install 'edge-alast[fleet]'``).
 
 ``fleet local`` runs a whole fleet on this machine (a SuperLink and N SuperNodes on 127.0.0.1); ``fleet app``
-writes the Flower App for a real deployment (``flwr run``). flwr and torch are imported only when a command runs.
-The ``local`` command takes every ``train`` option (:func:`.options.config_options`).
+writes the Flower App and the deployment recipe for a real deployment (``flwr run``; TLS and node authentication
+unless --insecure, which is refused off loopback without --allow-insecure); ``fleet keys`` writes a fleet's CA,
+server certificate and node key pairs. flwr and torch are imported only when a command runs. The ``local`` command
+takes every ``train`` option (:func:`.options.config_options`).
 """
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ import time
 
 import click
 
-from ..errors import EdgeAlastError
+from ..errors import ConfigError, EdgeAlastError
 from .common import EXIT_INTERRUPTED, EXIT_USAGE, InterruptOnSignal, fail
+from ..fleet.settings import STRATEGIES
 from .options import config_options, merge_options
 # train options that are no fleet option: each round is a fresh run on the node (the server checkpoints rounds),
 # validation is the server's (--val-data), and a static/random ALaST baseline needs one run folder.
@@ -35,18 +38,83 @@ def fleet() -> None:
 
 @fleet.command("app")
 @click.argument("folder", type=click.Path(file_okay=False))
-def app_command(folder):
+@click.option("--superlink", default="SERVER:9092", show_default=True,
+              help="HOST:PORT the boards reach the SuperLink at (the recipe's commands use it).")
+@click.option("--keys", "keys_dir", default="keys", show_default=True,
+              help="The fleet's keys folder (edge-alast fleet keys DIR --host HOST): TLS and node authentication.")
+@click.option("--node", "node_names", multiple=True,
+              help="Node names for the recipe (default: those with a key pair in --keys, else node0).")
+@click.option("--insecure", is_flag=True, help="Plain text without node authentication; only on a loopback "
+                                               "--superlink unless --allow-insecure.")
+@click.option("--allow-insecure", is_flag=True, help="Allow --insecure off loopback (updates travel in plain text).")
+def app_command(folder, superlink, keys_dir, node_names, insecure, allow_insecure):
     """Write the Flower App (pyproject.toml: the installed ServerApp/ClientApp and the run config's keys with
-    their defaults) to FOLDER, for `flwr run FOLDER CONNECTION --run-config ...` on a real SuperLink.
+    their defaults) and DEPLOY.md (the deployment's commands: SuperLink with TLS and node authentication, node
+    registration, one SuperNode per board, flwr run) to FOLDER.
 
     \b
     Example:
-      edge-alast fleet app fleet-app && flwr run fleet-app lab --run-config run.toml
+      edge-alast fleet keys keys --host fleet.lan --nodes 4
+      edge-alast fleet app fleet-app --superlink fleet.lan:9092 --keys keys
     """
+    from pathlib import Path
+
+    from ..fleet.keys import SERVER_CERT, certificate_hosts, keys_layout, load_keys
+    from ..fleet.local import deployment_recipe, refuse_insecure
     from ..fleet.settings import write_app
 
-    path = write_app(folder)
-    click.echo(f"wrote {path}")
+    try:
+        keys = None
+        if insecure:
+            refuse_insecure(superlink, allow_insecure)
+            names = list(node_names) or ["node0"]
+        else:
+            folder_path = Path(keys_dir)
+            if (folder_path / SERVER_CERT).exists():
+                keys = load_keys(folder_path)
+                host = superlink.rpartition(":")[0].strip("[]")
+                if host != "SERVER" and host not in certificate_hosts(folder_path / SERVER_CERT):
+                    raise ConfigError(f"--keys: {folder_path / SERVER_CERT} does not name {host}; rerun `edge-alast "
+                                      f"fleet keys {keys_dir} --host {host}` (reissues it from the same CA)")
+                names = list(node_names) or sorted(keys.nodes) or ["node0"]
+                keys = keys_layout(keys.folder, names)
+            else:
+                names = list(node_names) or ["node0"]
+                keys = keys_layout(folder_path, names)
+        path = write_app(folder)
+        recipe = Path(folder) / "DEPLOY.md"
+        recipe.write_text(deployment_recipe(folder, superlink, keys, names, allow_insecure))
+    except EdgeAlastError as e:
+        fail(e, e.exit_code)
+    click.echo(f"wrote {path} and {recipe}" + ("" if keys is None or keys.server_cert.exists() else
+                                              f" (no keys in {keys_dir} yet: see step 1)"))
+
+
+@fleet.command("keys")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--nodes", type=int, default=0, help="Node key pairs node0 ... node<N-1>.")
+@click.option("--node", "node_names", multiple=True, help="A node key pair by name (repeatable).")
+@click.option("--host", "hosts", multiple=True,
+              help="A name or IP address the SuperLink is reached at, besides 127.0.0.1/::1/localhost (repeatable).")
+def keys_command(folder, nodes, node_names, hosts):
+    """Write a fleet's keys to FOLDER: a CA (ca.pem, ca.key), the SuperLink's TLS certificate signed by it
+    (server.pem, server.key; SAN 127.0.0.1, ::1, localhost and every --host) and one EC P-384 key pair per node
+    for Flower's node authentication (nodes/<name>, nodes/<name>.pub). Files that exist are kept; the server
+    certificate is reissued from the same CA when it lacks a --host.
+
+    \b
+    Example:
+      edge-alast fleet keys keys --host fleet.lan --nodes 4
+    """
+    from ..fleet.keys import write_keys
+
+    try:
+        keys = write_keys(folder, [f"node{i}" for i in range(nodes)] + list(node_names), hosts)
+    except EdgeAlastError as e:
+        fail(e, e.exit_code)
+    for name in keys.written:
+        click.echo(f"wrote {keys.folder / name}")
+    click.echo(f"server certificate names: {', '.join(keys.hosts)}; node key pairs: {', '.join(keys.nodes) or '-'}")
 
 
 @fleet.command("local")
@@ -58,8 +126,9 @@ def app_command(folder):
                    "Dir(ALPHA); 0.5 is strongly non-IID). Seeded by --seed.")
 @click.option("--node-profiles", type=str, help="Comma-separated device profile per node, cycled (e.g. "
                                                 "jetson_orin_nano_4gb,raspberry_pi_4_4gb); default: --profile.")
-@click.option("--strategy", type=click.Choice(["fedavg", "fedprox", "fedadam"]), default="fedavg",
-              show_default=True, help="fedavg: weighted by each node's training images.")
+@click.option("--strategy", type=click.Choice(STRATEGIES), default="fedavg", show_default=True,
+              help="Flower's strategy: fedavg (weighted by each node's training images), fedprox, fedadam; robust "
+                   "aggregators fedmedian, fedtrimmedavg, krum, multikrum, bulyan.")
 @click.option("--proximal-mu", type=float, help="fedprox: weight of mu/2 |w - w_global|^2.  [default: 0.01]")
 @click.option("--server-lr", type=float, help="fedadam: server learning rate.  [default: 0.01]")
 @click.option("--fraction-train", type=float, help="Share of the nodes sampled each round.  [default: 1.0]")
@@ -67,13 +136,31 @@ def app_command(folder):
               help="A round waits until this many nodes are connected.  [default: 1]")
 @click.option("--round-timeout", type=float,
               help="Seconds a round waits for replies; later replies are left out.  [default: 3600]")
+@click.option("--max-update-norm", type=float,
+              help="Leave out a reply whose update has a larger L2 norm (0: no bound).  [default: 1000]")
+@click.option("--clip-norm", type=float, help="Clip every update to this L2 norm (0: off; the DP clipping norm).")
+@click.option("--max-examples", type=int,
+              help="Cap of one reply's FedAvg weight (0: steps x batch size).  [default: 0]")
+@click.option("--trim-beta", type=float, help="fedtrimmedavg: share cut at each end.  [default: 0.2]")
+@click.option("--malicious-nodes", type=int, help="krum, multikrum, bulyan: nodes assumed malicious.  [default: 1]")
+@click.option("--dp", type=click.Choice(["none", "server", "client"]),
+              help="Differential privacy with fixed clipping at --clip-norm (Flower's wrappers; client: each node "
+                   "clips with fixedclipping_mod).  [default: none]")
+@click.option("--dp-noise", type=float, help="dp: noise multiplier.  [default: 1.0]")
+@click.option("--tls", is_flag=True, help="TLS and node authentication on loopback too (keys from --keys or "
+                                          "OUT/keys, written when missing).")
+@click.option("--keys", "keys_dir", type=str, help="The fleet's keys folder (implies --tls).")
+@click.option("--fault", "faults", multiple=True, metavar="NODE=SPEC",
+              help="Testing the server's checks: node NODE corrupts its replies (nan, inf, scale:X, examples:N; "
+                   "@R,S for rounds R and S only), e.g. node1=nan@2 or node3=scale:-10. Repeatable.")
 @click.option("--threads", type=int, help="Torch threads per node; default: this host's CPUs / --nodes.")
 @click.option("--timeout", type=float, help="Give up (and stop everything) after this many seconds.")
 @click.option("--config", "config_file", type=str,
               help="YAML run file whose keys mirror the train options (as for `train --config`).")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines on stdout (default when not a terminal).")
 def local(nodes, rounds, partition, node_profiles, strategy, proximal_mu, server_lr, fraction_train,
-          min_available_nodes, round_timeout, threads, timeout, config_file, as_json, **options):
+          min_available_nodes, round_timeout, max_update_norm, clip_norm, max_examples, trim_beta, malicious_nodes, dp,
+          dp_noise, tls, keys_dir, faults, threads, timeout, config_file, as_json, **options):
     """Run a whole fleet on this machine: split --data among N nodes, start a Flower SuperLink and N
     SuperNodes as processes on 127.0.0.1, run the federation, stop every process. --steps is per round and
     node. Writes what `train` writes to --out (summary.json: accuracy after each round, bytes per round,
@@ -102,14 +189,22 @@ def local(nodes, rounds, partition, node_profiles, strategy, proximal_mu, server
         export = train.pop("export", None)
         run_keys = {"strategy": strategy, "proximal-mu": proximal_mu, "server-lr": server_lr,
                     "fraction-train": fraction_train, "min-available-nodes": min_available_nodes,
-                    "round-timeout": round_timeout, "export": export}
+                    "round-timeout": round_timeout, "export": export, "max-update-norm": max_update_norm,
+                    "clip-norm": clip_norm, "max-examples": max_examples, "trim-beta": trim_beta,
+                    "malicious-nodes": malicious_nodes, "dp": dp, "dp-noise": dp_noise}
+        fault_map = {}
+        for spec in faults:
+            name, sep, value = spec.partition("=")
+            if not sep or not name.strip() or not value.strip():
+                raise click.UsageError(f"--fault: NODE=SPEC (e.g. node1=nan@2), got {spec!r}")
+            fault_map[name.strip()] = value.strip()
         from ..fleet.local import prepare_local, run_local
 
         plan = prepare_local(out=out, data=data, val_data=val_data, nodes=nodes, rounds=rounds, train=train,
                              partition=partition, device=train.get("device"),
                              node_profiles=[p.strip() for p in node_profiles.split(",")] if node_profiles
                              else None, fleet={k: v for k, v in run_keys.items() if v is not None},
-                             threads=threads)
+                             threads=threads, tls=tls, keys=keys_dir, faults=fault_map)
         with InterruptOnSignal():
             run_local(plan, on_event=_printer(as_json), timeout=timeout)
     except KeyboardInterrupt:
@@ -137,7 +232,11 @@ def _printer(as_json: bool):
             return
         kind, elapsed = event.get("event"), f"[{time.monotonic() - t0:6.0f} s]"
         if kind == "fleet":
-            click.echo(f"{elapsed} SuperLink on {event['superlink']}, {event['nodes']} SuperNodes -> {event['out']}")
+            security = "TLS + node authentication" if event.get("tls") else "plain text (loopback)"
+            click.echo(f"{elapsed} SuperLink on {event['superlink']} ({security}), {event['nodes']} SuperNodes -> "
+                       f"{event['out']}")
+            for node, fault in (event.get("faults") or {}).items():
+                click.echo(f"note: {node} injects fault {fault} (testing the server's checks)", err=True)
             for note in event.get("notes", []):
                 click.echo(f"note: {note}", err=True)
         elif kind == "run":
@@ -153,6 +252,10 @@ def _printer(as_json: bool):
                        f"{(event.get('bytes_up') or 0) / 2**20:.2f} MiB up, "
                        f"{(event.get('bytes_down') or 0) / 2**20:.2f} MiB down"
                        + (f", left out: {lost}" if lost else ""))
+            for r in event.get("rejected") or []:
+                click.echo(f"          rejected {r['node']}: {r['reason']}")
+            if event.get("no_update"):
+                click.echo(f"          global model not updated: {event['no_update']}")
         elif kind == "done":
             click.echo(f"{elapsed} done: {event['rounds']} rounds, val accuracy {event['val_accuracy']}, "
                        f"{event['wall_seconds']:.0f} s -> {event['out']}")

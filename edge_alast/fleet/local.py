@@ -1,5 +1,12 @@
 """A whole fleet on this machine (``edge-alast fleet local``): a real Flower SuperLink and N SuperNodes as separate
-processes on 127.0.0.1, the App submitted with ``flwr run``, every process stopped at the end.
+processes on 127.0.0.1, the App submitted with ``flwr run``, every process stopped at the end; and the command
+lines of a real deployment (:func:`superlink_argv`, :func:`register_argv`, :func:`supernode_argv`: the same lines
+``fleet local --tls`` runs and docs/fleet.md shows).
+
+With keys (``--tls``; :mod:`edge_alast.fleet.keys`) the SuperLink serves TLS with the fleet's server certificate
+and accepts only SuperNodes whose public key was registered with ``flwr supernode register`` (Flower's node
+authentication); each SuperNode verifies the server against the fleet's CA and signs in with its private key.
+Without keys everything runs with ``--insecure``, which :func:`refuse_insecure` allows on loopback only.
 
 :class:`LocalFleet` owns the processes. Each is started in a session of its own; every process group seen under
 it is recorded (a SuperLink's SuperExec makes a session of its own; a SuperNode's SuperExec and ClientApps stay in
@@ -13,11 +20,13 @@ Fleet folder (``--out``)::
     nodes/partition.json, nodes/node<i>/{node.toml, data/, policy.pt, round-0001/, ...}                     (nodes)
     app/pyproject.toml, run-config.toml     the Flower App and its run config (``flwr run app local --run-config``)
     logs/{superlink,node<i>}.log, logs/run-<id>.log, flwr-home/, superlink.db
+    keys/   with --tls: the fleet's CA, server certificate and node key pairs (unless --keys names a folder)
 """
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -31,7 +40,8 @@ import psutil
 
 from ..atomic import atomic_write_json
 from ..errors import ConfigError, EdgeAlastError
-from .settings import FleetSettings, NodeSettings, write_app, write_toml
+from .keys import FleetKeys, is_loopback, load_keys
+from .settings import Fault, FleetSettings, NodeSettings, write_app, write_toml
 
 CONNECTION = "local"  # the SuperLink connection's name in FLWR_HOME/config.toml
 # Every Flower process gets these: no telemetry, no update check, no `uv sync` of the App at run time.
@@ -50,6 +60,93 @@ def flower_bin() -> Path:
     if not (bin_dir / "flower-superlink").exists():
         raise ConfigError(f"Flower is not installed beside {sys.executable}: pip install 'edge-alast[fleet]'")
     return bin_dir
+
+
+# ---------------------------------------------------------------------------------------------- command lines
+def refuse_insecure(address: str, allow_insecure: bool = False) -> None:
+    """Plain-text Flower (``--insecure``) only on loopback, unless the operator says so (``--allow-insecure``):
+    off this machine the model updates and every node's traffic would travel unencrypted and unauthenticated."""
+    if not is_loopback(address) and not allow_insecure:
+        raise ConfigError(f"--insecure: {address} is not a loopback address; a fleet beyond this machine runs with "
+                          "TLS and node authentication (edge-alast fleet keys DIR, --keys DIR), or pass "
+                          "--allow-insecure to send updates in plain text anyway")
+
+
+def superlink_argv(bin_dir: Path, host: str, port: int, database: str | os.PathLike,
+                   keys: FleetKeys | None = None, allow_insecure: bool = False) -> list[str]:
+    """``flower-superlink``: TLS with the fleet's server certificate and node authentication with ``keys``,
+    ``--insecure`` without (see :func:`refuse_insecure`)."""
+    if keys is not None:
+        security = ["--ssl-ca-certfile", str(keys.ca_cert), "--ssl-certfile", str(keys.server_cert),
+                    "--ssl-keyfile", str(keys.server_key), "--enable-supernode-auth"]
+    else:
+        refuse_insecure(host, allow_insecure)
+        security = ["--insecure"]
+    return [str(Path(bin_dir) / "flower-superlink"), *security, "--host", host, "--port", str(port),
+            "--database", str(database), "--disable-runtime-dependency-installation"]
+
+
+def register_argv(bin_dir: Path, public_key: str | os.PathLike, connection: str = "local") -> list[str]:
+    """``flwr supernode register``: the SuperLink accepts the node holding this public key's private key."""
+    return [str(Path(bin_dir) / "flwr"), "supernode", "register", str(public_key), connection]
+
+
+def supernode_argv(bin_dir: Path, superlink: str, node_config: str | os.PathLike, port: int | None = None,
+                   keys: FleetKeys | None = None, private_key: str | os.PathLike | None = None,
+                   allow_insecure: bool = False) -> list[str]:
+    """``flower-supernode``: verifies the SuperLink against the fleet's CA and signs in with ``private_key``
+    (with ``keys``); ``--insecure`` without. ``port``: its local ClientApp API (several nodes on one host)."""
+    if keys is not None:
+        security = ["--root-certificates", str(keys.ca_cert)]
+        if private_key is not None:
+            security += ["--auth-supernode-private-key", str(private_key)]
+    else:
+        refuse_insecure(superlink, allow_insecure)
+        security = ["--insecure"]
+    local = ["--host", "127.0.0.1", "--port", str(port)] if port else []
+    return [str(Path(bin_dir) / "flower-supernode"), *security, "--superlink", superlink, *local,
+            "--node-config", str(node_config)]
+
+
+def connection_toml(name: str, address: str, keys: FleetKeys | None = None) -> str:
+    """The ``flwr`` CLI's connection to a SuperLink (``$FLWR_HOME/config.toml``)."""
+    security = f'root-certificates = "{keys.ca_cert}"' if keys is not None else "insecure = true"
+    return f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n{security}\n'
+
+
+def deployment_recipe(app_dir: str | os.PathLike, superlink: str, keys: FleetKeys | None, nodes: list[str],
+                      allow_insecure: bool = False, connection: str = "fleet") -> str:
+    """The commands of a real deployment, in order (markdown): the SuperLink, the ``flwr`` connection, node
+    registration, one SuperNode per board, the run. The same command lines :class:`LocalFleet` runs."""
+    host, _, port = superlink.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--superlink: HOST:PORT, got {superlink!r}")
+    listen = "127.0.0.1" if is_loopback(superlink) else "0.0.0.0"
+    bin_dir = Path("")
+    link = superlink_argv(bin_dir, listen, int(port), "fleet.db", keys, allow_insecure)
+    lines = ["# edge-alast fleet: deployment", "",
+             f"Written by `edge-alast fleet app`. SuperLink address: `{superlink}`; "
+             + (f"TLS with the fleet's CA and node authentication (keys: `{keys.folder}`)." if keys else
+                "**plain text (--insecure), no node authentication.**"), ""]
+    if keys is not None:
+        lines += ["1. Keys (once; keep `ca.key` off the server if you can):", "",
+                  f"       edge-alast fleet keys {keys.folder} --host {host} "
+                  + " ".join(f"--node {n}" for n in nodes), ""]
+    lines += ["2. On the server:", "", "       " + shlex.join(link), "",
+              f"3. The `flwr` CLI's connection (`$FLWR_HOME/config.toml`, default `~/.flwr/config.toml`):", ""]
+    lines += ["       " + line for line in connection_toml(connection, superlink, keys).splitlines()] + [""]
+    if keys is not None:
+        lines += ["4. Register every node's public key (a node whose key is not registered is refused):", ""]
+        lines += ["       " + shlex.join(register_argv(bin_dir, keys.nodes[n][1], connection)) for n in nodes] + [""]
+    lines += ["5. On each board: copy `ca.pem` and its own private key `nodes/<name>` (mode 0600) there, write its "
+              "node config `node.toml` (`data = \"/data/imgs\"`, `out = \"/var/lib/edge-alast/node\"`, "
+              "`name = \"<name>\"`, optionally `profile`), then:", ""]
+    for n in nodes:
+        private = keys.nodes[n][0] if keys is not None else None
+        lines += ["       " + shlex.join(supernode_argv(bin_dir, superlink, "node.toml", None, keys, private,
+                                                        allow_insecure))]
+    lines += ["", "6. Submit the run:", "", f"       flwr run {app_dir} {connection} --run-config run.toml", ""]
+    return "\n".join(lines)
 
 
 def free_port() -> int:
@@ -75,10 +172,15 @@ class LocalFleet:
         out: The fleet folder (logs/, flwr-home/, superlink.db go there).
         nodes: Each SuperNode's node config.
         threads: OMP threads per SuperNode (its ClientApps inherit them); None leaves torch's default.
+        keys: The fleet's keys: TLS and node authentication (each node's key pair is ``keys.nodes[node.name]``);
+            None: plain text on loopback.
     """
 
-    def __init__(self, out: str | os.PathLike, nodes: list[NodeSettings], threads: int | None = None):
+    def __init__(self, out: str | os.PathLike, nodes: list[NodeSettings], threads: int | None = None,
+                 keys: FleetKeys | None = None):
         self.bin = flower_bin()
+        self.keys = keys
+        self.registered: dict[str, int] = {}  # node name -> the node id its registered key got
         self.out = Path(out).resolve()
         self.nodes = list(nodes)
         self.link_port = free_port()
@@ -90,9 +192,7 @@ class LocalFleet:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.home = self.out / "flwr-home"
         self.home.mkdir(exist_ok=True)
-        (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{self.link_port}"\ninsecure = true\n')
+        (self.home / "config.toml").write_text(connection_toml(CONNECTION, f"127.0.0.1:{self.link_port}", keys))
         self.env = dict(os.environ, FLWR_HOME=str(self.home), PYTHONUNBUFFERED="1", **FLWR_ENV,
                         PATH=f"{self.bin}{os.pathsep}{os.environ.get('PATH', '')}")  # SuperExec: PATH lookup
         self.node_env = dict(self.env, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
@@ -112,9 +212,8 @@ class LocalFleet:
 
     def start_superlink(self) -> None:
         """Start the SuperLink (again, after a kill: same port, same database) and wait until it listens."""
-        proc = self._spawn("superlink", [
-            str(self.bin / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.link_port),
-            "--database", str(self.database), "--disable-runtime-dependency-installation"], self.env)
+        proc = self._spawn("superlink", superlink_argv(self.bin, "127.0.0.1", self.link_port, self.database,
+                                                       self.keys), self.env)
         wait_port(self.link_port, alive=lambda: proc.poll() is None)
         if proc.poll() is not None:
             raise FleetError(f"flower-superlink exited with code {proc.returncode} (see {self.logs}/superlink.log)")
@@ -123,15 +222,29 @@ class LocalFleet:
             self.tree("superlink")
             time.sleep(0.2)
 
-    def start_node(self, i: int) -> None:
-        """Start SuperNode ``i`` (again: the same node config, as a board back from a power cut)."""
-        self._spawn(f"node{i}", [
-            str(self.bin / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.link_port}",
-            "--host", "127.0.0.1", "--port", str(self.node_ports[i]), "--node-config", str(self.node_configs[i])],
-            self.node_env)
+    def register_nodes(self) -> None:
+        """With keys: register every node's public key with the SuperLink (once; the database keeps them)."""
+        if self.keys is None:
+            return
+        for node in self.nodes:
+            if node.name in self.registered:
+                continue
+            _, public = self.keys.node_key(node.name)
+            res = self.flwr(*register_argv(self.bin, public, CONNECTION)[1:])
+            if not res.get("success"):
+                raise FleetError(f"flwr supernode register {public} failed: {res}")
+            self.registered[node.name] = int(res["node-id"])
+
+    def start_node(self, i: int, authenticate: bool = True) -> subprocess.Popen:
+        """Start SuperNode ``i`` (again: the same node config, as a board back from a power cut). With keys it
+        signs in with its private key; ``authenticate=False`` starts it without one (the SuperLink refuses it)."""
+        private = self.keys.node_key(self.nodes[i].name)[0] if self.keys is not None and authenticate else None
+        return self._spawn(f"node{i}", supernode_argv(self.bin, f"127.0.0.1:{self.link_port}", self.node_configs[i],
+                                                      self.node_ports[i], self.keys, private), self.node_env)
 
     def start(self, timeout: float = 180.0) -> None:
         self.start_superlink()
+        self.register_nodes()
         for i in range(len(self.nodes)):
             self.start_node(i)
         self.wait_nodes_online(len(self.nodes), timeout=timeout)
@@ -217,6 +330,7 @@ class LocalFleet:
 
     # ------------------------------------------------------------------------------------------ flwr CLI
     def flwr(self, *args: str, timeout: float = 120.0) -> dict:
+        """Run the ``flwr`` CLI against this fleet's SuperLink; its JSON answer."""
         r = subprocess.run([str(self.bin / "flwr"), *args, "--format", "json"], env=self.env, capture_output=True,
                            text=True, timeout=timeout, stdin=subprocess.DEVNULL)
         try:
@@ -305,11 +419,13 @@ class LocalPlan:
     partition: dict
     threads: int | None
     notes: list[str] = field(default_factory=list)
+    keys: Path | None = None  # TLS and node authentication with the keys in this folder; None: plain loopback
 
 
 def prepare_local(*, out: str, data: str, val_data: str, nodes: int, rounds: int, train: dict[str, Any],
                   partition: str = "iid", node_profiles: list[str] | None = None, device: str | None = None,
-                  fleet: dict[str, Any] | None = None, threads: int | None = None) -> LocalPlan:
+                  fleet: dict[str, Any] | None = None, threads: int | None = None, tls: bool = False,
+                  keys: str | os.PathLike | None = None, faults: dict[str, str] | None = None) -> LocalPlan:
     """Validate, split ``data`` among ``nodes`` and write the App, run config and node configs (nothing starts).
 
     Args:
@@ -319,6 +435,10 @@ def prepare_local(*, out: str, data: str, val_data: str, nodes: int, rounds: int
             host has no CUDA device (its ceilings then apply to the CPU, as ``--device cpu`` does).
         fleet: Run-config keys (strategy, fraction-train, min-available-nodes, round-timeout, ...).
         threads: Torch threads per node; default: this host's CPUs shared among the nodes.
+        tls: TLS and node authentication, with the keys in ``keys`` (default ``OUT/keys``; what is missing is
+            written, :func:`edge_alast.fleet.keys.write_keys`).
+        faults: Node name (``node1``) -> a :class:`~edge_alast.fleet.settings.Fault` spec that node applies to
+            its replies (testing the server's checks).
     """
     from ..device.profiles import ProfileError, load_profile
     from .partition import write_partitions
@@ -350,6 +470,12 @@ def prepare_local(*, out: str, data: str, val_data: str, nodes: int, rounds: int
     run_config["train-config"] = json.dumps(train)
     settings = FleetSettings.from_run_config(run_config)  # validates before anything is written or started
 
+    faults = dict(faults or {})
+    unknown = sorted(set(faults) - {f"node{i}" for i in range(nodes)})
+    if unknown:
+        raise ConfigError(f"--fault: no node {', '.join(unknown)} in a fleet of {nodes} (node0 ... node{nodes - 1})")
+    for name, spec in faults.items():
+        Fault.parse(spec, f"--fault {name}")
     notes = []
     cuda = None
     node_settings = []
@@ -371,7 +497,8 @@ def prepare_local(*, out: str, data: str, val_data: str, nodes: int, rounds: int
                                  "to the CPU (device cpu)")
         node_settings.append(NodeSettings(data=str(out_dir / "nodes" / f"node{i}" / "data"),
                                           out=str(out_dir / "nodes" / f"node{i}"), name=f"node{i}",
-                                          profile=name or None, device=node_device))
+                                          profile=name or None, device=node_device,
+                                          fault=faults.get(f"node{i}")))
     min_size = int(settings.train.get("batch_size") or 1)
     record = write_partitions(data, out_dir / "nodes", nodes, partition, seed=seed, min_size=min_size)
     app_dir = out_dir / "app"
@@ -379,8 +506,14 @@ def prepare_local(*, out: str, data: str, val_data: str, nodes: int, rounds: int
     run_config_path = write_toml(out_dir / "run-config.toml", run_config)
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // nodes)
+    keys_dir = None
+    if tls or keys:
+        from .keys import write_keys
+
+        keys_dir = Path(keys).resolve() if keys else out_dir / "keys"
+        write_keys(keys_dir, [n.name for n in node_settings])
     return LocalPlan(out=out_dir, app_dir=app_dir, run_config=run_config_path, settings=settings,
-                     nodes=node_settings, partition=record, threads=threads, notes=notes)
+                     nodes=node_settings, partition=record, threads=threads, notes=notes, keys=keys_dir)
 
 
 def run_local(plan: LocalPlan, on_event: Callable[[dict], None] | None = None, timeout: float | None = None,
@@ -407,12 +540,18 @@ def run_local(plan: LocalPlan, on_event: Callable[[dict], None] | None = None, t
                 return
             seen_rounds[0] += 1
             emit({"event": "round", **{k: entry.get(k) for k in (
-                "round", "val_accuracy", "val_loss", "ok", "sent", "bytes_up", "bytes_down", "round_seconds")},
-                "failed": [f["node_id"] for f in entry.get("failed", [])], "missing": entry.get("missing", [])})
+                "round", "val_accuracy", "val_loss", "ok", "sent", "bytes_up", "bytes_down", "round_seconds",
+                "no_update")},
+                "failed": [f["node_id"] for f in entry.get("failed", [])], "missing": entry.get("missing", []),
+                "rejected": [{"node": f.get("name") or f["node_id"], "reason": f["reason"]}
+                             for f in entry.get("failed", []) if f.get("rejected")]})
 
-    with LocalFleet(plan.out, plan.nodes, threads=plan.threads) as fleet:
+    keys = load_keys(plan.keys) if plan.keys else None
+    with LocalFleet(plan.out, plan.nodes, threads=plan.threads, keys=keys) as fleet:
         emit({"event": "fleet", "superlink": f"127.0.0.1:{fleet.link_port}", "nodes": len(plan.nodes),
-              "node_ports": fleet.node_ports, "out": str(plan.out), "notes": plan.notes})
+              "node_ports": fleet.node_ports, "out": str(plan.out), "notes": plan.notes,
+              "tls": keys is not None, "node_auth": keys is not None,
+              "faults": {n.name: n.fault for n in plan.nodes if n.fault}})
         fleet.start()
         t_run = time.monotonic()
         run_id = fleet.submit(plan.app_dir, plan.run_config)
@@ -430,6 +569,9 @@ def run_local(plan: LocalPlan, on_event: Callable[[dict], None] | None = None, t
         raise FleetError(f"run {run_id} ended {status.get('status')!r} (see {plan.out}/logs/run-{run_id}.log)")
     summary = json.loads(summary_path.read_text())
     summary["local"] = {"nodes": len(plan.nodes), "partition": plan.partition, "run_id": run_id,
+                        "tls": keys is not None, "node_auth": keys is not None,
+                        "registered_nodes": fleet.registered,
+                        "faults": {n.name: n.fault for n in plan.nodes if n.fault},
                         "threads_per_node": plan.threads, "notes": plan.notes,
                         "node_profiles": [n.profile for n in plan.nodes], "node_devices": [n.device for n in plan.nodes],
                         "run_seconds": run_seconds, "wall_seconds": time.monotonic() - t0,

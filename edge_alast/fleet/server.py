@@ -104,8 +104,9 @@ class GlobalModel:
         return state, notes
 
     # ------------------------------------------------------------------------------------------ the run folder
-    def finish(self, history: list[dict], resumes: list[int], started: float, notes: list[str]) -> dict:
-        """Write the run folder after the last round; returns the summary."""
+    def finish(self, history: list[dict], resumes: list[int], started: float, notes: list[str],
+               extra: dict | None = None) -> dict:
+        """Write the run folder after the last round; returns the summary (``extra``: the ServerApp's own keys)."""
         run, out = self.run, Path(self.settings.out)
         last = history[-1] if history else {}
         payload = self.payload_facts()
@@ -125,7 +126,7 @@ class GlobalModel:
             "classes": self.classes, "val_accuracy": last.get("val_accuracy"), "val_loss": last.get("val_loss"),
             "val_images": len(run.val_samples), "trainable_params": payload["params"],
             "base_params": sum(p.numel() for p in run.model.parameters()),
-            "server_seconds": time.time() - started, "warnings": run.warnings,
+            "server_seconds": time.time() - started, "warnings": run.warnings, **(extra or {}),
         })
         atomic_write_json(out / "summary.json", summary)
         if settings.export:

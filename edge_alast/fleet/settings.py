@@ -10,16 +10,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..config import TrainConfig
+from ..config import TrainConfig, parse_number
 from ..errors import ConfigError
 from ..methods import METHODS
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
+# Flower's strategies (flwr.serverapp.strategy) by their lower-case names: weighted FedAvg and its server-side
+# variants, then the robust aggregators (coordinate-wise median, trimmed mean, Krum/Multi-Krum, Bulyan).
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+DP_MODES = ("none", "server", "client")  # Flower's fixed-clipping DP wrappers: clipping on the server or the nodes
 _TRAIN = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 # key -> (default, help). Keys with a TrainConfig twin take its default; "" / 0 mean "not set" where noted.
@@ -48,6 +53,19 @@ RUN_CONFIG: dict[str, tuple[Any, str]] = {
                                "below the nodes that may survive a fault"),
     "round-timeout": (3600.0, "seconds a round waits for replies; a node that has not replied by then is left out"),
     "export": (True, "write model.onnx + manifest.json after the last round"),
+    # ---- what the server accepts from a node (edge_alast.fleet.validate)
+    "max-update-norm": (1000.0, "a reply whose update (its tensors minus the global ones) has a larger L2 norm is "
+                                "left out of the round; 0: no bound"),
+    "clip-norm": (0.0, "clip every update to this L2 norm before aggregating (also the DP clipping norm); 0: off"),
+    "max-examples": (0, "most training images one reply may weigh in FedAvg; 0: steps-per-round x batch-size (the "
+                        "largest shipped profile's batch when batch-size is 0)"),
+    "trim-beta": (0.2, "fedtrimmedavg: share of the highest and of the lowest values cut per coordinate"),
+    "malicious-nodes": (1, "krum, multikrum, bulyan: nodes assumed malicious (bulyan needs 4f+3 replies)"),
+    "krum-select": (0, "multikrum: replies averaged; 0: the replies minus malicious-nodes"),
+    "dp": ("none", "differential privacy with fixed clipping (Flower's wrappers): none, server (the server clips) "
+                   "or client (each node clips with Flower's fixedclipping_mod); needs clip-norm"),
+    "dp-noise": (1.0, "dp: noise multiplier; Gaussian noise of std dp-noise x clip-norm / sampled nodes is added "
+                      "to the aggregate"),
 }
 
 # Set by the fleet for every round, never by a run config: what a node's round is, not how the model trains.
@@ -80,6 +98,50 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value).strip()
 
 
+def parse_bool(value: Any, name: str) -> bool:
+    """A TOML/JSON boolean, or the strings true/false (Flower's ``--run-config 'export="false"'`` passes a
+    string); anything else is a :class:`ConfigError` naming ``name``. ``bool("false")`` would be True."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ConfigError(f"{name}: must be true or false, got {value!r}")
+
+
+def parse_int(value: Any, name: str) -> int:
+    """An integer (or an integral finite number or numeric string); ConfigError naming ``name`` otherwise."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    number = parse_number(value)
+    if number is None or not number.is_integer():
+        raise ConfigError(f"{name}: must be an integer, got {value!r}")
+    return int(number)
+
+
+def parse_float(value: Any, name: str) -> float:
+    """A finite number (or numeric string); NaN and infinities are a ConfigError naming ``name``."""
+    number = parse_number(value)
+    if number is None:
+        raise ConfigError(f"{name}: must be a finite number, got {value!r}")
+    return number
+
+
+def _parse_run_value(key: str, value: Any, default: Any) -> Any:
+    """A run-config value parsed by its default's type (bool, int, float or text)."""
+    name = f"run config {key}"
+    if isinstance(default, bool):
+        return parse_bool(value, name)
+    if isinstance(default, int):
+        return parse_int(value, name)
+    if isinstance(default, float):
+        return parse_float(value, name)
+    return _text(value)
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a finite number")
+
+
 @dataclass(frozen=True)
 class FleetSettings:
     """The server's run config, validated (see :data:`RUN_CONFIG`)."""
@@ -98,15 +160,23 @@ class FleetSettings:
     round_timeout: float
     export: bool
     train: dict  # TrainConfig keys shared by the server and every node (data/out/... are set per use)
+    max_update_norm: float = 1000.0
+    clip_norm: float = 0.0
+    max_examples: int = 0
+    trim_beta: float = 0.2
+    malicious_nodes: int = 1
+    krum_select: int = 0
+    dp: str = "none"
+    dp_noise: float = 1.0
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "FleetSettings":
         unknown = sorted(set(run_config) - set(RUN_CONFIG))
         if unknown:
             raise ConfigError(f"run config: unknown keys {', '.join(unknown)} (known: {', '.join(RUN_CONFIG)})")
-        get = {k: run_config.get(k, default) for k, (default, _) in RUN_CONFIG.items()}
-        try:
-            extra = json.loads(get["train-config"] or "{}")
+        get = {k: _parse_run_value(k, run_config.get(k, default), default) for k, (default, _) in RUN_CONFIG.items()}
+        try:  # JSON's NaN/Infinity are refused like TOML's nan/inf
+            extra = json.loads(get["train-config"] or "{}", parse_constant=_refuse_constant)
         except ValueError as e:
             raise ConfigError(f"run config train-config: not a JSON object: {e}") from e
         if not isinstance(extra, dict):
@@ -123,16 +193,18 @@ class FleetSettings:
         if extra.get("epochs") is not None:  # epochs per round instead of steps
             train["steps"] = None
         train["weights"] = _text(get["weights"]) or extra.get("weights")
-        train["batch_size"] = int(get["batch-size"]) or extra.get("batch_size")
+        train["batch_size"] = get["batch-size"] or extra.get("batch_size")
         classes = tuple(c.strip() for c in _text(get["classes"]).split(",") if c.strip())
         train["classes"] = list(classes) or extra.get("classes")
-        settings = cls(num_rounds=int(get["num-rounds"]), out=_text(get["out"]), val_data=_text(get["val-data"]),
-                       classes=tuple(train["classes"] or ()), strategy=_text(get["strategy"]).lower(),
-                       proximal_mu=float(get["proximal-mu"]), server_lr=float(get["server-lr"]),
-                       server_tau=float(get["server-tau"]), fraction_train=float(get["fraction-train"]),
-                       min_train_nodes=int(get["min-train-nodes"]),
-                       min_available_nodes=int(get["min-available-nodes"]),
-                       round_timeout=float(get["round-timeout"]), export=bool(get["export"]), train=train)
+        settings = cls(num_rounds=get["num-rounds"], out=get["out"], val_data=get["val-data"],
+                       classes=tuple(train["classes"] or ()), strategy=get["strategy"].lower(),
+                       proximal_mu=get["proximal-mu"], server_lr=get["server-lr"], server_tau=get["server-tau"],
+                       fraction_train=get["fraction-train"], min_train_nodes=get["min-train-nodes"],
+                       min_available_nodes=get["min-available-nodes"], round_timeout=get["round-timeout"],
+                       export=get["export"], train=train, max_update_norm=get["max-update-norm"],
+                       clip_norm=get["clip-norm"], max_examples=get["max-examples"], trim_beta=get["trim-beta"],
+                       malicious_nodes=get["malicious-nodes"], krum_select=get["krum-select"],
+                       dp=get["dp"].lower(), dp_noise=get["dp-noise"])
         settings.validate()
         return settings
 
@@ -154,6 +226,20 @@ class FleetSettings:
             raise ConfigError(f"run config round-timeout: must be > 0, got {self.round_timeout}")
         if self.proximal_mu < 0 or self.server_lr <= 0 or self.server_tau <= 0:
             raise ConfigError("run config proximal-mu must be >= 0, server-lr and server-tau > 0")
+        for key, value in (("max-update-norm", self.max_update_norm), ("clip-norm", self.clip_norm),
+                           ("max-examples", self.max_examples), ("malicious-nodes", self.malicious_nodes),
+                           ("krum-select", self.krum_select), ("dp-noise", self.dp_noise)):
+            if value < 0:
+                raise ConfigError(f"run config {key}: must be >= 0, got {value}")
+        if not 0.0 <= self.trim_beta < 0.5:
+            raise ConfigError(f"run config trim-beta: must be in [0, 0.5), got {self.trim_beta}")
+        if self.dp not in DP_MODES:
+            raise ConfigError(f"run config dp: must be one of {', '.join(DP_MODES)}, got {self.dp!r}")
+        if self.dp != "none" and not self.clip_norm:
+            raise ConfigError("run config clip-norm: dp needs a clipping norm > 0 (the noise is calibrated to it)")
+        if self.dp != "none" and self.strategy not in ("fedavg", "fedprox"):
+            raise ConfigError(f"run config dp: Flower's DP wrappers calibrate the noise to an average of clipped "
+                              f"updates; use strategy fedavg or fedprox, not {self.strategy}")
         if not self.train.get("weights"):
             raise ConfigError("run config weights: a fleet needs a base weights file: only what trains travels, "
                               "so every node and the server must build the frozen rest from the same file")
@@ -163,6 +249,64 @@ class FleetSettings:
     def train_config(self, **fields) -> TrainConfig:
         """The shared TrainConfig with ``fields`` (data, out, ...) set."""
         return TrainConfig.from_dict({**self.train, **fields}, source="run config train-config")
+
+    def example_cap(self) -> int | None:
+        """Most training images one reply may weigh (run config ``max-examples``; by default what a node can see
+        in a round: steps-per-round x batch size). None: no cap (epochs per round and no ``max-examples``)."""
+        if self.max_examples:
+            return self.max_examples
+        steps = self.train.get("steps")
+        if not steps:
+            return None
+        batch = self.train.get("batch_size") or largest_profile_batch()
+        return int(steps) * int(batch)
+
+
+def largest_profile_batch() -> int:
+    """The largest ``default_batch_size`` of the shipped device profiles (a node with batch-size 0 runs its
+    profile's; a node without one the host's automatic profile's, 16 or 32, below the shipped boards' largest)."""
+    from ..device.profiles import list_profiles, load_profile
+
+    return max(load_profile(name).default_batch_size for name in list_profiles())
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A corruption a node applies to its own replies (node config ``fault``; ``fleet local --fault``), to test the
+    server's defences: ``nan`` / ``inf`` (one value of the update), ``scale:X`` (the update times X: a model-
+    poisoning node), ``examples:N`` (claims N training images). ``@R,S`` limits it to rounds R and S.
+    Never set it on a real node."""
+
+    kind: str
+    value: float = 0.0
+    rounds: tuple[int, ...] = ()
+
+    KINDS = ("nan", "inf", "scale", "examples")
+
+    @classmethod
+    def parse(cls, spec: str, name: str = "node config fault") -> "Fault":
+        text, _, rounds_text = spec.strip().partition("@")
+        kind, _, value_text = text.partition(":")
+        kind = kind.strip().lower()
+        if kind not in cls.KINDS:
+            raise ConfigError(f"{name}: {spec!r}: kind must be one of {', '.join(cls.KINDS)} (e.g. nan@2, "
+                              "scale:-10, examples:1e12@1)")
+        value = 0.0
+        if kind in ("scale", "examples"):
+            value = parse_float(value_text, f"{name} {kind} value")
+        elif value_text:
+            raise ConfigError(f"{name}: {spec!r}: {kind} takes no value")
+        rounds = tuple(parse_int(r, f"{name} round") for r in rounds_text.split(",") if r.strip())
+        if any(r < 1 for r in rounds):
+            raise ConfigError(f"{name}: {spec!r}: rounds count from 1")
+        return cls(kind, value, rounds)
+
+    def applies(self, server_round: int) -> bool:
+        return not self.rounds or server_round in self.rounds
+
+    def __str__(self) -> str:
+        value = f":{self.value:g}" if self.kind in ("scale", "examples") else ""
+        return f"{self.kind}{value}" + (f"@{','.join(map(str, self.rounds))}" if self.rounds else "")
 
 
 @dataclass(frozen=True)
@@ -180,6 +324,7 @@ class NodeSettings:
             fleet: ALaST budgets only where compute is short).
         steps: Steps per round on this node (default: the run's ``steps-per-round``).
         weights: Its copy of the base weights (default: the run config's path).
+        fault: Test only: a :class:`Fault` spec this node applies to its replies.
     """
 
     data: str
@@ -190,8 +335,9 @@ class NodeSettings:
     method: str | None = None
     steps: int | None = None
     weights: str | None = None
+    fault: str | None = None
 
-    KEYS = ("data", "out", "name", "profile", "device", "method", "steps", "weights")
+    KEYS = ("data", "out", "name", "profile", "device", "method", "steps", "weights", "fault")
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> "NodeSettings":
@@ -207,12 +353,15 @@ class NodeSettings:
                        name=_text(node_config.get("name")), profile=_text(node_config.get("profile")) or None,
                        device=_text(node_config.get("device")) or None,
                        method=_text(node_config.get("method")) or None,
-                       steps=int(steps) if steps not in (None, "", 0) else None,
-                       weights=_text(node_config.get("weights")) or None)
+                       steps=parse_int(steps, "node config steps") if steps not in (None, "", 0) else None,
+                       weights=_text(node_config.get("weights")) or None,
+                       fault=_text(node_config.get("fault")) or None)
         if settings.method:
             check_fleet_method(settings.method, "node config method")
         if settings.steps is not None and settings.steps < 1:
             raise ConfigError(f"node config steps: must be >= 1, got {settings.steps}")
+        if settings.fault:
+            Fault.parse(settings.fault)
         return settings
 
     def to_node_config(self) -> dict[str, Any]:
