@@ -390,6 +390,8 @@ def _summary(config: TrainConfig, run: Run, stage: Stage, loop: LoopState, val_a
         "allocator": allocator_in_use(),
         "batch_size": run.order.batch_size,
         "img_size": config.img_size,
+        "lr": config.lr,
+        "lr_source": getattr(config, "lr_source", "given"),  # "method default" when --lr was not given
         "eval_transform": run.preprocess.eval_transform,  # export/eval/predict reproduce it (old runs: squash)
         "steps": len(history["step_seconds"]),
         "final_loss": history["losses"][-1] if history["losses"] else None,
