@@ -22,7 +22,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import REPO, TINY, make_image_folder, tiny_model
+from tests.helpers import REPO, TINY, make_image_folder, tiny_model
 from edge_alast.cli.main import main
 from edge_alast.deploy import replay
 from edge_alast.deploy.store import Store
