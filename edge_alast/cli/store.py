@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from ..deploy.update import UpdateConfig
+from ..field.update import UpdateConfig
 from ..errors import ConfigError, EdgeAlastError
 from .common import EXIT_FAILURE, EXIT_USAGE, StopOnSignal, Watchdog, fail, sd_notify
 
@@ -96,7 +96,7 @@ class _Printer:
 
 def _current_or_none(store_dir: str) -> str | None:
     try:
-        from ..deploy.store import Store
+        from ..field.store import Store
 
         return Store(store_dir).current_name()
     except Exception:  # noqa: BLE001 - only for the error message
@@ -120,7 +120,7 @@ def update(store_dir, data, as_json, **options):
     Example:
       edge-alast update /var/lib/edge-alast/store --data /var/lib/edge-alast/batch --profile raspberry_pi_5_8gb
     """
-    from ..deploy.update import update as run_update
+    from ..field.update import update as run_update
 
     as_json = as_json or not sys.stdout.isatty()
     printer = _Printer(as_json)
@@ -179,7 +179,7 @@ def init(store_dir, run_dir, weights, classes, model_name, model_args, img_size,
       edge-alast store init /var/lib/edge-alast/store --from runs/a --holdout imgs/val --replay imgs/train
       edge-alast store init STORE --weights vit_s.safetensors --classes cat,dog --img-size 112
     """
-    from ..deploy.update import init_store
+    from ..field.update import init_store
 
     try:
         args = json.loads(model_args) if model_args else None
@@ -205,7 +205,7 @@ def init(store_dir, run_dir, weights, classes, model_name, model_args, img_size,
 
 
 def _open(store_dir: str, as_json: bool):
-    from ..deploy.store import Store
+    from ..field.store import Store
 
     try:
         return Store(store_dir)
@@ -276,7 +276,7 @@ def show(store_dir, version, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 def rollback(store_dir, version, as_json):
     """Point current at VERSION (default: current's parent), atomically, once its files verify."""
-    from ..deploy.store import rollback as do_rollback
+    from ..field.store import rollback as do_rollback
 
     s = _open(store_dir, as_json)
     try:

@@ -24,9 +24,9 @@ from click.testing import CliRunner
 
 from tests.helpers import REPO, TINY, make_image_folder, tiny_model
 from edge_alast.cli.main import main
-from edge_alast.deploy import replay
-from edge_alast.deploy.store import Store
-from edge_alast.deploy.update import UpdateConfig, gate, init_store, update
+from edge_alast.field import replay
+from edge_alast.field.store import Store
+from edge_alast.field.update import UpdateConfig, gate, init_store, update
 from edge_alast.model.build import map_head, read_state_dict
 
 TINY_ARGS = {k: v for k, v in TINY.items() if k not in ("img_size", "num_classes")}

@@ -195,7 +195,8 @@ def evaluate_onnx(model_path: str | os.PathLike, samples: Sequence[tuple[str, st
         ``{"per_class": {class: {"correct": n, "images": n}}, "skipped": [path, ...]}``.
     """
     from ..data.images import load_image
-    from .predict import image_args, read_metadata, session
+    from ..deploy.onnxmeta import image_args, read_metadata
+    from ..deploy.predict import session
 
     sess = session(model_path)
     meta = read_metadata(sess)
@@ -245,7 +246,7 @@ def imprint_rows(model, images: dict[str, list[str]], preprocess, state: dict, l
     import torch
     import torch.nn.functional as F
 
-    from ..model.trainable import HEAD_PREFIXES
+    from ..model.names import HEAD_PREFIXES
     from ..training.run import spread
 
     heads = [k[:-len("weight")] for k in state if k.startswith(HEAD_PREFIXES) and k.endswith(".weight")]
@@ -511,7 +512,7 @@ class _Update:
         """Train and export the candidate; None when stopped (train() checkpointed: running again resumes)."""
         from ..config import TrainConfig
         from ..training.trainer import train
-        from .export import ExportError
+        from ..deploy.export import ExportError
 
         config, info = self.config, current.info["model"]
         run_dir = self.work / "run"
@@ -673,7 +674,7 @@ def init_store(root: str | os.PathLike, *, run_dir: str | os.PathLike | None = N
     Returns:
         The history record of the init.
     """
-    from .export import export_onnx, validation_batch
+    from ..deploy.export import export_onnx, validation_batch
 
     emit = on_event or (lambda event: None)
     if (run_dir is None) == (weights is None):
