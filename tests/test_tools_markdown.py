@@ -46,6 +46,18 @@ def fleet_results():
             "faults": {"node": fed}}
 
 
+def attack_results():
+    def run(accs, attacker, left_out=None):
+        return {"val_accuracy_per_round": [{"val_accuracy": a} for a in accs], "rejections_per_node": left_out or {},
+                "bench": {"attacker": attacker}}
+
+    return {"setup": {"nodes": 4, "rounds": 2, "steps": 10, "partition": "dirichlet:0.5", "img_size": 56,
+                      "attacker": "node3", "attack_scale": -10.0, "attack_clip": 1.85},
+            "federated": {}, "central": {}, "local": {}, "faults": {},
+            "attack": {"clean": run([0.5, 0.64], None), "fedavg": run([0.1, 0.1], "node3"),
+                       "fedmedian": run([0.3, 0.45], "node3", {"node3": 1})}}
+
+
 CASES = {
     "benchmark": ({"full": summary(0.658, 3.27, 2530, 596), "alast": summary(0.764, 1.79, 1541, 309)},
                   ["| method | val acc | Δ full (pts)", "| alast | 0.764 | +10.6 | 1.79 | 0.55 |"]),
@@ -67,6 +79,10 @@ CASES = {
     "bench_fleet": (fleet_results(), ["| federated alast-lora | 0.100 | 0.466 | 0.546 |",
                                       "| centralised alast-lora | – | 0.706 | 0.688 |", "594,442",
                                       "| node killed at 12 s | finished, 2 rounds |"]),
+    "bench_fleet--attack": (attack_results(), ["node3 sends its update x -10.0 every round",
+                                                "| FedAvg (clean fleet) | – | 0.500, 0.640 | 0.640 | – | none |",
+                                                "| FedAvg | node3 | 0.100, 0.100 | 0.100 | -0.540 | none |",
+                                                "| FedMedian | node3 | 0.300, 0.450 | 0.450 | -0.190 | node3: 1 |"]),
     "bench_onnx": ({"model": "vit_small_patch14_dinov2", "img_size": 224, "classes": 10, "runs": 10, "warmup": 3,
                     "threads": 2, "rows": [{"what": "inference, batch 16", "torch_seconds": 0.8791,
                                             "ort_seconds": 1.1436}]},
@@ -102,7 +118,7 @@ def test_markdown_renders_results_file(tool, tmp_path, capsys):
     results, expected = CASES[tool]
     path = tmp_path / "results.json"
     path.write_text(json.dumps(results))
-    importlib.import_module(tool).main(["--markdown", str(path)])
+    importlib.import_module(tool.split("--")[0]).main(["--markdown", str(path)])
     printed = capsys.readouterr().out
     for cell in expected:
         assert cell in printed, f"{tool}: {cell!r} not in\n{printed}"

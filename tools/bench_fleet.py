@@ -12,6 +12,10 @@ every run is evaluated on the same held-out folder:
 - ``--faults node,server`` (federated, first method): node 1 SIGKILLed mid-round 2 and restarted at once (it
   rejoins); the SuperLink and ServerApp SIGKILLed mid-round 3, restarted, the run resubmitted (it resumes from the
   round-2 checkpoint).
+- ``--attack`` (federated, first method, TLS + node authentication on 127.0.0.1): a clean fleet, then the same
+  fleet with one node (--attacker) sending its update scaled by --attack-scale every round, aggregated by FedAvg,
+  by FedAvg with each update clipped to --attack-clip, and by Flower's FedMedian. Final accuracy of each against the
+  clean run, and what the server left out per node.
 
 Each finished run is kept in --workdir (rerunning skips it). Prints markdown tables; --json-out writes the figures.
 
@@ -109,6 +113,38 @@ def federated(args, method: str, name: str, fault: str | None = None) -> dict:
     return summary
 
 
+ATTACK_RUNS = {  # name -> (run-config keys, poisoned)
+    "clean": ({}, False),
+    "fedavg": ({}, True),
+    "clip": ({"clip-norm": None}, True),  # None: --attack-clip
+    "fedmedian": ({"strategy": "fedmedian"}, True),
+}
+
+
+def attacked(args, method: str, kind: str) -> dict:
+    """One federation over TLS + node authentication (``fleet local --tls``), poisoned or clean; its summary."""
+    from edge_alast.fleet.local import prepare_local, run_local
+
+    keys, poisoned = ATTACK_RUNS[kind]
+    keys = {k: (args.attack_clip if v is None else v) for k, v in keys.items()}
+    name = f"attack-{method}-{kind}"
+    result_file = args.workdir / f"{name}.json"
+    if result_file.exists():
+        return json.loads(result_file.read_text())
+    out = args.workdir / name
+    plan = prepare_local(out=str(out), data=args.data, val_data=args.val_data, nodes=args.nodes, rounds=args.rounds,
+                         train={**train_keys(args, method), "steps": args.steps}, partition=args.partition,
+                         fleet={"export": False, **keys}, tls=True, keys=str(args.workdir / "keys"),
+                         faults={args.attacker: f"scale:{args.attack_scale}"} if poisoned else None)
+    t0 = time.monotonic()
+    run_local(plan, timeout=7200)
+    summary = read_json(plan.out / SUMMARY_FILE)
+    summary["bench"] = {"kind": kind, "run_keys": keys, "wall_seconds": time.monotonic() - t0,
+                        "attacker": args.attacker if poisoned else None, "scale": args.attack_scale}
+    result_file.write_text(json.dumps(summary, indent=1))
+    return summary
+
+
 # ---------------------------------------------------------------------------------------------- single-process runs
 def train_run(args, name: str, keys: dict, data: str, steps: int, eval_every: int) -> dict:
     """``edge-alast train`` in its own process; returns accuracy at each eval point, wall time, peak RSS."""
@@ -144,6 +180,8 @@ def mib(n) -> str:
 
 def markdown(results: dict) -> str:
     """The tables of a ``--json-out`` file: accuracy per round, payload, nodes and faults."""
+    if not results["federated"]:  # an --attack run only
+        return attack_markdown(results)
     setup, lines = results["setup"], []
     out = lines.append
     methods = list(results["federated"])
@@ -208,6 +246,28 @@ def markdown(results: dict) -> str:
                 outcome += f", resumed after round {s['resumed_after_round']}"
             out(f"| {fault} killed at {s['bench']['killed_at_s']:.0f} s | {outcome} | {ok} | {accs} | "
                 f"{s['bench']['run_seconds']:.0f} |")
+    if results.get("attack"):
+        out(attack_markdown(results))
+    return "\n".join(lines)
+
+
+def attack_markdown(results: dict) -> str:
+    """The poisoning table: final accuracy per aggregation against the clean fleet, and what was left out."""
+    setup, attack = results["setup"], results["attack"]
+    clean = attack["clean"]["val_accuracy_per_round"][-1]["val_accuracy"] if "clean" in attack else None
+    lines = [f"\n{setup['nodes']} nodes over TLS + node authentication, {setup['partition']}, {setup['rounds']} rounds x "
+             f"{setup['steps']} steps, {setup['img_size']} px; {setup['attacker']} sends its update x "
+             f"{setup['attack_scale']} every round\n",
+             "| aggregation | attacker | accuracy per round | final | vs clean | replies left out |",
+             "|---|---|---|---|---|---|"]
+    labels = {"clean": "FedAvg (clean fleet)", "fedavg": "FedAvg",
+              "clip": f"FedAvg, updates clipped to L2 {setup['attack_clip']}", "fedmedian": "FedMedian"}
+    for kind, s in attack.items():
+        accs = [r["val_accuracy"] for r in s["val_accuracy_per_round"]]
+        left_out = ", ".join(f"{n}: {c}" for n, c in s.get("rejections_per_node", {}).items()) or "none"
+        delta = f"{accs[-1] - clean:+.3f}" if clean is not None and kind != "clean" else "–"
+        lines.append(f"| {labels[kind]} | {s['bench']['attacker'] or '–'} | "
+                     + ", ".join(f"{a:.3f}" for a in accs) + f" | {accs[-1]:.3f} | {delta} | {left_out} |")
     return "\n".join(lines)
 
 
@@ -231,6 +291,11 @@ def main(argv=None) -> int:
     ap.add_argument("--faults", default="node,server", help="comma-separated: node, server ('' for none)")
     ap.add_argument("--node-profiles", default=None, help="profiles per node for the federated runs (cycled)")
     ap.add_argument("--skip", default="", help="comma-separated: central, local")
+    ap.add_argument("--attack", action="store_true",
+                    help="only the poisoning runs (TLS + node auth): clean, FedAvg, clipped FedAvg, FedMedian")
+    ap.add_argument("--attacker", default="node3", help="the poisoning node (--attack)")
+    ap.add_argument("--attack-scale", type=float, default=-10.0, help="the attacker's update factor (--attack)")
+    ap.add_argument("--attack-clip", type=float, default=1.85, help="L2 clipping norm of the clipped run (--attack)")
     ap.add_argument("--json-out", type=Path)
     ap.add_argument("--markdown", type=Path, metavar="FILE", help="print the tables of a --json-out file and exit")
     args = ap.parse_args(argv)
@@ -245,8 +310,14 @@ def main(argv=None) -> int:
     skip = set(filter(None, args.skip.split(",")))
     total = args.rounds * args.steps * args.nodes
     results: dict = {"setup": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                     "federated": {}, "central": {}, "local": {}, "faults": {}}
+                     "federated": {}, "central": {}, "local": {}, "faults": {}, "attack": {}}
 
+    if args.attack:
+        results["attack"] = {kind: attacked(args, methods[0], kind) for kind in ATTACK_RUNS}
+        print(attack_markdown(results))
+        if args.json_out:
+            args.json_out.write_text(json.dumps(results, indent=1, default=str))
+        return 0
     for method in methods:
         fed = federated(args, method, f"fed-{method}")
         results["federated"][method] = fed
