@@ -422,6 +422,7 @@ def _summary(config: TrainConfig, run: Run, stage: Stage, loop: LoopState, val_a
     }
     if run.device == "cuda":
         summary["cuda_max_memory_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
+        summary["cuda_memory_cap_bytes"] = run.cuda_memory_cap_bytes  # the allocator's cap (profile's ceiling)
     return summary
 
 
