@@ -169,7 +169,8 @@ def tune_glibc(arena_max: int = 2, mmap_threshold: int = 4 << 20, trim_threshold
       freed, up to 32 MiB, so after the first step every activation (6-25 MiB for ViT-S at batch 16) comes from
       the heap and fragments it around the small tensors that stay live. Pinned at 4 MiB, the large activations are
       mappings of their own, returned to the OS on free; smaller tensors stay in the heap (at 128 KiB even those
-      would be page-faulted in anew each time: an earlier session measured +35-45 % step time with tools/bench_allocators.py; the figure is not in docs).
+      would be page-faulted in anew each time: an earlier session measured +35-45 % step time with
+      tools/bench_allocators.py; that figure is not kept in docs/).
     - ``M_TRIM_THRESHOLD`` 8 MiB: twice the mmap threshold, glibc's own rule while the threshold is dynamic.
     - ``M_ARENA_MAX`` 2: the data loader's threads and torch's intra-op pool would otherwise each get an arena
       (up to 8 per core), each fragmenting on its own.
