@@ -83,6 +83,17 @@ CASES = {
                                                 "| FedAvg (clean fleet) | – | 0.500, 0.640 | 0.640 | – | none |",
                                                 "| FedAvg | node3 | 0.100, 0.100 | 0.100 | -0.540 | none |",
                                                 "| FedMedian | node3 | 0.300, 0.450 | 0.450 | -0.190 | node3: 1 |"]),
+    "bench_overhead": ({"setup": {"model": "vit_small_patch14_dinov2", "img_size": 224, "batch_size": 16, "threads": 2,
+                                  "allocator": "tcmalloc", "steps": 4, "warmup": 1, "pairs": 1, "methods": ["full"],
+                                  "commit": "abc1234"},
+                        "runs": [{"kind": "plain", "pair": 0, "rows": [
+                                     {"wall": w, "forward": 1.0, "backward": 2.0, "optimizer": 0.5} for w in
+                                     (9.0, 3.5, 3.6, 3.7)]},
+                                 {"kind": "full", "pair": 0, "rows": [
+                                     {"wall": w, "data": 0.01, "compute": 3.6, "in_step_rest": 0.05,
+                                      "outside_step": 0.04} for w in (None, 3.8, 3.7, 3.9)]}]},
+                       ["at `abc1234`", "| plain | 3.600 | 0.000 | 3.500 | 0.000 | 0.000 | 1.000 (1.000–1.000) |",
+                        "| full | 3.800 | 0.010 | 3.600 | 0.050 | 0.040 | 1.056 (1.056–1.056) |"]),
     "bench_onnx": ({"model": "vit_small_patch14_dinov2", "img_size": 224, "classes": 10, "runs": 10, "warmup": 3,
                     "threads": 2, "rows": [{"what": "inference, batch 16", "torch_seconds": 0.8791,
                                             "ort_seconds": 1.1436}]},

@@ -165,8 +165,10 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
             x, y = loader.get(step)
             if len(y) == 0:  # every file of this batch failed to decode: no update; step s+1 still reads batch s+1
                 continue
+            t_data = time.perf_counter()
             loss, terms = _forward_backward_step(run, stage, loop.scaler, autocast, x.to(run.device),
                                                  y.to(run.device), step, proximal)
+            t_compute = time.perf_counter()
             stage.policy.observe(stage.handle.step_deltas(), stage.handle.step_streams())
             if config.trim_memory:
                 trim_heap()
@@ -180,7 +182,11 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
             seconds = time.perf_counter() - t0
             loop.record(step, seconds, _step_flops(stage, plan, len(y), config.img_size), float(loss.detach()),
                         step_peak)
-            log(_step_record(run, stage, loop, plan, budgets, terms, peaks))
+            log({**_step_record(run, stage, loop, plan, budgets, terms, peaks),
+                 # where the step's time went: waiting for the batch (plan + loader), forward + backward +
+                 # optimizer (on CUDA: until the kernels are queued), and the rest (policy update, memory readings,
+                 # guard)
+                 "time/data_seconds": t_data - t0, "time/compute_seconds": t_compute - t_data})
             if config.eval_every and loop.step % config.eval_every == 0:  # a point of the validation curve
                 log(_validation_point(run, stage, loop, autocast, warn))
             metrics.flush()

@@ -29,6 +29,8 @@ def test_every_method_runs_and_writes_run_folder(image_folder, tmp_path, method)
     assert [r["step"] for r in lines if r["event"] == "prune"] == ([3] if method.startswith("light-peft") else [])
     assert {"loss", "tokens/per_block", "blocks/trainable", "time/step_seconds", "flops/step",
             "mem/peak_rss_bytes"} <= set(lines[0])
+    for r in (x for x in lines if x["event"] == "step"):  # the step's phases lie within its time
+        assert 0 < r["time/data_seconds"] + r["time/compute_seconds"] <= r["time/step_seconds"]
     kinds = [e["event"] for e in events]
     assert kinds[0] == "start" and kinds[-1] == "done" and kinds.count("step") == 3
     tokens = lines[0]["tokens/per_block"]
