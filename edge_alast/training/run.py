@@ -259,10 +259,11 @@ def _cap_cuda_allocator(ceiling_bytes: int) -> int:
 
 def _memory_guard(run: Run) -> MemoryGuard:
     """The guard of ``run``'s plan; it predicts with the policy the trainer passes each check (the stage's)."""
-    cost, batch = run.plan.cost, run.order.batch_size
+    cost = run.plan.cost
 
     def predict(caps: PolicyCaps, policy) -> float:  # the worst training step under caps (the guard's concern)
-        return cost.worst_peak(policy.worst_plans(caps), batch)["train_peak"]
+        # the batch size in force now: a resume may restore the checkpoint's, set after this guard was made
+        return cost.worst_peak(policy.worst_plans(caps), run.order.batch_size)["train_peak"]
 
     return MemoryGuard(run.plan.memory_ceiling_bytes, run.depth, kind=run.spec.plan_kind, predict=predict,
                        train_below=run.trainable.embeddings, b_min=run.alast.b_min if run.spec.alast else None)

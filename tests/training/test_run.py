@@ -24,3 +24,9 @@ def test_setup_with_profile_plans_caps_and_guards(image_folder, tmp_path):
     policy = first_stage(run).policy  # the guard has no policy of its own: it predicts with the one it is given
     assert run.guard.predict(run.caps, policy) == run.plan.cost.worst_peak(
         policy.worst_plans(run.caps), run.order.batch_size)["train_peak"]
+    # a resume that restores another batch size replaces run.order after the guard exists: the guard follows it
+    from edge_alast.data.loader import BatchOrder
+
+    run.order = BatchOrder(len(run.train_samples), run.order.batch_size * 2, 0)
+    assert run.guard.predict(run.caps, policy) == run.plan.cost.worst_peak(
+        policy.worst_plans(run.caps), run.order.batch_size)["train_peak"]
