@@ -6,6 +6,7 @@ import os
 import pytest
 
 from edge_alast.atomic import atomic_write, atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
+from edge_alast.errors import DiskFullError
 
 
 def leftovers(folder) -> list[str]:
@@ -30,7 +31,7 @@ def test_a_failing_writer_leaves_the_old_file_and_no_temp_file(tmp_path):
         f.write(b"half of the new")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(DiskFullError, match="disk full writing .*No space left"):  # its own error (exit 6)
         atomic_write(path, half_then_fail)
     assert path.read_bytes() == b"old" and leftovers(tmp_path) == []
 
