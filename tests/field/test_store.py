@@ -335,8 +335,9 @@ def test_full_disk_is_a_clear_error_nothing_lost_and_the_update_resumes(store, t
     args = cli("update", store, "--data", tmp_path / "new", "--steps", 4, "--lr", "1e-3", "--batch-size", 8,
                "--tolerance", 1, "--max-old-drop", 1)
     proc = subprocess.run(args, capture_output=True, text=True, env=env(), preexec_fn=small_files, timeout=300)
-    assert proc.returncode == 1, proc.stderr
-    assert "File too large" in proc.stderr and "current version is v0001, whole" in proc.stderr
+    assert proc.returncode == 6, proc.stderr  # DiskFullError: its own exit code
+    assert "disk full" in proc.stderr and "File too large" in proc.stderr
+    assert "current version is v0001, whole" in proc.stderr
     assert assert_current_whole(store) == "v0001" and Store(store).version_names() == ["v0001"]
     resumed = update(store, tmp_path / "new", UpdateConfig(**FAST, tolerance=1.0, max_old_drop=1.0))
     assert resumed.decision == "published" and assert_current_whole(store) == "v0002"
