@@ -469,3 +469,41 @@ def test_systemd_unit_commands_run_an_update_with_notify_and_watchdog(store, tmp
     assert not Path(spool["BATCH"]).exists() and len(list(Path(spool["DONE"]).iterdir())) == 1
     assert run("ExecCondition").returncode != 0
     assert assert_current_whole(store) == "v0002"
+
+
+# ---------------------------------------------------------------- device key (issue 22)
+
+def test_with_a_device_key_manifests_are_signed_and_a_planted_version_is_refused(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    key = tmp_path / "device.key"
+    key.write_bytes(os.urandom(32))
+    weights = tmp_path / "w.safetensors"
+    safetensors.torch.save_file(tiny_model().state_dict(), str(weights))
+    init_store(tmp_path / "store", weights=weights, classes=["a", "b"], model="vit_tiny_patch16_224",
+               model_args=TINY_ARGS, img_size=32, device_key=key)
+    store_dir = tmp_path / "store"
+    assert (store_dir / "v0001" / "manifest.sig").read_text().startswith("hmac-sha256:")
+    runner = CliRunner()
+    ok = runner.invoke(main, ["store", "show", str(store_dir), "--json"], env={"EDGE_ALAST_DEVICE_KEY_FILE": str(key)})
+    assert ok.exit_code == 0 and json.loads(ok.stdout)["verified"], ok.output
+    other = tmp_path / "other.key"
+    other.write_bytes(os.urandom(32))
+    wrong = runner.invoke(main, ["store", "show", str(store_dir), "--device-key", str(other)])
+    assert wrong.exit_code == 2 and "signature does not match" in wrong.output
+    # a planted version: a copy whose manifest claims other classes, re-hashed but not signed with the key
+    shutil.copytree(store_dir / "v0001", store_dir / "v0002")
+    manifest = json.loads((store_dir / "v0002" / "manifest.json").read_text())
+    manifest["store"].update(version="v0002", classes=["a", "b", "intruder"])
+    (store_dir / "v0002" / "manifest.json").write_text(json.dumps(manifest))
+    Store(store_dir).set_current("v0002")
+    assert Store(store_dir).version().classes == ["a", "b", "intruder"]  # without the key nothing tells
+    for sig in ("kept", "removed"):
+        if sig == "removed":
+            (store_dir / "v0002" / "manifest.sig").unlink()
+        result = runner.invoke(main, ["update", str(store_dir), "--data", str(tmp_path), "--device-key", str(key)])
+        assert result.exit_code == 2, result.output
+        assert ("signature does not match" if sig == "kept" else "no device-key signature") in result.output
+    from edge_alast.integrity import read_device_key
+
+    assert Store(store_dir, key=read_device_key(key)).version("v0001").name == "v0001"  # the signed one still reads
