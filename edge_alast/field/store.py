@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ..atomic import atomic_write_bytes, atomic_write_json, atomic_write_path, fsync_dir
+from ..atomic import atomic_write_bytes, atomic_write_json, atomic_write_path, fsync_dir, open_nofollow
 from ..errors import EXIT_INTERRUPTED, ConfigError, EdgeAlastError, IntegrityError
 from ..integrity import check_seal, seal
 
@@ -258,7 +258,7 @@ class Store:
         Raises:
             StoreBusy: another process holds it.
         """
-        fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_nofollow(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -326,7 +326,8 @@ class Store:
     def append_history(self, record: dict[str, Any]) -> None:
         """Append one JSON line to ``history.jsonl`` and fsync it."""
         line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **record}, default=str) + "\n"
-        with open(self.root / HISTORY, "a") as f:
+        # O_NOFOLLOW: a planted history.jsonl link is refused (UnsafePathError), never appended through
+        with os.fdopen(open_nofollow(self.root / HISTORY, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644), "a") as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())

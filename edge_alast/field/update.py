@@ -201,11 +201,13 @@ def evaluate_onnx(model_path: str | os.PathLike, samples: Sequence[tuple[str, st
         ``{"per_class": {class: {"correct": n, "images": n}}, "skipped": [path, ...]}``.
     """
     from ..data.images import load_image
-    from ..deploy.onnxmeta import image_args, read_metadata
+    from ..deploy.onnxmeta import image_args, load_model_file, model_metadata
     from ..deploy.predict import session
 
-    sess = session(model_path)
-    meta = read_metadata(sess)
+    data, proto = load_model_file(model_path)  # self-contained, bounded metadata: as predict loads a model
+    meta = model_metadata(proto, str(model_path))
+    sess = session(data)
+    del data, proto
     names, args, input_name = meta["class_names"], image_args(meta), sess.get_inputs()[0].name
     per_class = {label: {"correct": 0, "images": 0} for _, label in samples}
     skipped = []

@@ -507,3 +507,18 @@ def test_with_a_device_key_manifests_are_signed_and_a_planted_version_is_refused
     from edge_alast.integrity import read_device_key
 
     assert Store(store_dir, key=read_device_key(key)).version("v0001").name == "v0001"  # the signed one still reads
+
+
+def test_a_planted_history_or_lock_link_is_refused_and_its_target_untouched(tmp_path):
+    from edge_alast.errors import UnsafePathError
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    (tmp_path / "s").mkdir()
+    store = Store(tmp_path / "s", _new=True)
+    for name, use in (("history.jsonl", lambda: store.append_history({"event": "x"})),
+                      (".lock", lambda: store.locked().__enter__())):
+        (tmp_path / "s" / name).symlink_to(victim)
+        with pytest.raises(UnsafePathError, match=f"{re.escape(name)}: is a symbolic link"):
+            use()
+        assert victim.read_text() == "precious\n"
