@@ -148,6 +148,8 @@ class RunRecord:
                                              float(np.mean(seconds)) if seconds else None),
             "peak_rss_mib": _div(summary.get("peak_rss_bytes", _nanmax(peak)), MIB),
             "gflops_per_step": _div(summary.get("train_flops_per_step", _nanmean(flops)), 1e9),
+            "gflops_per_second": _div(summary.get("train_flops_per_second"), 1e9),
+            "flop_utilization": summary.get("flop_utilization"),
             "from_summary": self.summary is not None,
         }
 
@@ -526,6 +528,16 @@ def _resources_figure(d: _Drawer, run: RunRecord) -> Figure:
         axes[2].plot(steps, flops / 1e9, color="tab:brown", linewidth=1, marker="." if len(steps) <= 60 else None)
         axes[2].set_ylabel("GFLOPs per step\n(forward + backward)")
         _from_zero(axes[2], flops / 1e9)
+        rate = flops / seconds / 1e9
+        twin = axes[2].twinx()
+        twin.plot(steps, rate, color="tab:gray", linewidth=1, label="achieved GFLOP/s")
+        reference = summary.get("reference_flops_per_second")
+        if isinstance(reference, (int, float)):
+            twin.axhline(reference / 1e9, color="tab:gray", linestyle="--", linewidth=1,
+                         label=f"reference {reference / 1e9:.0f} GFLOP/s ({summary.get('reference_flops_source')})")
+        twin.set_ylabel("GFLOP/s")
+        _from_zero(twin, [*rate, *([reference / 1e9] if isinstance(reference, (int, float)) else [])])
+        twin.legend(fontsize="small", loc="lower right")
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("training step")
@@ -533,7 +545,8 @@ def _resources_figure(d: _Drawer, run: RunRecord) -> Figure:
     caption = ("Top: seconds per training step (load, forward, backward, optimizer). Middle: the process's resident "
                "memory after each step and its high-water mark, with the planner's predicted peak and the device "
                "profile's memory ceiling where the run had a profile" +
-               (". Bottom: training FLOPs of each step." if has_flops else "."))
+               (". Bottom: training FLOPs of each step and the FLOP/s it achieved (grey), against the profile's sustained "
+                "rate where there is one." if has_flops else "."))
     return Figure(f"{_slug(run.name)}_resources.png", "Step time and memory", caption, d.png(fig))
 
 
@@ -624,9 +637,13 @@ def _cell(value, fmt: str) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
 
 
+def _share(fraction) -> str:
+    return f" ({fraction:.0%})" if isinstance(fraction, (int, float)) and math.isfinite(fraction) else ""
+
+
 def _table(runs: list[RunRecord]) -> str:
     head = ("<tr><th>run</th><th>method</th><th>steps</th><th>val acc</th><th>mean step s</th>"
-            "<th>peak RSS MiB</th><th>GFLOPs/step</th></tr>")
+            "<th>peak RSS MiB</th><th>GFLOPs/step</th><th>GFLOP/s (share of reference)</th></tr>")
     rows = []
     for run in runs:
         r = run.table_row()
@@ -635,7 +652,8 @@ def _table(runs: list[RunRecord]) -> str:
         rows.append(f"<tr><td class='text'><a href='#{html.escape(_slug(run.name))}'>{html.escape(r['run'])}</a>"
                     f"{mark}</td><td class='text'>{method}</td><td>{_cell(r['steps'], 'd')}</td>"
                     f"<td>{_cell(r['val_accuracy'], '.4f')}</td><td>{_cell(r['mean_step_seconds'], '.3f')}</td>"
-                    f"<td>{_cell(r['peak_rss_mib'], '.0f')}</td><td>{_cell(r['gflops_per_step'], '.2f')}</td></tr>")
+                    f"<td>{_cell(r['peak_rss_mib'], '.0f')}</td><td>{_cell(r['gflops_per_step'], '.2f')}</td>"
+                    f"<td>{_cell(r['gflops_per_second'], '.1f')}{_share(r['flop_utilization'])}</td></tr>")
     foot = ""
     if any(run.summary is None for run in runs):
         foot = ("<p>* no summary.json: figures computed from metrics.jsonl (val acc: the last eval line; mean step "

@@ -50,7 +50,10 @@ def write_run(root: Path, *, method: str = "alast", steps: int = 10, evals: bool
             "method": method, "model": "vit_tiny", "steps": steps, "val_accuracy": 0.8125,
             "mean_step_seconds": 0.5432, "peak_rss_bytes": 345 * 2**20, "train_flops_per_step": float(flops),
             "total_train_flops": flops * steps, "profile": "laptop_cpu", "budgets": [0.9] * DEPTH,
-            "predicted_peak_bytes": 400 * 2**20, "memory_ceiling_bytes": 450 * 2**20}))
+            "predicted_peak_bytes": 400 * 2**20, "memory_ceiling_bytes": 450 * 2**20,
+            "train_flops_per_second": flops / seconds, "reference_flops_per_second": 3.1e11,
+            "reference_flops_source": "profile laptop_cpu, fp32 flops_per_second",
+            "flop_utilization": flops / seconds / 3.1e11}))
     return root
 
 
@@ -77,7 +80,7 @@ def test_single_run_writes_every_figure_and_a_self_contained_page(tmp_path):
     assert not (tmp_path / "rep" / "overlay.png").exists()
     assert page.count("<img src='data:image/png;base64,") == len(PER_RUN_FIGURES)
     row = re.search(r"<tr><td class='text'>.*?</tr>", page).group(0)
-    for value in ("run-a", "alast", ">10<", "0.8125", "0.543", ">345<", "2.00"):
+    for value in ("run-a", "alast", ">10<", "0.8125", "0.543", ">345<", "2.00", ">4.0 (1%)<"):
         assert value in row, value
     assert NO_VALIDATION not in page
     assert not [p for p in (tmp_path / "rep").iterdir() if p.name.endswith(".tmp")]

@@ -31,11 +31,14 @@ RUN = r"""
 import json, sys, resource
 import torch
 from edge_alast import TrainConfig, train
-from edge_alast.training import run as _run  # torch and timm loaded: the RSS the cap leaves room for
-cap = {cap}
-if cap:
+from edge_alast.training import run as _run
+if {unified}:  # a Jetson profile on a discrete GPU: the trainer caps the allocator as on unified memory
     from edge_alast.device.memory import cap_cuda_memory
-    print("CAP " + str(cap_cuda_memory(cap)))
+    def _unified_cap(ceiling):
+        cap = cap_cuda_memory(ceiling, unified=True)
+        print("CAP " + str(cap), flush=True)
+        return cap
+    _run._cap_cuda_allocator = _unified_cap
 config = TrainConfig.from_dict(json.loads(sys.argv[1]), source="gpu_check")
 result = train(config)
 s = result.summary
@@ -46,7 +49,7 @@ print("SUMMARY " + json.dumps(s, default=str))
 
 def run_train(config: dict, cap: int | None = None, timeout: float = 300) -> dict:
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", RUN.format(cap=cap), json.dumps(config)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", RUN.format(unified=bool(cap)), json.dumps(config)], capture_output=True,
                           text=True, timeout=timeout)
     wall = time.monotonic() - t0
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("SUMMARY ")), None)

@@ -2,7 +2,7 @@
 
 glibc's malloc fragments under a training step's mix of large transient tensors and small saved ones: peak RSS
 ends up far above the live tensor bytes (LoRA on the shared ViT-S/14: +65 %). tcmalloc and jemalloc do not, and
-are no slower (README, "Allocators"). A process cannot swap its allocator once it runs, so ``edge-alast train``
+are no slower (docs/memory.md, "Allocators"). A process cannot swap its allocator once it runs, so ``edge-alast train``
 re-executes itself once, before torch is imported, with the chosen library in ``LD_PRELOAD`` (PyTorch's own CPU
 launcher, ``torch.backends.xeon.run_cpu --enable-tcmalloc``, uses the same mechanism). The Python API cannot
 re-execute: it runs on whatever allocator its process has, and the run records which (:func:`allocator_in_use`).
@@ -26,7 +26,7 @@ __all__ = ["ALLOCATORS", "CHOICES", "AUTO_ORDER", "allocator_in_use", "find_libr
 
 ALLOCATORS = ("tcmalloc", "jemalloc", "glibc")
 CHOICES = ("auto",) + ALLOCATORS
-# What ``auto`` tries, in order. tcmalloc only: in one benchmark run (README, "Allocators") it cut peak RSS to
+# What ``auto`` tries, in order. tcmalloc only: in one benchmark run (docs/memory.md, "Allocators") it cut peak RSS to
 # 0.64-0.93x glibc's at 0.91-1.04x its step time; jemalloc saved as much memory but cost 1.12-1.24x the time.
 AUTO_ORDER = ("tcmalloc",)
 
@@ -169,7 +169,8 @@ def tune_glibc(arena_max: int = 2, mmap_threshold: int = 4 << 20, trim_threshold
       freed, up to 32 MiB, so after the first step every activation (6-25 MiB for ViT-S at batch 16) comes from
       the heap and fragments it around the small tensors that stay live. Pinned at 4 MiB, the large activations are
       mappings of their own, returned to the OS on free; smaller tensors stay in the heap (at 128 KiB even those
-      would be page-faulted in anew each time: the README measured +35-45 % step time).
+      would be page-faulted in anew each time: an earlier session measured +35-45 % step time with
+      tools/bench_allocators.py; that figure is not kept in docs/).
     - ``M_TRIM_THRESHOLD`` 8 MiB: twice the mmap threshold, glibc's own rule while the threshold is dynamic.
     - ``M_ARENA_MAX`` 2: the data loader's threads and torch's intra-op pool would otherwise each get an arena
       (up to 8 per core), each fragmenting on its own.

@@ -125,7 +125,7 @@ class HostMeasurement:
 
 
 def usable_memory(proc_cgroup: str | os.PathLike = "/proc/self/cgroup",
-                  cgroup_v2_root: str | os.PathLike = host.CGROUP_V2_ROOT,
+                  cgroup_v2_root: str | os.PathLike | tuple = host.CGROUP_V2_ROOTS,
                   cgroup_v1_root: str | os.PathLike = host.CGROUP_V1_MEMORY) -> tuple[int, str]:
     """Bytes this process may still use, and how that was found: the RAM the OS reports available, capped by the
     headroom of this process's cgroup (limit less usage; :func:`edge_alast.device.host.cgroup_memory`)."""

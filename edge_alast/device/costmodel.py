@@ -41,7 +41,7 @@ OPTIMIZER_STATES = 2  # AdamW/Adam: exp_avg and exp_avg_sq, each the parameter's
 # Peak RSS above the live tensor bytes, as a share of the step's saved activations, per allocator (the one this
 # process runs on, allocator.allocator_in_use()): (plain model, model with LoRA adapters). Measured, not derived:
 # slack = (measured training peak - predicted live bytes) / predicted saved activations, ViT-S/14 fp32 at 224 px,
-# batch 16, 20 steps, one run per method and allocator (tools/bench_allocators.py; README "Allocators"); each value
+# batch 16, 20 steps, one run per method and allocator (tools/bench_allocators.py; docs/memory.md "Allocators"); each value
 # is the largest of its methods rounded up to the next 0.05.
 # - glibc: inside a step it cannot hand back the heap that the forward's freed intermediates fragment between saved
 #   tensors (malloc_trim runs only after the step): full 0.43, alast 0.29; with adapters each one's small saved

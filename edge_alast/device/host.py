@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 
 CGROUP_V2_ROOT = Path("/sys/fs/cgroup")
+CGROUP_V2_ROOTS = (CGROUP_V2_ROOT, CGROUP_V2_ROOT / "unified")  # a v2 host; a hybrid (v1 + v2) host
 CGROUP_V1_MEMORY = Path("/sys/fs/cgroup/memory")
 # cgroup v1 reports "no limit" as a huge page-rounded number (LONG_MAX rounded down): anything above this is none.
 _V1_NO_LIMIT = 1 << 60
@@ -79,30 +80,42 @@ def _own_cgroup_paths(proc_cgroup: str | os.PathLike) -> tuple[str | None, str |
     return v2, v1
 
 
-def cgroup_memory(proc_cgroup: str | os.PathLike = "/proc/self/cgroup", v2_root: str | os.PathLike = CGROUP_V2_ROOT,
+def cgroup_memory(proc_cgroup: str | os.PathLike = "/proc/self/cgroup",
+                  v2_root: str | os.PathLike | tuple = CGROUP_V2_ROOTS,
                   v1_root: str | os.PathLike = CGROUP_V1_MEMORY) -> dict | None:
-    """The memory limit and usage of this process's cgroup (v2 or v1), or None when no limit applies.
+    """The memory limit that binds this process: its own cgroup's or any ancestor's (a limit set on a parent
+    slice holds every group below it), v2 or v1, or None when no limit applies. Of several limits, the one with
+    the least headroom (limit − usage) binds.
+
+    Args:
+        v2_root: Where the v2 hierarchy is mounted, or several places to look (``/sys/fs/cgroup`` on a v2 host,
+            ``/sys/fs/cgroup/unified`` on a hybrid one).
 
     Returns:
         ``{"version": 2|1, "limit_bytes", "usage_bytes", "path"}``; usage None where unreadable.
     """
     v2, v1 = _own_cgroup_paths(proc_cgroup)
-    candidates = []
+    roots = v2_root if isinstance(v2_root, tuple) else (v2_root,)
+    hierarchies = []
     if v2 is not None:
-        candidates.append((2, Path(v2_root) / v2.lstrip("/"), "memory.max", "memory.current"))
-        candidates.append((2, Path(v2_root), "memory.max", "memory.current"))
+        hierarchies += [(2, Path(root), v2, "memory.max", "memory.current") for root in roots]
     if v1 is not None:
-        candidates.append((1, Path(v1_root) / v1.lstrip("/"), "memory.limit_in_bytes", "memory.usage_in_bytes"))
-        candidates.append((1, Path(v1_root), "memory.limit_in_bytes", "memory.usage_in_bytes"))
-    for version, folder, limit_file, usage_file in candidates:
-        limit = read_cgroup_limit(folder / limit_file)
-        if limit is not None:
+        hierarchies.append((1, Path(v1_root), v1, "memory.limit_in_bytes", "memory.usage_in_bytes"))
+    found = []
+    for version, root, own, limit_file, usage_file in hierarchies:
+        folder = root / own.strip("/")
+        for group in (folder, *folder.parents):  # the own group, then every ancestor up to the root
+            if group != root and root not in group.parents:
+                break
+            limit = read_cgroup_limit(group / limit_file)
+            if limit is None:
+                continue
             try:
-                usage = int((folder / usage_file).read_text().strip())
+                usage = int((group / usage_file).read_text().strip())
             except (OSError, ValueError):
                 usage = None
-            return {"version": version, "limit_bytes": limit, "usage_bytes": usage, "path": str(folder)}
-    return None
+            found.append({"version": version, "limit_bytes": limit, "usage_bytes": usage, "path": str(group)})
+    return min(found, key=lambda c: c["limit_bytes"] - (c["usage_bytes"] or 0), default=None)
 
 
 def memory_available(cgroup: dict | None = None) -> dict:

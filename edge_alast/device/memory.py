@@ -106,17 +106,17 @@ class PeakTracker:
         return max(self._lifetime, current or 0)
 
 
-def cap_cuda_memory(ceiling_bytes: int, device: int = 0) -> int:
-    """Cap the CUDA caching allocator so that this process's RSS plus its CUDA allocations stay under
-    ``ceiling_bytes``: on a Jetson the CPU and the GPU share one memory, so the profile's ceiling covers both.
+def cap_cuda_memory(ceiling_bytes: int, device: int = 0, unified: bool = True) -> int:
+    """Cap the CUDA caching allocator at a profile's memory ceiling; an allocation beyond it raises
+    ``torch.OutOfMemoryError`` in this process instead of pushing the board into the kernel's OOM killer.
 
-    The cap is the ceiling minus the process's RSS now (torch, timm and the host-side runtime are loaded by then);
-    an allocation beyond it raises ``torch.OutOfMemoryError`` in this process instead of pushing the board into
-    the kernel's OOM killer. Returns the cap in bytes.
+    On a Jetson (``unified``) the CPU and the GPU share one memory, so the ceiling covers both: the cap is the
+    ceiling minus the process's RSS now (torch, timm and the host-side runtime are loaded by then). On a discrete
+    GPU the ceiling is the GPU memory the run may use. Returns the cap in bytes.
     """
     import torch
 
     total = torch.cuda.get_device_properties(device).total_memory
-    cap = max(0, int(ceiling_bytes) - rss_bytes())
+    cap = max(0, int(ceiling_bytes) - (rss_bytes() if unified else 0))
     torch.cuda.set_per_process_memory_fraction(max(1e-3, min(1.0, cap / total)), device)
     return cap

@@ -492,3 +492,23 @@ def match_host(machine: str, board: str | None, memory_bytes: int) -> DeviceProf
     pool = fitting or found
     return max(pool, key=lambda p: (len(p.host_match), p.memory_ceiling_bytes) if fitting else
                (len(p.host_match), -p.memory_ceiling_bytes), default=None)
+
+
+def reference_flops(profile: DeviceProfile | None, precision: str, device: str = "cpu") -> tuple[float | None, str]:
+    """The sustained FLOP/s a run's achieved rate is compared with, and where it comes from: the run's profile at
+    the run's precision (its fp32 figure when the profile lists none for it), else, on the CPU, the shipped profile
+    that describes this host (:func:`match_host`). ``(None, reason)`` when there is none."""
+    if profile is None and device == "cpu":
+        import platform
+
+        profile = match_host(platform.machine(), host.board_model().get("model"), psutil.virtual_memory().total)
+        origin = "shipped profile {} (matches this host)"
+    else:
+        origin = "profile {}"
+    if profile is None:
+        return None, "no profile: none for this device"
+    rate = profile.flops_per_second.get(precision)
+    label = precision
+    if rate is None:
+        rate, label = profile.flops_per_second["fp32"], f"fp32 (it lists no {precision})"
+    return rate, f"{origin.format(profile.name)}, {label} flops_per_second"

@@ -105,6 +105,7 @@ class Run:
     resume_notes: list[str] = field(default_factory=list)
     bad_images: BadImages | None = None
     val_bad_images: BadImages | None = None
+    cuda_memory_cap_bytes: int | None = None
     device_key: bytes | None = None
 
     @property
@@ -259,6 +260,17 @@ def _plan(run: Run, profile: DeviceProfile) -> None:
         run.order = BatchOrder(len(run.train_samples), run.plan.batch_size, run.config.seed)
     if run.plan.memory_ceiling_bytes:
         run.guard = _memory_guard(run)
+        if run.device == "cuda":
+            run.cuda_memory_cap_bytes = _cap_cuda_allocator(run.plan.memory_ceiling_bytes)
+
+
+def _cap_cuda_allocator(ceiling_bytes: int) -> int:
+    """Hold the CUDA allocator to the profile's ceiling (on a Jetson, whose memory CPU and GPU share, the ceiling
+    less this process's RSS), so that the run fails in-process rather than through the board's OOM killer."""
+    from ..device import host
+    from ..device.memory import cap_cuda_memory
+
+    return cap_cuda_memory(ceiling_bytes, unified=host.board_model()["l4t"] is not None)
 
 
 def _memory_guard(run: Run) -> MemoryGuard:

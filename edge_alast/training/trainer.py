@@ -347,6 +347,7 @@ def _step_record(run: Run, stage: Stage, loop: LoopState, plan, budgets: list[fl
         "event": "step", "step": loop.step, "steps": run.total_steps, "loss": history["losses"][-1],
         "lr": stage.scheduler.get_last_lr()[0], "time/step_seconds": history["step_seconds"][-1],
         "flops/step": history["step_flops"][-1],
+        "flops/per_second": history["step_flops"][-1] / max(history["step_seconds"][-1], 1e-9),
         "tokens/per_block": list(stage.handle.tokens_in),
         "blocks/trainable": [i for i, t in enumerate(plan.trainable) if t],
         "plan/keep_ratio": [round(r, 6) for r in plan.keep_ratios],
@@ -443,6 +444,7 @@ def _summary(config: TrainConfig, run: Run, stage: Stage, loop: LoopState, val_a
         "train_peak_rss_bytes": train_peak,
         "train_flops_per_step": sum(history["step_flops"]) / len(history["step_flops"]),
         "total_train_flops": int(sum(history["step_flops"])),
+        **_flop_rate(run, history),
         "budgets": list(stage.policy.budgets),
         "trainable_params": stage.trainable_params,
         "base_params": sum(p.numel() for p in run.model.parameters()),
@@ -461,7 +463,21 @@ def _summary(config: TrainConfig, run: Run, stage: Stage, loop: LoopState, val_a
     }
     if run.device == "cuda":
         summary["cuda_max_memory_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
+        summary["cuda_memory_cap_bytes"] = run.cuda_memory_cap_bytes  # the allocator's cap (profile's ceiling)
     return summary
+
+
+def _flop_rate(run: Run, history: dict[str, list]) -> dict[str, Any]:
+    """How close the run came to the machine: training FLOP/s over the steady steps (forward + backward counted by
+    the FLOP model; data loading and the optimizer inside the step's time) and their share of the reference rate."""
+    from ..device.profiles import reference_flops
+
+    seconds, flops = steady(history["step_seconds"]), steady(history["step_flops"])
+    achieved = sum(flops) / sum(seconds) if sum(seconds) > 0 else None
+    reference, source = reference_flops(run.profile, run.precision, run.device)
+    return {"train_flops_per_second": achieved, "reference_flops_per_second": reference,
+            "reference_flops_source": source,
+            "flop_utilization": achieved / reference if achieved is not None and reference else None}
 
 
 def _export(config: TrainConfig, summary: dict[str, Any], peaks: PeakTracker, emit: Callable[[dict], None]) -> None:

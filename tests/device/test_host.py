@@ -55,3 +55,20 @@ def test_match_host_picks_the_variant_whose_ceiling_fits_the_ram():
     assert match_host("aarch64", jetson, 4 * 10**9).name == "jetson_orin_nano_4gb"
     assert match_host("aarch64", "NVIDIA Jetson AGX Orin", 64 * 10**9).name == "jetson_agx_orin_64gb"
     assert match_host("aarch64", None, 8 * 10**9) is None
+
+
+def test_a_limit_on_an_ancestor_group_binds_and_the_least_headroom_wins(tmp_path):
+    """A limit set on a parent slice holds the groups below it; v1, and v2 mounted at a hybrid host's unified/."""
+    proc = write(tmp_path / "cgroup", "4:memory:/slice/app\n0::/slice/app\n")
+    write(tmp_path / "v1/slice/app/memory.limit_in_bytes", "9223372036854771712")  # the own group: no limit
+    write(tmp_path / "v1/slice/memory.limit_in_bytes", str(3 * 2**30))
+    write(tmp_path / "v1/slice/memory.usage_in_bytes", str(2**30))
+    found = host.cgroup_memory(proc, (tmp_path / "v2", tmp_path / "v2/unified"), tmp_path / "v1")
+    assert found == {"version": 1, "limit_bytes": 3 * 2**30, "usage_bytes": 2**30, "path": str(tmp_path / "v1/slice")}
+    # a tighter v2 limit on the hybrid mount: 2 GiB with 1.5 GiB used leaves less than v1's 2 GiB of headroom
+    write(tmp_path / "v2/unified/slice/app/memory.max", str(2 * 2**30))
+    write(tmp_path / "v2/unified/slice/app/memory.current", str(3 * 2**29))
+    found = host.cgroup_memory(proc, (tmp_path / "v2", tmp_path / "v2/unified"), tmp_path / "v1")
+    assert found["version"] == 2 and found["path"] == str(tmp_path / "v2/unified/slice/app")
+    write(tmp_path / "v2/unified/slice/app/memory.max", "max\n")  # v2's "no limit": the v1 ancestor binds again
+    assert host.cgroup_memory(proc, (tmp_path / "v2", tmp_path / "v2/unified"), tmp_path / "v1")["version"] == 1

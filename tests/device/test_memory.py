@@ -38,3 +38,27 @@ def test_an_intervals_peak_is_its_own_and_the_lifetime_peak_keeps_every_interval
                     reason="malloc_trim is glibc's")
 def test_trim_heap_calls_the_allocators_release_on_glibc():
     assert trim_heap() is True
+
+
+def test_cuda_cap_is_ceiling_less_rss_on_unified_memory_and_the_ceiling_on_a_discrete_gpu(monkeypatch):
+    """No GPU here: torch.cuda's two calls are faked, the arithmetic and what reaches the allocator are real."""
+    import types
+
+    import torch
+
+    from edge_alast.device import memory
+    from edge_alast.training import run as run_module
+
+    set_to = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=8 * 2**30))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: set_to.append((f, d)))
+    monkeypatch.setattr(memory, "rss_bytes", lambda: 1 * 2**30)
+    assert memory.cap_cuda_memory(5 * 2**30, unified=True) == 4 * 2**30  # Jetson: CPU and GPU share the ceiling
+    assert memory.cap_cuda_memory(5 * 2**30, unified=False) == 5 * 2**30
+    assert memory.cap_cuda_memory(2**29, unified=True) == 0  # RSS already above: the smallest fraction torch takes
+    assert set_to == [(0.5, 0), (0.625, 0), (1e-3, 0)]
+    # setup_run's planning step reads the board: a Jetson (L4T release present) gets the unified cap
+    monkeypatch.setattr("edge_alast.device.host.board_model", lambda: {"model": "Orin Nano", "l4t": "R36"})
+    assert run_module._cap_cuda_allocator(5 * 2**30) == 4 * 2**30
+    monkeypatch.setattr("edge_alast.device.host.board_model", lambda: {"model": None, "l4t": None})
+    assert run_module._cap_cuda_allocator(5 * 2**30) == 5 * 2**30

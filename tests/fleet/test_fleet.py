@@ -770,6 +770,21 @@ def test_fleet_app_recipe_uses_tls_and_node_auth(tmp_path):
     assert wrong_host.exit_code == 2 and "does not name x.lan" in wrong_host.output
 
 
+def test_docs_deployment_recipe_is_what_fleet_app_writes(tmp_path, monkeypatch):
+    """docs/fleet.md's secure recipe is the one `fleet app` writes (built by the functions LocalFleet runs)."""
+    from tests.helpers import REPO
+
+    monkeypatch.chdir(tmp_path)
+    assert CliRunner().invoke(main, ["fleet", "keys", "keys", "--host", "fleet.lan", "--nodes", "2"]).exit_code == 0
+    assert CliRunner().invoke(main, ["fleet", "app", "app", "--superlink", "fleet.lan:9092",
+                                     "--keys", "keys"]).exit_code == 0
+    written = (tmp_path / "app" / "DEPLOY.md").read_text().split("\n", 2)[2].strip()
+    docs = (REPO / "docs" / "fleet.md").read_text()
+    block = docs.split("<!-- recipe:", 1)[1].split("-->", 1)[1].split("<!-- end recipe -->", 1)[0].strip()
+    assert block == written
+    assert "--enable-supernode-auth" in block and "--insecure" not in block
+
+
 @pytest.mark.fleet
 def test_tls_superlink_refuses_a_node_without_a_registered_key(assets, tmp_path):
     """TLS and Flower's node authentication on 127.0.0.1: a node with a registered key joins; a node without a key,

@@ -332,6 +332,30 @@ def test_profile_ceiling_is_planned_and_reported(image_folder, tmp_path):
     assert 0 < summary["predicted_peak_bytes"] <= ceiling
     assert summary["flop_ceiling_per_step"] == pytest.approx(20 * 3.1e11)  # target_step_seconds x fp32 FLOP/s
     assert summary["train_flops_per_step"] <= summary["flop_ceiling_per_step"]
+    # The FLOP rate: steady steps' FLOPs over their seconds, against the profile's fp32 rate
+    steps = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if r["event"] == "step"]
+    assert summary["train_flops_per_second"] == pytest.approx(
+        sum(r["flops/step"] for r in steps) / sum(r["time/step_seconds"] for r in steps))  # 3 steps: no warm-up cut
+    assert steps[-1]["flops/per_second"] == pytest.approx(steps[-1]["flops/step"] / steps[-1]["time/step_seconds"])
+    assert summary["reference_flops_per_second"] == 3.1e11
+    assert summary["reference_flops_source"] == "profile tiny_board, " + (
+        "fp32 flops_per_second" if summary["precision"] == "fp32" else
+        f"fp32 (it lists no {summary['precision']}) flops_per_second")  # tiny_board lists fp32 only
+    assert summary["flop_utilization"] == pytest.approx(summary["train_flops_per_second"] / 3.1e11)
+
+
+def test_flop_rate_reference_without_a_profile_is_the_profile_matching_this_host(monkeypatch):
+    from edge_alast.device import profiles
+
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    rate, source = profiles.reference_flops(None, "bf16")
+    laptop = profiles.load_profile("laptop_cpu")
+    assert rate == laptop.flops_per_second["fp32"]  # laptop_cpu lists no bf16 rate
+    assert source == "shipped profile laptop_cpu (matches this host), fp32 (it lists no bf16) flops_per_second"
+    monkeypatch.setattr("platform.machine", lambda: "riscv64")
+    assert profiles.reference_flops(None, "fp32") == (None, "no profile: none for this device")
+    assert profiles.reference_flops(None, "fp32", device="cuda")[0] is None
 
 
 def test_profile_that_cannot_fit_fails_before_training_with_numbers(image_folder, tmp_path):
