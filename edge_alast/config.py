@@ -260,9 +260,10 @@ class TrainConfig:
     eval_every: int | None = option(None, flag="--eval-every",
                                     help="Also evaluate every N steps on a fixed validation subset (--eval-images), "
                                          "recorded as eval lines in metrics.jsonl (off by default).")
-    eval_images: int = option(256, flag="--eval-images",
-                              help="Size of the fixed validation subset --eval-every evaluates on (spread evenly "
-                                   "over the validation images; all of them when fewer).")
+    eval_images: int | None = option(None, flag="--eval-images",
+                                     help="Cap every evaluation at N validation images, spread evenly over them "
+                                          "(every class): the final one (default: all) and the --eval-every points "
+                                          "(default: 256).")
     lr: float | None = option(None, flag="--lr", help="Learning rate; default: the method's (3e-5 for full and "
                                                       "alast, 1e-3 for head and the LoRA/Light-PEFT methods).")
     weight_decay: float = 0.05
@@ -307,6 +308,9 @@ class TrainConfig:
                                       "one of the same settings); --no-resume starts over, discarding them.")
     export: bool = option(True, flag="--export/--no-export",
                           help="Export model.onnx + manifest.json at the end (parity-checked in onnxruntime).")
+    device_key: str | None = option(None, flag="--device-key", envvar="EDGE_ALAST_DEVICE_KEY_FILE",
+                                    help="Device key file: checkpoints are signed with it (HMAC-SHA256) and a "
+                                         "checkpoint not signed with it is refused (exit 2). Default: off.")
     alast: AlastConfig = field(default_factory=AlastConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     light_peft: LightPeftConfig = field(default_factory=LightPeftConfig)
@@ -342,7 +346,7 @@ class TrainConfig:
         for key in ("eval_batch_size", "eval_every"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise bad(key, f"must be >= 1, got {getattr(self, key)}")
-        if self.eval_images < 1:
+        if self.eval_images is not None and self.eval_images < 1:
             raise bad("eval_images", f"must be >= 1, got {self.eval_images}")
         for key in ("img_size", "token_multiple"):
             if getattr(self, key) < 1:
@@ -386,7 +390,7 @@ class TrainConfig:
 
     # Fields that may change between an interrupted run and its resumption without changing the result.
     RESUME_FREE = ("resume", "checkpoint_every_seconds", "checkpoint_every_steps", "out", "eval_every", "eval_images",
-                   "loader_threads", "allocator")
+                   "loader_threads", "allocator", "device_key")
 
     def resume_key(self, precision: str | None = None) -> dict[str, Any]:
         """The settings a checkpoint must share with this config to be resumed by it; ``precision``: the one

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .atomic import atomic_write_bytes, atomic_write_path
+from .atomic import atomic_write_bytes, atomic_write_path, refuse_link
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -112,6 +112,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 def truncate_metrics(path: str | os.PathLike, last_step: int) -> None:
     """Drop the lines past ``last_step`` (steps a resumed run will take again) and torn lines, atomically."""
     path = Path(path)
+    refuse_link(path)  # a planted link is refused (UnsafePathError), its target never read nor replaced
     if not path.exists():
         return
     kept = [record for record in read_metrics(path) if record.get("step", 0) <= last_step]
@@ -126,15 +127,18 @@ def steady(values: Sequence[float]) -> list[float]:
 
 # ---------------------------------------------------------------------------------------------- the tuned model
 def save_model(model: nn.Module, run_dir: str | os.PathLike) -> Path:
-    """Write ``model.state_dict()`` to ``RUN_DIR/model.safetensors`` atomically."""
+    """Write ``model.state_dict()`` to ``RUN_DIR/model.safetensors`` atomically, the free space checked first
+    (DiskFullError naming the bytes needed and free)."""
     import safetensors.torch
 
     from . import __version__
 
     # save_model writes straight from the parameters (it handles shared tensors itself): no copy of the weights
     # in memory, which would raise the run's peak RSS on a small device.
+    needed = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     return atomic_write_path(Path(run_dir) / MODEL_FILE, lambda tmp: safetensors.torch.save_model(
-        model, str(tmp), metadata={"format": "pt", "edge_alast_version": __version__}))
+        model, str(tmp), metadata={"format": "pt", "edge_alast_version": __version__}), needed=needed,
+        what="model weights")
 
 
 def load_run_model(run_dir: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:

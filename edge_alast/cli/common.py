@@ -1,8 +1,9 @@
 """What every command shares: the exit codes, one way to fail, signal handling and systemd notification.
 
 Exit codes (README, "Exit codes"): 0 done, 1 unexpected failure, 2 usage/configuration error, 3 data error,
-4 ``update`` kept the current model (its gate refused the candidate), 75 interrupted and resumable (SIGTERM/SIGINT:
-the current step finishes, a checkpoint is written, running the same command resumes).
+4 ``update`` kept the current model (its gate refused the candidate), 5 training diverged (a NaN or infinite loss
+or weights; nothing published), 6 disk full (the newest complete checkpoint kept), 75 interrupted and resumable
+(SIGTERM/SIGINT: the current step finishes, a checkpoint is written, running the same command resumes).
 """
 from __future__ import annotations
 
@@ -15,8 +16,16 @@ import time
 
 import click
 
-from ..errors import (EXIT_DATA, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_KEPT, EXIT_OK,  # noqa: F401  (re-exported)
-                      EXIT_USAGE)
+from ..errors import (EXIT_DATA, EXIT_DISK_FULL, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_KEPT,  # noqa: F401
+                      EXIT_NONFINITE, EXIT_OK, EXIT_USAGE)  # (re-exported)
+from ..integrity import DEVICE_KEY_ENV
+
+
+def device_key_option(command):
+    """``--device-key FILE`` (env ``EDGE_ALAST_DEVICE_KEY_FILE``) for commands that read or write a model store."""
+    return click.option("--device-key", "device_key", type=str, envvar=DEVICE_KEY_ENV, show_envvar=True,
+                        help="Device key file: manifests are signed with it (HMAC-SHA256) and a version not "
+                             "signed with it is refused (exit 2). Default: off.")(command)
 
 
 def fail(error: Exception, code: int, as_json: bool = False) -> None:

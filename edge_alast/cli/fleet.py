@@ -20,8 +20,9 @@ from ..fleet.settings import STRATEGIES
 from .options import config_options, merge_options
 # train options that are no fleet option: each round is a fresh run on the node (the server checkpoints rounds),
 # validation is the server's (--val-data), and a static/random ALaST baseline needs one run folder.
-_NOT_FLEET_OPTIONS = ("resume", "checkpoint_every_seconds", "checkpoint_every_steps", "eval_every", "eval_images",
-                      "val_fraction", "alast_from", "allocator")
+# --eval-images is one: it caps the server's evaluation after every round (run config eval-images).
+_NOT_FLEET_OPTIONS = ("resume", "checkpoint_every_seconds", "checkpoint_every_steps", "eval_every",
+                      "val_fraction", "alast_from", "allocator", "device_key")
 
 
 @click.group()

@@ -62,6 +62,9 @@ def config_options(command):
             help_text += f"  [default: {shown}]"
         name = f.name if section is None else meta["flag"].lstrip("-").replace("-", "_")
         kwargs = {"help": help_text}
+        if meta.get("envvar"):
+            kwargs["envvar"] = meta["envvar"]
+            kwargs["show_envvar"] = True
         if "/" in meta["flag"] or kind == "bool":
             kwargs["default"] = None
             decl = meta["flag"] if "/" in meta["flag"] else f"{meta['flag']}/--no-{meta['flag'][2:]}"

@@ -13,8 +13,8 @@ import sys
 import click
 
 from ..field.update import UpdateConfig
-from ..errors import ConfigError, EdgeAlastError
-from .common import EXIT_FAILURE, EXIT_USAGE, StopOnSignal, Watchdog, fail, sd_notify
+from ..errors import ConfigError, DiskFullError, EdgeAlastError
+from .common import EXIT_FAILURE, EXIT_USAGE, StopOnSignal, Watchdog, device_key_option, fail, sd_notify
 
 _CLICK_TYPES = {"int": int, "float": float, "str": str}
 
@@ -45,6 +45,8 @@ def update_options(command):
             kwargs.update(type=str, callback=_parse_size)
         else:
             kwargs["type"] = _CLICK_TYPES[kind]
+        if meta.get("envvar"):
+            kwargs.update(envvar=meta["envvar"], show_envvar=True)
         command = click.option(meta["flag"], f.name, **kwargs)(command)
     return command
 
@@ -112,9 +114,10 @@ def update(store_dir, data, as_json, **options):
     """Fine-tune the store's current model on new images; publish the candidate only if its gate passes.
 
     \b
-    Exit codes: 0 published, 4 current kept (gate refused the candidate), 2 bad option or not a store,
-    3 bad data, 75 interrupted or store busy (run again: it resumes), 1 unexpected (e.g. disk full: the store's
-    current version is unchanged; run again once fixed: it resumes).
+    Exit codes: 0 published, 4 current kept (gate refused the candidate), 2 bad option, not a store or a
+    version not signed with --device-key, 3 bad data, 5 training diverged, 6 disk full, 75 interrupted or store
+    busy (run again: it resumes), 1 unexpected (the store's current version is unchanged; run again once fixed:
+    it resumes).
 
     \b
     Example:
@@ -130,12 +133,17 @@ def update(store_dir, data, as_json, **options):
         with StopOnSignal() as stop:
             result = run_update(store_dir, data, config, on_event=printer, should_stop=stop,
                                 tick=printer.watchdog.ping)
+    except DiskFullError as e:
+        sd_notify(f"STOPPING=1\nSTATUS=error: {e}")
+        fail(DiskFullError(f"{e}; the store's current version is {_current_or_none(store_dir) or 'unchanged'}, "
+                           "whole; run the same command again once space is freed: the update resumes"),
+             DiskFullError.exit_code, as_json)
     except EdgeAlastError as e:
         sd_notify(f"STOPPING=1\nSTATUS=error: {e}")
         fail(e, e.exit_code, as_json)
     except ValueError as e:  # a bad value found by a validator below the CLI
         fail(e, EXIT_USAGE, as_json)
-    except Exception as e:  # noqa: BLE001 - disk full (ENOSPC, EFBIG), a failing card, a bug: say what is safe
+    except Exception as e:  # noqa: BLE001 - a failing card, a bug: say what is safe
         if os.environ.get("EDGE_ALAST_DEBUG"):
             raise
         current = _current_or_none(store_dir)
@@ -169,9 +177,10 @@ def store():
 @click.option("--replay-max-images", type=int, default=1000, show_default=True)
 @click.option("--replay-max-bytes", type=str, default="256MiB", show_default=True, callback=_parse_size)
 @click.option("--seed", type=int, default=0, show_default=True)
+@device_key_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 def init(store_dir, run_dir, weights, classes, model_name, model_args, img_size, holdout, replay_data,
-         replay_max_images, replay_max_bytes, seed, as_json):
+         replay_max_images, replay_max_bytes, seed, device_key, as_json):
     """Create a model store whose first version (v0001) is a run's model or a weights file.
 
     \b
@@ -189,7 +198,7 @@ def init(store_dir, run_dir, weights, classes, model_name, model_args, img_size,
                             classes=[c.strip() for c in classes.split(",") if c.strip()] if classes else None,
                             model=model_name, model_args=args, img_size=img_size, holdout=holdout,
                             replay_data=replay_data, replay_max_images=replay_max_images,
-                            replay_max_bytes=replay_max_bytes, seed=seed,
+                            replay_max_bytes=replay_max_bytes, seed=seed, device_key=device_key,
                             on_event=lambda e: click.echo(f"warning: {e['message']}", err=True))
     except json.JSONDecodeError as e:
         fail(ConfigError(f"--model-args: not JSON: {e}"), EXIT_USAGE, as_json)
@@ -204,11 +213,12 @@ def init(store_dir, run_dir, weights, classes, model_name, model_args, img_size,
                    f"images, {record['replay']['images']} replay images)")
 
 
-def _open(store_dir: str, as_json: bool):
+def _open(store_dir: str, as_json: bool, device_key: str | None = None):
     from ..field.store import Store
+    from ..integrity import read_device_key
 
     try:
-        return Store(store_dir)
+        return Store(store_dir, key=read_device_key(device_key))
     except EdgeAlastError as e:
         fail(e, e.exit_code, as_json)
 
@@ -216,13 +226,17 @@ def _open(store_dir: str, as_json: bool):
 @store.command("list")
 @click.argument("store_dir", metavar="STORE", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-def list_versions(store_dir, as_json):
+@device_key_option
+def list_versions(store_dir, as_json, device_key):
     """The versions of a store, current marked, and the disk it uses."""
-    s = _open(store_dir, as_json)
+    s = _open(store_dir, as_json, device_key)
     current, usage = s.current_name(), s.disk_usage()
     rows = []
     for name in s.version_names():
-        info = s.version(name).info
+        try:
+            info = s.version(name).info
+        except EdgeAlastError as e:  # e.g. a version not signed with --device-key
+            fail(e, e.exit_code, as_json)
         figures = (info.get("metrics") or {}).get("holdout") or {}
         rows.append({"version": name, "current": name == current, "parent": info.get("parent"),
                      "classes": len(info.get("classes", [])), "holdout_accuracy": figures.get("accuracy"),
@@ -243,10 +257,11 @@ def list_versions(store_dir, as_json):
 @click.argument("store_dir", metavar="STORE", type=click.Path(file_okay=False))
 @click.argument("version", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-def show(store_dir, version, as_json):
+@device_key_option
+def show(store_dir, version, as_json, device_key):
     """A version's record (default: current): classes, parent, data, holdout figures, decision, and whether its
     files match their sha256."""
-    s = _open(store_dir, as_json)
+    s = _open(store_dir, as_json, device_key)
     try:
         v = s.version(version)
         problems = s.verify(v.name)
@@ -274,11 +289,12 @@ def show(store_dir, version, as_json):
 @click.argument("store_dir", metavar="STORE", type=click.Path(file_okay=False))
 @click.argument("version", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-def rollback(store_dir, version, as_json):
+@device_key_option
+def rollback(store_dir, version, as_json, device_key):
     """Point current at VERSION (default: current's parent), atomically, once its files verify."""
     from ..field.store import rollback as do_rollback
 
-    s = _open(store_dir, as_json)
+    s = _open(store_dir, as_json, device_key)
     try:
         with s.locked():
             record = do_rollback(s, version)

@@ -252,6 +252,7 @@ def _export(owner: list[nn.Module], path: str | os.PathLike, *, img_size: int, c
     chunks = x.split(batch_size or len(x))  # at the run's evaluation batch: no larger transient than its eval
     with torch.no_grad():
         ref = np.concatenate([model(c).float().numpy() for c in chunks])
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())  # the file's size, ~
     del model  # ``owner`` holds it until the file is written
     labels = np.asarray(parity_labels) if parity_labels is not None else None
     one = x[:1].numpy()
@@ -300,12 +301,14 @@ def _export(owner: list[nn.Module], path: str | os.PathLike, *, img_size: int, c
                 entry["accuracy"] = float((logits.argmax(-1) == labels).mean())
             entries[fmt] = entry
 
-    atomic_write_path(path, export_and_check)  # published only once checked; on failure nothing is left
+    # published only once checked; on failure nothing is left; the free space is checked first (DiskFullError)
+    atomic_write_path(path, export_and_check, needed=weight_bytes, what="ONNX export")
     parity, ir_version = checked["parity"], checked["ir_version"]
 
     # ---------------------------------------------------------------------------- publish
     for fmt, data in blobs.items():
-        atomic_write(path.with_name(FORMAT_FILES[fmt]), lambda f, data=data: f.write(data))
+        atomic_write(path.with_name(FORMAT_FILES[fmt]), lambda f, data=data: f.write(data), needed=len(data),
+                     what=f"ONNX export ({fmt})")
     manifest = {
         "file": path.name, "sha256": entries["fp32"]["sha256"], "size_bytes": entries["fp32"]["size_bytes"],
         "formats": entries, "parity": parity, "metadata": decode_metadata(meta_props),

@@ -13,14 +13,13 @@ from __future__ import annotations
 import os
 import sys
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from ..errors import ConfigError
 from ..data.images import load_image
-from .onnxmeta import image_args, read_metadata
+from .onnxmeta import image_args, load_model_file, model_metadata
 
 
 # ---------------------------------------------------------------------------------------------- onnxruntime import
@@ -123,11 +122,19 @@ def predict(model_path: str | os.PathLike, images: Iterable[str | os.PathLike], 
     """
     if top_k < 1:
         raise ConfigError(f"--top-k: must be >= 1, got {top_k}")
-    if not Path(model_path).is_file():
-        raise ConfigError(f"{model_path}: no such model file")
-    sess = session(model_path, threads, provider=provider, on_warning=on_warning)
+    # Only self-contained models with bounded, valid metadata reach onnxruntime, which loads them from these bytes
+    # (onnxmeta.load_model_file): a model cannot make it read another file.
+    data, proto = load_model_file(model_path)
+    meta = model_metadata(proto, str(model_path))
+    del proto
+    try:
+        sess = session(data, threads, provider=provider, on_warning=on_warning)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - onnxruntime's own errors (Fail, InvalidGraph, ...): the file is at fault
+        raise ConfigError(f"{model_path}: onnxruntime cannot load it: {type(e).__name__}: {e}") from None
+    del data
     used = sess.get_providers()[0]
-    meta = read_metadata(sess)
     names = meta["class_names"]
     input_name = sess.get_inputs()[0].name
     paths = [str(p) for p in images]
@@ -135,7 +142,12 @@ def predict(model_path: str | os.PathLike, images: Iterable[str | os.PathLike], 
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
         x = np.stack([load_image(p, **image_args(meta)) for p in chunk])
-        probs = softmax(sess.run(None, {input_name: x})[0].astype(np.float64))
+        try:
+            logits = sess.run(None, {input_name: x})[0]
+        except Exception as e:  # noqa: BLE001 - a graph that does not take its own metadata's input
+            raise ConfigError(f"{model_path}: onnxruntime cannot run it on {meta['img_size']} px images: "
+                              f"{type(e).__name__}: {e}") from None
+        probs = softmax(logits.astype(np.float64))
         for path, p in zip(chunk, probs):
             order = np.argsort(-p, kind="stable")[:top_k]
             results.append({"image": path, "provider": used, "top": [

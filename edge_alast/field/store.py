@@ -10,6 +10,7 @@ Layout::
         manifest.json          the export manifest (sha256, parity, metadata), plus "store": version, parent,
                                classes, model, the sha256 of each file above, the data it saw, its holdout
                                figures and the decision that published it
+        manifest.sig           with a device key only: hmac-sha256 of manifest.json (edge_alast.integrity)
     STORE/current -> v0003     a relative symlink, replaced atomically
     STORE/holdout/CLASS/SHA.EXT, STORE/replay/CLASS/SHA.EXT
                                copies of held-out and replay images, named by content; shared by the versions
@@ -26,7 +27,12 @@ Crash safety: a version is written into ``.tmp-NAME-PID/``, every file fsynced, 
 store folder fsynced; only then is ``current`` switched (a temp symlink moved over it with ``os.replace``). So at
 any instant ``current`` names a complete version, and a SIGKILL or power loss leaves at worst a ``.tmp-*`` folder,
 which the next writer removes. Deleting a version renames it to ``.trash-NAME`` first, so a half-deleted version
-never looks like one. This module is torch-free: ``store list/show/rollback`` run where torch is not installed.
+never looks like one.
+
+Integrity (optional): opened with a device key (``--device-key``), the store signs each manifest it writes
+(``manifest.sig``) and refuses a version whose manifest is unsigned or does not match
+(:class:`~edge_alast.errors.IntegrityError`, exit 2). The manifest holds every file's sha256, so the signature
+covers the whole version. Without a key nothing is checked beyond the sha256s. This module is torch-free: ``store list/show/rollback`` run where torch is not installed.
 """
 from __future__ import annotations
 
@@ -42,8 +48,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ..atomic import atomic_write_json, atomic_write_path, fsync_dir
-from ..errors import EXIT_INTERRUPTED, ConfigError, EdgeAlastError
+from ..atomic import atomic_write_bytes, atomic_write_json, atomic_write_path, fsync_dir, open_nofollow
+from ..errors import EXIT_INTERRUPTED, ConfigError, EdgeAlastError, IntegrityError
+from ..integrity import check_seal, seal
 
 FORMAT = 1
 STORE_FILE = "store.json"
@@ -53,6 +60,7 @@ LOCK = ".lock"
 WORK = "work"
 HOLDOUT, REPLAY = "holdout", "replay"
 MODEL_FILE, ONNX_FILE, STATE_FILE, MANIFEST_FILE = "model.safetensors", "model.onnx", "state.json", "manifest.json"
+SIGNATURE_FILE = "manifest.sig"  # with a device key: the manifest's HMAC-SHA256
 VERSION_FILES = (MODEL_FILE, ONNX_FILE, STATE_FILE)  # checksummed in the manifest, which is written last
 _VERSION = re.compile(r"^v(\d{4,})$")
 
@@ -128,13 +136,19 @@ class Version:
 class Store:
     """An existing model store (see module docstring).
 
+    Args:
+        key: The device key (:func:`edge_alast.integrity.read_device_key`): manifests are signed when written and
+            checked when read. None: off.
+
     Raises:
         ConfigError: ``root`` is not a store (no ``store.json`` or no ``current``), naming ``option``.
     """
 
-    def __init__(self, root: str | os.PathLike, option: str = "STORE", *, _new: bool = False):
+    def __init__(self, root: str | os.PathLike, option: str = "STORE", *, key: bytes | None = None,
+                 _new: bool = False):
         self.root = Path(root)
         self.option = option
+        self.key = key
         if _new:
             self.info = {}
             return
@@ -172,7 +186,18 @@ class Store:
                               f"(versions: {', '.join(self.version_names()) or 'none'})") from e
         except (OSError, ValueError) as e:
             raise ConfigError(f"{path / MANIFEST_FILE}: cannot read: {e}") from e
+        if self.key is not None:
+            self._check_signature(path)
         return Version(name, path, manifest)
+
+    def _check_signature(self, path: Path) -> None:
+        """IntegrityError unless ``path/manifest.sig`` is the device key's signature of its manifest."""
+        try:
+            recorded = (path / SIGNATURE_FILE).read_text()
+        except OSError:
+            raise IntegrityError(f"{path / MANIFEST_FILE}: no device-key signature ({SIGNATURE_FILE} missing): "
+                                 "refused; a version written without the key may have been planted") from None
+        check_seal(path / MANIFEST_FILE, recorded, self.key)
 
     def state(self, name: str | None = None) -> dict[str, Any]:
         """The holdout and replay lists of version ``name`` (default: current)."""
@@ -233,7 +258,7 @@ class Store:
         Raises:
             StoreBusy: another process holds it.
         """
-        fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_nofollow(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -275,6 +300,8 @@ class Store:
             manifest.setdefault("store", {})["files"] = {f: sha256_file(tmp / f) for f in VERSION_FILES}
             manifest["store"]["version"] = name
             atomic_write_json(tmp / MANIFEST_FILE, manifest)
+            if self.key is not None:
+                atomic_write_bytes(tmp / SIGNATURE_FILE, (seal(tmp / MANIFEST_FILE, self.key) + "\n").encode())
             for path in tmp.iterdir():  # files copied in by fill() may not have been fsynced
                 with open(path, "rb") as f:
                     os.fsync(f.fileno())
@@ -299,7 +326,8 @@ class Store:
     def append_history(self, record: dict[str, Any]) -> None:
         """Append one JSON line to ``history.jsonl`` and fsync it."""
         line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **record}, default=str) + "\n"
-        with open(self.root / HISTORY, "a") as f:
+        # O_NOFOLLOW: a planted history.jsonl link is refused (UnsafePathError), never appended through
+        with os.fdopen(open_nofollow(self.root / HISTORY, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644), "a") as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
@@ -351,9 +379,10 @@ def _replay_items(state: dict[str, Any]) -> list[dict]:
     return [item for name in sorted(state["replay"]) for item in state["replay"][name]["items"]]
 
 
-def create_store(root: str | os.PathLike, info: dict[str, Any], build: Callable[[Store], None]) -> Store:
+def create_store(root: str | os.PathLike, info: dict[str, Any], build: Callable[[Store], None],
+                 key: bytes | None = None) -> Store:
     """Create the store ``root`` atomically: ``build(store)`` fills a temp store beside it (the first version,
-    ``current``, holdout and replay images), which is then renamed to ``root``.
+    ``current``, holdout and replay images), which is then renamed to ``root``; ``key`` signs its manifests.
 
     Raises:
         ConfigError: ``root`` exists and is not an empty folder.
@@ -370,7 +399,7 @@ def create_store(root: str | os.PathLike, info: dict[str, Any], build: Callable[
     try:
         for kind in (HOLDOUT, REPLAY):
             (tmp / kind).mkdir()
-        store = Store(tmp, _new=True)
+        store = Store(tmp, key=key, _new=True)
         build(store)
         if not (tmp / CURRENT).is_symlink():
             raise ConfigError("store init: no current version was written")
@@ -381,7 +410,7 @@ def create_store(root: str | os.PathLike, info: dict[str, Any], build: Callable[
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsync_dir(parent)
-    return Store(root)
+    return Store(root, key=key)
 
 
 def rollback(store: Store, name: str | None = None) -> dict[str, Any]:

@@ -37,7 +37,8 @@ import numpy as np
 
 from ..atomic import atomic_write_bytes, atomic_write_json
 from ..config import DEVICES, PRECISIONS, option
-from ..errors import EXIT_INTERRUPTED, EXIT_KEPT, EXIT_OK, ConfigError, DataError
+from ..errors import EXIT_INTERRUPTED, EXIT_KEPT, EXIT_OK, ConfigError, DataError, NonFiniteError
+from ..integrity import read_device_key
 from ..methods import METHODS
 from . import replay
 from .store import (HOLDOUT, MANIFEST_FILE, MODEL_FILE, ONNX_FILE, REPLAY, STATE_FILE, WORK, Store, Version,
@@ -91,11 +92,14 @@ class UpdateConfig:
                                                     help="Training checkpoint interval in seconds.")
     checkpoint_every_steps: int | None = option(None, flag="--checkpoint-every-steps",
                                                 help="Also checkpoint training every N steps.")
+    device_key: str | None = option(None, flag="--device-key", envvar="EDGE_ALAST_DEVICE_KEY_FILE",
+                                    help="Device key file: the store's manifests and the training checkpoints are "
+                                         "signed with it (HMAC-SHA256); unsigned ones are refused (exit 2).")
 
     # Options that may change between an interrupted update and its resumption (the gate applies its thresholds
     # when it decides; none of these changes what is trained).
     RESUME_FREE = ("keep", "eval_batch_size", "checkpoint_every_seconds", "checkpoint_every_steps", "tolerance",
-                   "max_old_drop")
+                   "max_old_drop", "device_key")
 
     def name(self, key: str) -> str:
         return {f.name: f.metadata for f in dataclasses.fields(self)}[key]["flag"]
@@ -160,7 +164,9 @@ def gate(current: dict[str, Any] | None, candidate: dict[str, Any] | None, parit
     """
     eps = 1e-12  # accuracies are ratios of counts: equal ones compare equal, this only absorbs float noise
     checks, reasons = {"parity": dict(parity)}, []
-    if not parity.get("passed"):
+    if parity.get("diverged"):
+        reasons.append(f"no candidate: {parity.get('message')}")
+    elif not parity.get("passed"):
         reasons.append(f"ONNX parity failed: {parity.get('message', 'see parity')}")
     cand = candidate or {}
     cur = current or {}
@@ -195,11 +201,13 @@ def evaluate_onnx(model_path: str | os.PathLike, samples: Sequence[tuple[str, st
         ``{"per_class": {class: {"correct": n, "images": n}}, "skipped": [path, ...]}``.
     """
     from ..data.images import load_image
-    from ..deploy.onnxmeta import image_args, read_metadata
+    from ..deploy.onnxmeta import image_args, load_model_file, model_metadata
     from ..deploy.predict import session
 
-    sess = session(model_path)
-    meta = read_metadata(sess)
+    data, proto = load_model_file(model_path)  # self-contained, bounded metadata: as predict loads a model
+    meta = model_metadata(proto, str(model_path))
+    sess = session(data)
+    del data, proto
     names, args, input_name = meta["class_names"], image_args(meta), sess.get_inputs()[0].name
     per_class = {label: {"correct": 0, "images": 0} for _, label in samples}
     skipped = []
@@ -523,7 +531,7 @@ class _Update:
             steps=config.steps, lr=config.lr, batch_size=config.batch_size, profile=config.profile,
             device=config.device, precision=config.precision, seed=config.seed,
             max_bad_fraction=config.max_bad_fraction, checkpoint_every_seconds=config.checkpoint_every_seconds,
-            checkpoint_every_steps=config.checkpoint_every_steps, export=True)
+            checkpoint_every_steps=config.checkpoint_every_steps, export=True, device_key=config.device_key)
 
         def on_event(event: dict) -> None:
             self.tick()
@@ -534,6 +542,8 @@ class _Update:
         except ExportError as e:  # the candidate cannot be deployed (parity failed: NaN weights, an exporter bug)
             return {"parity": {"passed": False, "message": str(e)},
                     "summary": _train_facts(_read_json(run_dir / "summary.json") or {})}
+        except NonFiniteError as e:  # diverged: nothing was exported; the candidate is refused like one that fails
+            return {"parity": {"passed": False, "diverged": True, "message": str(e)}, "summary": _train_facts({})}
         if result.summary.get("interrupted"):
             return None
         parity = json.loads((run_dir / MANIFEST_FILE).read_text())["parity"]
@@ -651,7 +661,7 @@ def update(store_root: str | os.PathLike, data: str | os.PathLike, config: Updat
     config.validate()
     tick = tick or (lambda: None)
     emit = on_event or (lambda event: None)
-    store = Store(store_root)
+    store = Store(store_root, key=read_device_key(config.device_key))
     with store.locked():
         return _Update(store, Path(data).absolute(), config, emit, should_stop, tick).run()
 
@@ -662,7 +672,8 @@ def init_store(root: str | os.PathLike, *, run_dir: str | os.PathLike | None = N
                model: str | None = None, model_args: dict | None = None, img_size: int | None = None,
                holdout: str | os.PathLike | None = None, replay_data: str | os.PathLike | None = None,
                replay_max_images: int = 1000, replay_max_bytes: int = 256 * 2**20, seed: int = 0,
-               on_event: Callable[[dict], None] | None = None) -> dict[str, Any]:
+               on_event: Callable[[dict], None] | None = None,
+               device_key: str | os.PathLike | None = None) -> dict[str, Any]:
     """Create the store ``root`` with version ``v0001``: a finished run's model (``run_dir``), or ``weights`` for
     ``classes`` (a head that does not fit them is left at its fresh init: the first update trains it).
 
@@ -670,6 +681,7 @@ def init_store(root: str | os.PathLike, *, run_dir: str | os.PathLike | None = N
         holdout: An ImageFolder of held-out images of the model's classes (the gate's reference for them; none:
             the first updates can only measure forgetting on the images they hold out themselves).
         replay_data: An ImageFolder of training images to seed the replay sample with (e.g. the run's --data).
+        device_key: A device key file: the store's manifests are signed with it (see :mod:`.store`).
 
     Returns:
         The history record of the init.
@@ -677,6 +689,7 @@ def init_store(root: str | os.PathLike, *, run_dir: str | os.PathLike | None = N
     from ..deploy.export import export_onnx, validation_batch
 
     emit = on_event or (lambda event: None)
+    key = read_device_key(device_key)
     if (run_dir is None) == (weights is None):
         raise ConfigError("store init: give --from RUN_DIR or --weights FILE (one of them)")
     eval_transform = None
@@ -747,5 +760,6 @@ def init_store(root: str | os.PathLike, *, run_dir: str | os.PathLike | None = N
                        "replay": replay.totals(sample)})
         store.append_history(record)
 
-    create_store(root, {"model": info, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, build)
+    create_store(root, {"model": info, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, build,
+                 key=key)
     return record

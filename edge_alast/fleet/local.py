@@ -456,7 +456,8 @@ def prepare_local(*, out: str, data: str, val_data: str, nodes: int, rounds: int
                   "method": train.pop("method", None), "model": train.pop("model", None),
                   "weights": str(Path(train.pop("weights")).resolve()), "img-size": train.pop("img_size", None),
                   "batch-size": train.pop("batch_size", None), "lr": train.pop("lr", None),
-                  "steps-per-round": steps, "seed": train.pop("seed", None), **(fleet or {})}
+                  "steps-per-round": steps, "seed": train.pop("seed", None),
+                  "eval-images": train.pop("eval_images", None), **(fleet or {})}
     run_config = {k: v for k, v in run_config.items() if v is not None}
     if train.get("data") or train.get("out") or train.get("val_data"):
         train = {k: v for k, v in train.items() if k not in ("data", "out", "val_data")}

@@ -59,9 +59,10 @@ class GlobalModel:
         load_trainable(self.run.model, self.run.trainable, tensors, source="global tensors", complete=True)
 
     def evaluate(self) -> tuple[float | None, float | None]:
-        """Accuracy and loss on the held-out folder, every token (as ``train``'s final evaluation)."""
+        """Accuracy and loss on the held-out folder, every token (as ``train``'s final evaluation), on at most
+        run config ``eval-images`` of its images (default: all)."""
         run = self.run
-        return evaluate(run.model, run.val_samples, run.preprocess, run.eval_batch_size, run.device,
+        return evaluate(run.model, run.final_eval_samples, run.preprocess, run.eval_batch_size, run.device,
                         autocast(run.device, run.precision), bad=run.val_bad_images)
 
     def payload_facts(self) -> dict[str, int]:
@@ -82,14 +83,14 @@ class GlobalModel:
                  "strategy": strategy_state, "resumes": resumes, "key": self.resume_key()}
         folder = Path(self.settings.out) / CHECKPOINT_DIR
         folder.mkdir(parents=True, exist_ok=True)
-        path = save_checkpoint(folder, server_round, state)
+        path = save_checkpoint(folder, server_round, state, key=self.run.device_key)
         lines = "".join(json.dumps(entry) + "\n" for entry in history)
         atomic_write(Path(self.settings.out) / ROUNDS_FILE, lambda f: f.write(lines.encode()))
         return path
 
     def load_last_round(self) -> tuple[dict | None, list[str]]:
         """The newest verified checkpoint (loaded into the model), or None; refuses one of other settings."""
-        state, notes = load_latest(Path(self.settings.out) / CHECKPOINT_DIR)
+        state, notes = load_latest(Path(self.settings.out) / CHECKPOINT_DIR, self.run.device_key)
         if state is None:
             return None, notes
         if state.get("key") != self.resume_key():
@@ -124,7 +125,7 @@ class GlobalModel:
             "model": self.config.model, "profile": None, "device": run.device, "precision": run.precision,
             "img_size": self.config.img_size, "eval_transform": run.preprocess.eval_transform,
             "classes": self.classes, "val_accuracy": last.get("val_accuracy"), "val_loss": last.get("val_loss"),
-            "val_images": len(run.val_samples), "trainable_params": payload["params"],
+            "val_images": len(run.final_eval_samples), "trainable_params": payload["params"],
             "base_params": sum(p.numel() for p in run.model.parameters()),
             "server_seconds": time.time() - started, "warnings": run.warnings, **(extra or {}),
         })

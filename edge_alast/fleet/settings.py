@@ -31,6 +31,7 @@ RUN_CONFIG: dict[str, tuple[Any, str]] = {
     "num-rounds": (3, "rounds of the federation (a resumed server runs the rounds still missing)"),
     "out": ("", "server folder (absolute path): checkpoints/, summary.json, model.safetensors, model.onnx"),
     "val-data": ("", "held-out ImageFolder the server evaluates the global model on after every round"),
+    "eval-images": (0, "most images of val-data each round's evaluation reads, spread over every class; 0: all"),
     "classes": ("", "class names in label order, comma-separated; default: the class folders of val-data"),
     "method": (_TRAIN["method"].default, "fine-tuning method (light-peft methods cannot be averaged: refused)"),
     "model": (_TRAIN["model"].default, "timm model name"),
@@ -193,6 +194,7 @@ class FleetSettings:
             train["steps"] = None
         train["weights"] = _text(get["weights"]) or extra.get("weights")
         train["batch_size"] = get["batch-size"] or extra.get("batch_size")
+        train["eval_images"] = get["eval-images"] or extra.get("eval_images")
         classes = tuple(c.strip() for c in _text(get["classes"]).split(",") if c.strip())
         train["classes"] = list(classes) or extra.get("classes")
         settings = cls(num_rounds=get["num-rounds"], out=get["out"], val_data=get["val-data"],

@@ -20,9 +20,11 @@ from torch import nn
 from ..alast.baselines import baseline_config
 from ..device.calibration import full_tokens
 from .checkpoint import checkpoints, load_latest
+from ..atomic import SPACE_MARGIN_BYTES, free_bytes, open_nofollow
+from ..integrity import read_device_key
 from ..config import AlastConfig, TrainConfig
 from ..data.loader import BatchLoader, BatchOrder, Preprocess
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, DiskFullError
 from ..model.flops import StepFlopCounter
 from ..device.guard import MemoryGuard
 from ..data.images import BadImages, scan_image_folder, scan_warnings, split_samples
@@ -38,6 +40,9 @@ from ..alast.support import check_model
 from ..model.trainable import TrainableSet
 
 
+EVAL_EVERY_IMAGES = 256  # --eval-every's subset when --eval-images is not given
+
+
 @dataclass
 class Run:
     """A run, set up (see module docstring).
@@ -50,6 +55,8 @@ class Run:
         run_dir: The run folder (exists and is writable).
         classes, train_samples, val_samples: The data; ``warnings`` names skipped files and empty classes.
         eval_samples: The fixed validation subset ``--eval-every`` evaluates on (empty without it).
+        final_eval_samples (property): What the final evaluation reads: ``--eval-images`` of the validation images
+            (all by default).
         order: The training batches as a function of the step (its batch size is the plan's, or the resumed
             checkpoint's).
         total_steps: Steps of the whole run.
@@ -65,6 +72,7 @@ class Run:
             in from ``--alast-from``); ``baseline``: what that matched, for the summary.
         checkpoint: The checkpoint to resume from (None: start at step 0); the trainer drops it once restored.
         resume_notes: Checkpoints passed over, in words.
+        device_key: The ``--device-key`` that signs and checks checkpoints (None: plain sha256).
         bad_images: Training files that failed to decode when used, counted against ``--max-bad-fraction`` with the
             scan's skips (checkpointed); ``val_bad_images`` the same for validation (the same record when the
             validation images are a split of ``--data``).
@@ -98,6 +106,11 @@ class Run:
     bad_images: BadImages | None = None
     val_bad_images: BadImages | None = None
     cuda_memory_cap_bytes: int | None = None
+    device_key: bytes | None = None
+
+    @property
+    def final_eval_samples(self) -> list:
+        return spread(self.val_samples, self.config.eval_images)
 
     @property
     def depth(self) -> int:
@@ -119,6 +132,7 @@ def setup_run(config: TrainConfig) -> Run:
     spec = METHODS[config.method]
     profile, device, precision, batch_size = _resolve_device(config)
     torch.manual_seed(config.seed)  # the model's initialisation and the adapters' draw from it
+    device_key = read_device_key(config.device_key)
     run_dir = _prepare_run_dir(Path(config.out))
     data = _scan_data(config)
     model, preprocess, base_params = _build_model(config, spec, len(data.classes), device)
@@ -134,8 +148,10 @@ def setup_run(config: TrainConfig) -> Run:
               total_steps=0, model=model, preprocess=preprocess, trainable=trainable, flop_counter=flop_counter,
               base_params=base_params, plan=None,
               caps=PolicyCaps(lowest_trainable=config.freeze_below, recompute=recompute), guard=None,
-              eval_samples=spread(data.val_samples, config.eval_images) if config.eval_every else [],
-              alast=alast, baseline=baseline, bad_images=data.bad_images, val_bad_images=data.val_bad_images)
+              eval_samples=spread(data.val_samples, config.eval_images or EVAL_EVERY_IMAGES)
+              if config.eval_every else [],
+              alast=alast, baseline=baseline, bad_images=data.bad_images, val_bad_images=data.val_bad_images,
+              device_key=device_key)
     if profile is not None:
         _plan(run, profile)
     _find_resume_point(run)
@@ -272,9 +288,10 @@ def _memory_guard(run: Run) -> MemoryGuard:
 def _find_resume_point(run: Run) -> None:
     """The checkpoint to resume (the trainer restores it), and the caps and batch size in force when it was
     written: a fresh plan could differ (it measures live RSS)."""
-    run.checkpoint, run.resume_notes = _find_checkpoint(run.config, run.run_dir, run.precision)
+    run.checkpoint, run.resume_notes = _find_checkpoint(run.config, run.run_dir, run.precision, run.device_key)
     if run.checkpoint is None:
         return
+    _check_room_to_resume(run)
     run.caps = PolicyCaps.from_state(run.checkpoint["caps"])
     if run.checkpoint["batch_size"] != run.order.batch_size:
         run.order = BatchOrder(len(run.train_samples), run.checkpoint["batch_size"], run.config.seed)
@@ -312,8 +329,10 @@ def _baseline(config: TrainConfig, model: nn.Module, trainable: TrainableSet, fl
         raise ConfigError(f"--alast-from: cannot read {config.alast.from_run}: {e}") from e
 
 
-def spread(items: list, limit: int) -> list:
-    """At most ``limit`` of ``items``, evenly spaced (every class of a class-sorted sample list)."""
+def spread(items: list, limit: int | None) -> list:
+    """At most ``limit`` of ``items``, evenly spaced (every class of a class-sorted sample list); None: all."""
+    if limit is None or limit >= len(items):
+        return list(items)
     return items[::max(1, len(items) // limit)][:limit]
 
 
@@ -336,10 +355,12 @@ def make_loader(run: Run, on_warning=None) -> BatchLoader:
 
 
 def _prepare_run_dir(run_dir: Path) -> Path:
+    """Create ``run_dir`` and prove it writable; remove temp files a power cut left. The probe is created with
+    ``O_NOFOLLOW``: a planted ``.write-test`` link is refused (UnsafePathError), never followed."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
-        probe.write_bytes(b"")
+        os.close(open_nofollow(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC))
         probe.unlink()
         for stale in run_dir.glob(".*.tmp"):  # temp files of atomic writes cut short by a power loss
             stale.unlink()
@@ -348,14 +369,27 @@ def _prepare_run_dir(run_dir: Path) -> Path:
     return run_dir
 
 
-def _find_checkpoint(config: TrainConfig, run_dir: Path, precision: str) -> tuple[dict | None, list[str]]:
+def _check_room_to_resume(run: Run) -> None:
+    """A resumed run writes its next checkpoint beside the one it resumed: refuse at once, naming both, when the
+    disk has no room for it, rather than train until that save fails again (a restart loop on a full disk)."""
+    step = int(run.checkpoint["step"])
+    path = dict(checkpoints(run.run_dir))[step]
+    needed, free = path.stat().st_size, free_bytes(run.run_dir)
+    if free < needed + SPACE_MARGIN_BYTES:
+        raise DiskFullError(f"--out: disk full: {run.run_dir} resumes from {path.name} (step {step}, kept), but its "
+                            f"next checkpoint needs about {needed} bytes (+{SPACE_MARGIN_BYTES} margin) and "
+                            f"{free} are free; free some space and run the same command again")
+
+
+def _find_checkpoint(config: TrainConfig, run_dir: Path, precision: str,
+                     key: bytes | None = None) -> tuple[dict | None, list[str]]:
     """The newest valid checkpoint of a run with these settings, or None; ``--no-resume`` deletes them."""
     if config.resume is False:
         for _, path in checkpoints(run_dir):  # starting over: a stale checkpoint must not be resumed later
             path.with_suffix(".sha256").unlink(missing_ok=True)
             path.unlink(missing_ok=True)
         return None, []
-    checkpoint, notes = load_latest(run_dir)
+    checkpoint, notes = load_latest(run_dir, key)
     notes = [f"--out: {note}" for note in notes]
     if checkpoint is None:
         if config.resume:

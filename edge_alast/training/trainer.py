@@ -10,6 +10,8 @@ the unreadable files and the RNG (:func:`_checkpoint`, restored by :func:`_resto
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,15 +23,15 @@ import torch.nn.functional as F
 from .. import __version__
 from ..adapters.lora import merge_lora
 from ..alast.policy import PolicyCaps
-from ..atomic import atomic_write_json
+from ..atomic import atomic_write_json, open_nofollow
 from ..config import TrainConfig
 from ..device.allocator import allocator_in_use
 from ..device.memory import PeakTracker, rss_bytes, trim_heap
 from ..device.precision import autocast as autocast_for
-from ..errors import ConfigError
+from ..errors import ConfigError, NonFiniteError
 from ..model.trainable import load_trainable
 from ..runfolder import save_model, steady, truncate_metrics
-from .checkpoint import save_checkpoint
+from .checkpoint import checkpoints, save_checkpoint
 from .evaluate import evaluate
 from .objective import ProximalTerm, penalties
 from .run import Run, make_loader, setup_run
@@ -146,57 +148,71 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
     peaks.interval_peak()  # from here on, each reading is one step's own peak
     last_save = time.monotonic()
     run.model.train()
-    with open(metrics_path, "a") as metrics:
-        def log(record: dict) -> None:
-            metrics.write(json.dumps(record) + "\n")
-            emit(record)
+    try:
+        with os.fdopen(open_nofollow(metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a") as metrics:
+            def log(record: dict) -> None:
+                metrics.write(json.dumps(record) + "\n")
+                emit(record)
 
-        for step in range(loop.step, run.total_steps):
-            if step == stage.end_step:
-                # ---- Light-PEFT: prune by the estimates, then fine-tune the smaller model
-                stage = next_stage(run, stage)
-                # "step": the first step that trains the pruned model (a resume before it re-runs the pruning and
-                # drops this line with the steps after its checkpoint)
-                log({"event": "prune", "step": step + 1, **pruning_summary(run.model, stage.pruning, run.base_params)})
-            t0 = time.perf_counter()
-            plan = stage.policy.decide(loop.caps)
-            budgets = stage.policy.budgets  # as decided: observe() replaces them
-            stage.handle.set_plan(plan)
-            x, y = loader.get(step)
-            if len(y) == 0:  # every file of this batch failed to decode: no update; step s+1 still reads batch s+1
-                continue
-            t_data = time.perf_counter()
-            loss, terms = _forward_backward_step(run, stage, loop.scaler, autocast, x.to(run.device),
-                                                 y.to(run.device), step, proximal)
-            t_compute = time.perf_counter()
-            stage.policy.observe(stage.handle.step_deltas(), stage.handle.step_streams())
-            if config.trim_memory:
-                trim_heap()
-            step_peak = _step_peak(peaks, run.device)
-            if run.guard is not None:  # near the ceiling: the caps for the steps that follow
-                loop.caps, guard_event = run.guard.check(step_peak, loop.caps, stage.policy)
-                if guard_event is not None:
-                    log({**guard_event, "step": step + 1})
-            if run.device == "cuda":
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - t0
-            loop.record(step, seconds, _step_flops(stage, plan, len(y), config.img_size), float(loss.detach()),
-                        step_peak)
-            log({**_step_record(run, stage, loop, plan, budgets, terms, peaks),
-                 # where the step's time went: waiting for the batch (plan + loader), forward + backward +
-                 # optimizer (on CUDA: until the kernels are queued), and the rest (policy update, memory readings,
-                 # guard)
-                 "time/data_seconds": t_data - t0, "time/compute_seconds": t_compute - t_data})
-            if config.eval_every and loop.step % config.eval_every == 0:  # a point of the validation curve
-                log(_validation_point(run, stage, loop, autocast, warn))
-            metrics.flush()
-            if should_stop is not None and should_stop() and loop.step < run.total_steps:
-                _save(config, run, stage, loop, emit)
-                interrupted = True
-                break
-            if _checkpoint_due(config, loop.step, last_save) and loop.step < run.total_steps:
-                _save(config, run, stage, loop, emit)
-                last_save = time.monotonic()
+            for step in range(loop.step, run.total_steps):
+                if step == stage.end_step:
+                    # ---- Light-PEFT: prune by the estimates, then fine-tune the smaller model
+                    stage = next_stage(run, stage)
+                    # "step": the first step that trains the pruned model (a resume before it re-runs the pruning and
+                    # drops this line with the steps after its checkpoint)
+                    log({"event": "prune", "step": step + 1,
+                         **pruning_summary(run.model, stage.pruning, run.base_params)})
+                t0 = time.perf_counter()
+                plan = stage.policy.decide(loop.caps)
+                budgets = stage.policy.budgets  # as decided: observe() replaces them
+                stage.handle.set_plan(plan)
+                x, y = loader.get(step)
+                if len(y) == 0:  # every file of this batch failed to decode: no update; step s+1 reads batch s+1
+                    continue
+                t_data = time.perf_counter()
+                loss, terms = _forward_backward_step(run, stage, loop.scaler, autocast, x.to(run.device),
+                                                     y.to(run.device), step, proximal)
+                t_compute = time.perf_counter()
+                stage.policy.observe(stage.handle.step_deltas(), stage.handle.step_streams())
+                if config.trim_memory:
+                    trim_heap()
+                step_peak = _step_peak(peaks, run.device)
+                if run.guard is not None:  # near the ceiling: the caps for the steps that follow
+                    loop.caps, guard_event = run.guard.check(step_peak, loop.caps, stage.policy)
+                    if guard_event is not None:
+                        log({**guard_event, "step": step + 1})
+                if run.device == "cuda":
+                    torch.cuda.synchronize()
+                seconds = time.perf_counter() - t0
+                loop.record(step, seconds, _step_flops(stage, plan, len(y), config.img_size), float(loss.detach()),
+                            step_peak)
+                log({**_step_record(run, stage, loop, plan, budgets, terms, peaks),
+                     # where the step's time went: waiting for the batch (plan + loader), forward + backward +
+                     # optimizer (on CUDA: until the kernels are queued), and the rest (policy update, memory
+                     # readings, guard)
+                     "time/data_seconds": t_data - t0, "time/compute_seconds": t_compute - t_data})
+                if config.eval_every and loop.step % config.eval_every == 0:  # a point of the validation curve
+                    log(_validation_point(run, stage, loop, autocast, warn))
+                metrics.flush()
+                if should_stop is not None and should_stop() and loop.step < run.total_steps:
+                    _save(config, run, stage, loop, emit)
+                    interrupted = True
+                    break
+                if _checkpoint_due(config, loop.step, last_save) and loop.step < run.total_steps:
+                    _save(config, run, stage, loop, emit)
+                    last_save = time.monotonic()
+
+        if not interrupted:  # what is evaluated, saved and exported next must be finite
+            _check_finite(run.model, f"after step {loop.step}")
+    except NonFiniteError as e:  # nothing is evaluated, saved or exported from diverged weights
+        loader.close()
+        stage.close()
+        raise NonFiniteError(f"{e}; nothing was published (no model.safetensors, model.onnx or manifest.json "
+                             f"from these weights); {_kept_checkpoint(run)}") from None
+    except BaseException:  # e.g. DiskFullError from a checkpoint: stop the loader's threads, then report
+        loader.close()
+        stage.close()
+        raise
 
     loader.close()
     if interrupted:
@@ -209,9 +225,10 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
 
     # ---------------------------------------------------------------- evaluation (all tokens, no budgets)
     stage.handle.set_plan(None)
-    val_accuracy, val_loss = evaluate(run.model, run.val_samples, run.preprocess, run.eval_batch_size, run.device,
+    final_samples = run.final_eval_samples  # --eval-images caps it (default: every validation image)
+    val_accuracy, val_loss = evaluate(run.model, final_samples, run.preprocess, run.eval_batch_size, run.device,
                                       autocast, bad=run.val_bad_images, on_warning=warn)
-    emit({"event": "eval", "val_accuracy": val_accuracy, "val_loss": val_loss, "val_images": len(run.val_samples)})
+    emit({"event": "eval", "val_accuracy": val_accuracy, "val_loss": val_loss, "val_images": len(final_samples)})
     stage.close()
 
     # ---------------------------------------------------------------- save the tuned model
@@ -297,6 +314,10 @@ def _forward_backward_step(run: Run, stage: Stage, scaler: torch.amp.GradScaler,
     objective = loss
     for term in terms.values():
         objective = objective + term
+    value = float(objective.detach())
+    if not math.isfinite(value):  # before backward: no step is taken from it
+        raise NonFiniteError(f"training diverged at step {step + 1}: the loss is {value} (lower --lr, or check the "
+                             "data and --weights)")
     scaler.scale(objective).backward()
     if recorder is not None and recorder.recording(step):
         scaler.unscale_(stage.optimizer)  # rank importances need true gradients (a no-op unless fp16)
@@ -373,11 +394,31 @@ def _checkpoint(config: TrainConfig, run: Run, stage: Stage, loop: LoopState) ->
             "bad_images": run.bad_images.state_dict(), "rng": {"torch": torch.get_rng_state()}}
 
 
+def _check_finite(model: torch.nn.Module, when: str) -> None:
+    """NonFiniteError naming the first parameter of ``model`` that holds NaN or an infinity."""
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p.detach()).all()):
+            raise NonFiniteError(f"training diverged: {name} holds NaN or infinite values {when} (lower --lr, or "
+                                 "check the data and --weights)")
+
+
+def _kept_checkpoint(run: Run) -> str:
+    """Which checkpoint a diverged run keeps, in words."""
+    found = checkpoints(run.run_dir)
+    if not found:
+        return "no checkpoint was written before it"
+    step, path = found[0]
+    return f"the last checkpoint, {path.name} (step {step}), written from finite weights, is kept"
+
+
 def _save(config: TrainConfig, run: Run, stage: Stage, loop: LoopState, emit: Callable[[dict], None]) -> None:
+    """Checkpoint after ``loop.step`` steps: never from non-finite weights (NonFiniteError), so the newest
+    checkpoint is always one to resume; a full disk is a DiskFullError (the earlier checkpoints are kept)."""
+    _check_finite(run.model, f"at the checkpoint after step {loop.step}")
     try:
-        path = save_checkpoint(run.run_dir, loop.step, _checkpoint(config, run, stage, loop))
+        path = save_checkpoint(run.run_dir, loop.step, _checkpoint(config, run, stage, loop), key=run.device_key)
         emit({"event": "checkpoint", "step": loop.step, "path": str(path)})
-    except OSError as e:  # e.g. disk full: the previous checkpoint is untouched, training goes on
+    except OSError as e:  # e.g. an I/O error: the previous checkpoint is untouched, training goes on
         emit({"event": "warning", "message": f"checkpoint at step {loop.step} not written ({e}); "
                                               "the previous checkpoint is kept"})
 

@@ -276,3 +276,24 @@ def test_file_failing_at_use_is_named_and_too_many_is_exit_3(image_folder, tmp_p
     result = CliRunner().invoke(main, ["train", "--config", str(cfg), "--out", str(tmp_path / "r2"),
                                        "--max-bad-fraction", "0.05"])
     assert result.exit_code == 3 and "unreadable" in result.output and "damaged.jpg" in result.output
+
+
+def test_a_real_file_size_limit_while_checkpointing_is_exit_6(image_folder, tmp_path):
+    """torch.save under RLIMIT_FSIZE (SIGXFSZ ignored: writes past it fail with EFBIG, as on a full card): torch's
+    own RuntimeError is recognised as a full disk; nothing but the small files before it was written."""
+    import resource
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))  # the checkpoint is ~450 KiB
+
+    from tests.helpers import REPO
+
+    config = run_file(tmp_path, image_folder, tmp_path / "r", steps=4, checkpoint_every_steps=2,
+                      allocator="glibc")  # no re-execution with another malloc: one interpreter start
+    proc = subprocess.run([sys.executable, "-m", "edge_alast.cli", "train", "--config", str(config), "--json"],
+                          capture_output=True, text=True, preexec_fn=small_files, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 6, proc.stderr
+    assert "checkpoint at step 2: disk full writing" in proc.stderr and "RuntimeError" in proc.stderr
+    assert checkpoints(tmp_path / "r") == [] and not list((tmp_path / "r").glob(".*.tmp"))

@@ -3,6 +3,7 @@ imported, and the eval transform that travels in the model's metadata (identical
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from edge_alast.data.images import load_image
 from edge_alast.data.loader import Preprocess
 from edge_alast.deploy.export import export_run
 from edge_alast.deploy.onnxmeta import read_metadata
+from edge_alast.cli.deploy import predict as predict_command
 from edge_alast.deploy.predict import choose_provider, session
 from edge_alast.errors import ConfigError
 from edge_alast.runfolder import load_run_model
@@ -142,3 +144,95 @@ def test_models_from_before_the_eval_transform_travelled_still_squash(finished_r
     (old_run / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "eval_transform"}))
     assert {k: load_run_model(old_run)[1][k] for k in ("crop_pct", "crop_mode")} == {"crop_pct": 1.0,
                                                                                    "crop_mode": "squash"}
+
+
+# ---------------------------------------------------------------- only self-contained models, bounded metadata
+
+def _classifier(path: Path, side: int = 16, external: str | None = None, **meta_overrides) -> Path:
+    """A small image classifier (mean colour -> 2 logits) with edge-alast metadata; ``external``: its weight is
+    stored as external data at that location instead of inside the file."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edge_alast.deploy.onnxmeta import build_metadata, set_metadata
+
+    weight = numpy_helper.from_array(np.arange(6, dtype=np.float32).reshape(3, 2), "w")
+    if external is not None:
+        weight.ClearField("raw_data")
+        weight.data_location = TensorProto.EXTERNAL
+        weight.external_data.add(key="location", value=external)
+        weight.external_data.add(key="length", value="24")
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+         helper.make_node("Flatten", ["pooled"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["logits"])],
+        "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, side, side])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    props = build_metadata(class_names=["cat", "dog"], img_size=side, mean=(0.5,) * 3, std=(0.25,) * 3,
+                           base_model=None, profile=None, summary=None)
+    props.update({f"edge_alast.{k}": v for k, v in meta_overrides.items()})
+    set_metadata(model, props)
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def _image(tmp_path: Path) -> Path:
+    path = tmp_path / "img.png"
+    Image.fromarray(np.full((20, 20, 3), 200, dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("location", ["secret.bin", "/etc/passwd", "../secret.bin"])
+def test_a_model_with_external_data_is_refused_before_onnxruntime_reads_the_file(tmp_path, location):
+    from edge_alast.deploy.predict import predict
+
+    (tmp_path / "secret.bin").write_bytes(np.arange(6, dtype=np.float32).tobytes())  # loadable: ort would read it
+    (tmp_path / "models").mkdir()
+    model = _classifier(tmp_path / ("models/m.onnx" if location.startswith("..") else "m.onnx"), external=location)
+    with pytest.raises(ConfigError, match=rf"m.onnx: tensor w is stored as external data \('{re.escape(location)}'\)"):
+        predict(model, [_image(tmp_path)])
+    result = CliRunner().invoke(predict_command, [str(model), str(_image(tmp_path))])
+    assert result.exit_code == 2 and "external data" in result.output and "Traceback" not in result.output
+
+
+def test_the_self_contained_control_model_predicts(tmp_path):
+    from edge_alast.deploy.predict import predict
+
+    (top,) = predict(_classifier(tmp_path / "m.onnx"), [_image(tmp_path)], top_k=1)
+    assert top["top"][0]["class"] in ("cat", "dog")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "empty file, not an ONNX model"),
+    (b"\x00garbage\xff" * 100, "not an ONNX model"),
+    (b"\x08\x07", "not an ONNX model (no IR version or graph outputs)"),  # parses: an IR version, no graph
+])
+def test_empty_or_garbage_model_files_are_exit_2_naming_the_file(tmp_path, content, message):
+    model = tmp_path / "bad.onnx"
+    model.write_bytes(content)
+    result = CliRunner().invoke(predict_command, [str(model), str(_image(tmp_path))])
+    assert result.exit_code == 2, result.output
+    assert f"bad.onnx: {message}" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"img_size": "60000"}, "img_size must be an integer in [8, 4096]"),
+    ({"img_size": "true"}, "img_size must be an integer"),
+    ({"mean": "[0.5]"}, "mean must be 3 finite numbers"),
+    ({"mean": "[0.5, 0.5, NaN]"}, "mean must be 3 finite numbers"),
+    ({"std": "[0.25, 0, 0.25]"}, "std must be > 0 per channel"),
+    ({"std": "{not json"}, "std is not valid JSON"),
+    ({"class_names": "[\"cat\"]"}, "class_names must name the model's 2 outputs"),
+    ({"class_names": "[1, 2]"}, "class_names must be a list of 1 to"),
+    ({"class_names": json.dumps(["x" * 300, "y"])}, "class_names must be a list"),
+    ({"crop_pct": "7"}, "crop_pct must be a number in (0, 1]"),
+    ({"crop_mode": "explode"}, "crop_mode must be one of"),
+    ({"summary": "x" * (2 << 20)}, "summary holds 2097152 characters (at most 1048576)"),
+])
+def test_bad_metadata_is_exit_2_naming_the_file_and_field(tmp_path, override, message):
+    model = _classifier(tmp_path / "m.onnx", **override)
+    result = CliRunner().invoke(predict_command, [str(model), str(_image(tmp_path))])
+    assert result.exit_code == 2, result.output
+    assert "m.onnx: metadata edge_alast." in result.output and message in result.output
+    assert "Traceback" not in result.output

@@ -335,8 +335,9 @@ def test_full_disk_is_a_clear_error_nothing_lost_and_the_update_resumes(store, t
     args = cli("update", store, "--data", tmp_path / "new", "--steps", 4, "--lr", "1e-3", "--batch-size", 8,
                "--tolerance", 1, "--max-old-drop", 1)
     proc = subprocess.run(args, capture_output=True, text=True, env=env(), preexec_fn=small_files, timeout=300)
-    assert proc.returncode == 1, proc.stderr
-    assert "File too large" in proc.stderr and "current version is v0001, whole" in proc.stderr
+    assert proc.returncode == 6, proc.stderr  # DiskFullError: its own exit code
+    assert "disk full" in proc.stderr and "File too large" in proc.stderr
+    assert "current version is v0001, whole" in proc.stderr
     assert assert_current_whole(store) == "v0001" and Store(store).version_names() == ["v0001"]
     resumed = update(store, tmp_path / "new", UpdateConfig(**FAST, tolerance=1.0, max_old_drop=1.0))
     assert resumed.decision == "published" and assert_current_whole(store) == "v0002"
@@ -468,3 +469,56 @@ def test_systemd_unit_commands_run_an_update_with_notify_and_watchdog(store, tmp
     assert not Path(spool["BATCH"]).exists() and len(list(Path(spool["DONE"]).iterdir())) == 1
     assert run("ExecCondition").returncode != 0
     assert assert_current_whole(store) == "v0002"
+
+
+# ---------------------------------------------------------------- device key (issue 22)
+
+def test_with_a_device_key_manifests_are_signed_and_a_planted_version_is_refused(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    key = tmp_path / "device.key"
+    key.write_bytes(os.urandom(32))
+    weights = tmp_path / "w.safetensors"
+    safetensors.torch.save_file(tiny_model().state_dict(), str(weights))
+    init_store(tmp_path / "store", weights=weights, classes=["a", "b"], model="vit_tiny_patch16_224",
+               model_args=TINY_ARGS, img_size=32, device_key=key)
+    store_dir = tmp_path / "store"
+    assert (store_dir / "v0001" / "manifest.sig").read_text().startswith("hmac-sha256:")
+    runner = CliRunner()
+    ok = runner.invoke(main, ["store", "show", str(store_dir), "--json"], env={"EDGE_ALAST_DEVICE_KEY_FILE": str(key)})
+    assert ok.exit_code == 0 and json.loads(ok.stdout)["verified"], ok.output
+    other = tmp_path / "other.key"
+    other.write_bytes(os.urandom(32))
+    wrong = runner.invoke(main, ["store", "show", str(store_dir), "--device-key", str(other)])
+    assert wrong.exit_code == 2 and "signature does not match" in wrong.output
+    # a planted version: a copy whose manifest claims other classes, re-hashed but not signed with the key
+    shutil.copytree(store_dir / "v0001", store_dir / "v0002")
+    manifest = json.loads((store_dir / "v0002" / "manifest.json").read_text())
+    manifest["store"].update(version="v0002", classes=["a", "b", "intruder"])
+    (store_dir / "v0002" / "manifest.json").write_text(json.dumps(manifest))
+    Store(store_dir).set_current("v0002")
+    assert Store(store_dir).version().classes == ["a", "b", "intruder"]  # without the key nothing tells
+    for sig in ("kept", "removed"):
+        if sig == "removed":
+            (store_dir / "v0002" / "manifest.sig").unlink()
+        result = runner.invoke(main, ["update", str(store_dir), "--data", str(tmp_path), "--device-key", str(key)])
+        assert result.exit_code == 2, result.output
+        assert ("signature does not match" if sig == "kept" else "no device-key signature") in result.output
+    from edge_alast.integrity import read_device_key
+
+    assert Store(store_dir, key=read_device_key(key)).version("v0001").name == "v0001"  # the signed one still reads
+
+
+def test_a_planted_history_or_lock_link_is_refused_and_its_target_untouched(tmp_path):
+    from edge_alast.errors import UnsafePathError
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    (tmp_path / "s").mkdir()
+    store = Store(tmp_path / "s", _new=True)
+    for name, use in (("history.jsonl", lambda: store.append_history({"event": "x"})),
+                      (".lock", lambda: store.locked().__enter__())):
+        (tmp_path / "s" / name).symlink_to(victim)
+        with pytest.raises(UnsafePathError, match=f"{re.escape(name)}: is a symbolic link"):
+            use()
+        assert victim.read_text() == "precious\n"

@@ -839,3 +839,19 @@ def test_tls_federation_with_a_node_sending_nan_completes_finite(assets, tmp_pat
     state, _ = load_latest(out / "checkpoints")
     assert state["round"] == 2 and all(t.isfinite().all() for t in state["tensors"].values())
     assert "https://127.0.0.1" in (out / "logs" / "superlink.log").read_text()
+
+
+def test_each_rounds_server_evaluation_reads_at_most_eval_images(assets, tmp_path, monkeypatch):
+    """Run config eval-images caps the server's evaluation after every round (default 0: the whole val-data)."""
+    import edge_alast.fleet.server as server
+    from edge_alast.fleet.server import GlobalModel
+
+    read = []
+    monkeypatch.setattr(server, "evaluate", lambda model, samples, *a, **k: read.append(len(samples)) or (0.5, 1.0))
+    GlobalModel(FleetSettings.from_run_config(run_config(assets, tmp_path / "all"))).evaluate()
+    capped = FleetSettings.from_run_config(run_config(assets, tmp_path / "capped", **{"eval-images": 5}))
+    assert capped.train["eval_images"] == 5
+    model = GlobalModel(capped)
+    model.evaluate()
+    assert read == [12, 5]  # val-data holds 3 classes x 4 images
+    assert {label for _, label in model.run.final_eval_samples} == {0, 1, 2}  # spread over every class

@@ -36,3 +36,35 @@ def test_damaged_or_unfinished_newest_falls_back_with_a_note(tmp_path):
 def test_no_checkpoint_and_no_folder(tmp_path):
     assert load_latest(tmp_path) == (None, [])
     assert checkpoints(tmp_path / "missing") == []
+
+
+# ---------------------------------------------------------------- device key (issue 22)
+KEY = b"k" * 32
+
+
+def test_with_a_device_key_the_sidecar_is_a_signature_and_loads(tmp_path):
+    path = save_checkpoint(tmp_path, 1, state(1), key=KEY)
+    assert path.with_suffix(".sha256").read_text().startswith("hmac-sha256:")
+    assert verify(path, KEY) is None
+    assert load_latest(tmp_path, KEY)[0]["step"] == 1
+
+
+def test_a_planted_checkpoint_with_a_matching_plain_sha256_is_refused_with_a_key(tmp_path):
+    import hashlib
+
+    import pytest
+
+    from edge_alast.errors import IntegrityError
+
+    save_checkpoint(tmp_path, 1, state(1), key=KEY)
+    planted = tmp_path / "checkpoint-00000009.pt"
+    torch.save(state(9), planted)
+    planted.with_suffix(".sha256").write_text(hashlib.sha256(planted.read_bytes()).hexdigest() + "\n")
+    assert load_latest(tmp_path)[0]["step"] == 9  # without a key it is resumed: the sidecar detects damage only
+    with pytest.raises(IntegrityError, match="checkpoint-00000009.pt: not signed with the device key"):
+        load_latest(tmp_path, KEY)
+    save_checkpoint(tmp_path, 9, state(9), key=b"another key, 32 bytes long......")
+    with pytest.raises(IntegrityError, match="signature does not match"):
+        load_latest(tmp_path, KEY)
+    with pytest.raises(IntegrityError, match="signed with a device key; pass --device-key"):
+        load_latest(tmp_path)  # a signed checkpoint cannot be checked without the key

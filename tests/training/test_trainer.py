@@ -106,27 +106,167 @@ def test_checkpoint_of_other_settings_is_not_clobbered(image_folder, tmp_path):
         train(tiny_config(image_folder, tmp_path / "fresh", resume=True))
 
 
-def test_disk_full_while_checkpointing_keeps_previous_checkpoint(image_folder, tmp_path, monkeypatch):
+def test_disk_full_while_checkpointing_stops_keeps_the_previous_checkpoint_and_the_next_start_says_so(
+        image_folder, tmp_path, monkeypatch):
+    """torch.save reports a full disk as a RuntimeError (its OSError in the context): DiskFullError (exit 6), the
+    step-1 checkpoint kept whole; the next start refuses at once while its successor cannot fit, naming it, and
+    resumes from it once space is free."""
+    import errno
+
+    import edge_alast.atomic as atomic
     import edge_alast.training.checkpoint as ckpt
+    import edge_alast.training.run as run_module
+    from edge_alast.errors import DiskFullError
 
     real_save, calls = torch.save, []
 
-    def flaky_save(obj, f):
+    def save_until_the_disk_fills(obj, f):
         calls.append(1)
         if len(calls) == 2:
             f.write(b"partial")
-            raise OSError(28, "No space left on device")
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
         return real_save(obj, f)
 
-    monkeypatch.setattr(ckpt.torch, "save", flaky_save)
+    monkeypatch.setattr(ckpt.torch, "save", save_until_the_disk_fills)
+    out = tmp_path / "r"
+    with pytest.raises(DiskFullError, match="checkpoint at step 2: disk full writing .*checkpoint-00000002.pt"):
+        train(tiny_config(image_folder, out, steps=4, checkpoint_every_steps=1))
+    assert [s for s, _ in ckpt.checkpoints(out)] == [1]  # step 2 failed; the one before it stayed valid
+    assert all(ckpt.verify(p) is None for _, p in ckpt.checkpoints(out))
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert not {"model.safetensors", "summary.json"} & {p.name for p in out.iterdir()}
+    monkeypatch.setattr(ckpt.torch, "save", real_save)
+    # the disk is still full: the next start says which checkpoint it keeps and what it needs, before training
+    monkeypatch.setattr(run_module, "free_bytes", lambda folder: 1000)
+    with pytest.raises(DiskFullError, match=r"resumes from checkpoint-00000001.pt \(step 1, kept\).* 1000 are free"):
+        train(tiny_config(image_folder, out, steps=4, checkpoint_every_steps=1))
+    monkeypatch.setattr(run_module, "free_bytes", atomic.free_bytes)
     events = []
-    train(tiny_config(image_folder, tmp_path / "r", steps=4, checkpoint_every_steps=1), on_event=events.append)
-    warnings = [e["message"] for e in events if e["event"] == "warning"]
-    assert any("checkpoint at step 2 not written" in w and "No space left" in w for w in warnings)
-    steps = [s for s, _ in ckpt.checkpoints(tmp_path / "r")]
-    assert steps == [3, 1]  # step 2 failed; the one before it stayed valid
-    assert all(ckpt.verify(p) is None for _, p in ckpt.checkpoints(tmp_path / "r"))
-    assert not [p for p in (tmp_path / "r").iterdir() if p.name.endswith(".tmp")]
+    train(tiny_config(image_folder, out, steps=4, checkpoint_every_steps=1), on_event=events.append)
+    assert events[[e["event"] for e in events].index("start")]["resumed_from_step"] == 1
+    assert (out / "summary.json").exists()
+
+
+def _nan_loss_at(step_index: int, monkeypatch):
+    """The cross-entropy of the ``step_index``-th training step (0-based) is NaN."""
+    import edge_alast.training.trainer as trainer
+
+    real, calls = trainer.F.cross_entropy, []
+
+    def cross_entropy(logits, y):
+        calls.append(1)
+        loss = real(logits, y)
+        return loss * float("nan") if len(calls) == step_index + 1 else loss
+
+    monkeypatch.setattr(trainer.F, "cross_entropy", cross_entropy)
+
+
+def test_a_nan_loss_stops_the_run_with_exit_5_and_publishes_nothing(image_folder, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from edge_alast.cli.main import main
+    from edge_alast.training.checkpoint import checkpoints, load_latest
+
+    _nan_loss_at(2, monkeypatch)
+    out = tmp_path / "r"
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(json.dumps({**tiny_config(image_folder, out).to_dict(), "alast": {}, "lora": {},
+                                    "light_peft": {}, "steps": 4, "checkpoint_every_steps": 1, "export": True}))
+    result = CliRunner().invoke(main, ["train", "--config", str(run_file), "--json"])
+    assert result.exit_code == 5, result.output
+    error = json.loads(result.stdout.splitlines()[-1])
+    assert error["event"] == "error" and error["exit_code"] == 5
+    assert "training diverged at step 3: the loss is nan" in error["message"]
+    assert "checkpoint-00000002.pt (step 2)" in error["message"] and "nothing was published" in error["message"]
+    names = {p.name for p in out.iterdir()}
+    assert not names & {"model.safetensors", "model.onnx", "manifest.json", "summary.json"}
+    assert [s for s, _ in checkpoints(out)] == [2, 1]
+    kept, _ = load_latest(out)
+    assert all(torch.isfinite(t).all() for t in kept["model"].values())
+
+
+def test_non_finite_weights_are_never_checkpointed(image_folder, tmp_path, monkeypatch):
+    """A weight that became infinite during step 2 (its loss was still finite): the checkpoint after step 2 is not
+    written, the run stops (NonFiniteError naming the tensor), and step 1's checkpoint is kept."""
+    import edge_alast.training.trainer as trainer
+    from edge_alast.errors import NonFiniteError
+    from edge_alast.training.checkpoint import checkpoints
+
+    real_step, calls = trainer._forward_backward_step, []
+
+    def step_then_corrupt(run, *args, **kwargs):
+        result = real_step(run, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            with torch.no_grad():
+                run.model.head.weight[0, 0] = float("inf")
+        return result
+
+    monkeypatch.setattr(trainer, "_forward_backward_step", step_then_corrupt)
+    out = tmp_path / "r"
+    with pytest.raises(NonFiniteError, match=r"head.weight holds NaN or infinite values at the checkpoint after "
+                                             r"step 2.*checkpoint-00000001.pt \(step 1\)"):
+        train(tiny_config(image_folder, out, steps=4, checkpoint_every_steps=1))
+    assert [s for s, _ in checkpoints(out)] == [1] and not (out / "model.safetensors").exists()
+
+
+def test_planted_links_in_the_run_folder_are_refused_and_their_targets_untouched(image_folder, tmp_path):
+    from edge_alast.errors import UnsafePathError
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    for name in (".write-test", "metrics.jsonl"):
+        out = tmp_path / name.strip(".")
+        out.mkdir()
+        (out / name).symlink_to(victim)
+        with pytest.raises(UnsafePathError, match=f"{name}: is a symbolic link .*refusing to follow it"):
+            train(tiny_config(image_folder, out))
+        assert victim.read_text() == "precious"
+    dangling = tmp_path / "dangling"
+    dangling.mkdir()
+    (dangling / "metrics.jsonl").symlink_to(tmp_path / "would-be-created")
+    with pytest.raises(UnsafePathError):
+        train(tiny_config(image_folder, dangling))
+    assert not (tmp_path / "would-be-created").exists()
+
+
+def test_eval_images_caps_the_final_evaluation(image_folder, tmp_path):
+    """The final evaluation reads --eval-images of the validation images (default: all of them)."""
+    def final_eval(**kw):
+        events = []
+        train(tiny_config(image_folder, tmp_path / f"r{len(kw)}", **kw), on_event=events.append)
+        return next(e for e in events if e["event"] == "eval" and "step" not in e)
+
+    everything = final_eval()
+    assert everything["val_images"] == 4  # val_fraction 0.25 of 2 classes x 6 images: 2 per class
+    capped = final_eval(eval_images=2)
+    assert capped["val_images"] == 2
+
+
+def test_checkpoints_are_signed_with_a_device_key_and_a_planted_one_is_refused(image_folder, tmp_path):
+    import hashlib
+
+    from edge_alast.errors import IntegrityError
+    from edge_alast.training.checkpoint import checkpoints
+
+    key = tmp_path / "device.key"
+    key.write_bytes(b"0123456789abcdef0123456789abcdef")
+    out = tmp_path / "r"
+    calls = iter(range(100))
+    train(tiny_config(image_folder, out, steps=4, device_key=str(key)), should_stop=lambda: next(calls) == 1)
+    (step, path), = checkpoints(out)
+    assert step == 2 and path.with_suffix(".sha256").read_text().startswith("hmac-sha256:")
+    planted = torch.load(path, weights_only=True)  # e.g. an attacker's weights, with a matching plain sha256
+    torch.save(planted, path)
+    path.with_suffix(".sha256").write_text(hashlib.sha256(path.read_bytes()).hexdigest() + "\n")
+    with pytest.raises(IntegrityError, match="checkpoint-00000002.pt: not signed with the device key"):
+        train(tiny_config(image_folder, out, steps=4, device_key=str(key)))
+    (tmp_path / "short.key").write_bytes(b"short")
+    with pytest.raises(ConfigError, match="--device-key: .*short.key is not a device key"):
+        train(tiny_config(image_folder, tmp_path / "s", device_key=str(tmp_path / "short.key")))
 
 
 def test_bad_config_and_data_errors(image_folder, tmp_path):
@@ -247,7 +387,7 @@ def test_eval_every_records_a_validation_curve_on_a_fixed_subset(image_folder, t
     assert evals[1]["flops_total"] == summary["total_train_flops"]
     assert all(0.0 <= e["val_accuracy"] <= 1.0 for e in evals)
     # evaluating in between changes nothing about training
-    plain = train(tiny_config(image_folder, tmp_path / "p", steps=4)).summary
+    plain = train(tiny_config(image_folder, tmp_path / "p", steps=4, eval_images=2)).summary  # same final images
     assert plain["final_loss"] == summary["final_loss"] and plain["val_loss"] == summary["val_loss"]
 
 
