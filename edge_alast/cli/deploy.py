@@ -11,7 +11,7 @@ import sys
 import click
 
 from ..errors import EdgeAlastError
-from .common import fail
+from .common import EXIT_DATA, fail
 
 EXPORT_FORMATS = ("fp32", "fp16", "int8", "ort-training")
 
@@ -83,6 +83,9 @@ def export(run_dir, formats, val_data, opset, trainable_fraction, as_json):
 def predict(model, images, top_k, threads, provider, as_json):
     """Classify images with an exported ONNX model (onnxruntime only; torch is not needed).
 
+    An image that cannot be read gets an error line naming it (with --json: an object with "error"); the others
+    are classified, and the exit code is 3.
+
     \b
     Example:
       edge-alast predict runs/a/model.onnx photo1.jpg photo2.png --top-k 3
@@ -94,12 +97,17 @@ def predict(model, images, top_k, threads, provider, as_json):
                               on_warning=lambda message: click.echo(f"warning: {message}", err=True))
     except EdgeAlastError as e:
         fail(e, e.exit_code, as_json)
+    failed = [r for r in results if "error" in r]
     for r in results:
         if as_json:
             click.echo(json.dumps(r))
+        elif "error" in r:
+            click.echo(f"error: {r['image']}: {r['error']}", err=True)
         else:
             top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"])
             click.echo(f"{r['image']}: {top}  [{r['provider']}]")
+    if failed:  # every image was tried; the exit code says some could not be read
+        sys.exit(EXIT_DATA)
 
 
 @click.command("train-ort", context_settings={"show_default": True})

@@ -484,14 +484,17 @@ def split_samples(folder: ImageFolder, val_fraction: float, seed: int) -> tuple[
 
 def scan_warnings(folder: ImageFolder, option: str) -> list[str]:
     """One-line warnings naming the unreadable files and the empty class folders of a scan."""
-    warnings = []
+    lines = []
     if folder.skipped:
         names = ", ".join(str(p) for p, _ in folder.skipped[:5])
         more = f" and {len(folder.skipped) - 5} more" if len(folder.skipped) > 5 else ""
-        warnings.append(f"{option}: skipped {len(folder.skipped)} unreadable image files: {names}{more}")
+        lines.append(f"{option}: skipped {len(folder.skipped)} unreadable image files: {names}{more}")
+    if folder.outside_links:
+        lines.append(f"{option}: class folders that link outside {folder.root} left out: "
+                        f"{', '.join(folder.outside_links)}")
     if folder.empty_classes:
-        warnings.append(f"{option}: class folders without usable images left out: {', '.join(folder.empty_classes)}")
-    return warnings
+        lines.append(f"{option}: class folders without usable images left out: {', '.join(folder.empty_classes)}")
+    return lines
 
 
 class BadImages:
