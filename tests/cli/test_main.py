@@ -276,3 +276,12 @@ def test_file_failing_at_use_is_named_and_too_many_is_exit_3(image_folder, tmp_p
     result = CliRunner().invoke(main, ["train", "--config", str(cfg), "--out", str(tmp_path / "r2"),
                                        "--max-bad-fraction", "0.05"])
     assert result.exit_code == 3 and "unreadable" in result.output and "damaged.jpg" in result.output
+
+
+@pytest.mark.parametrize("args,option", [(["eval", "{tmp}", "--data", "{tmp}", "--batch-size", "0"], "--batch-size"),
+                                         (["demo-data", "{tmp}/d", "--size", "0"], "--size"),
+                                         (["demo-data", "{tmp}/d", "--per-class", "0"], "--per-class")])
+def test_eval_and_demo_data_refuse_out_of_range_numbers_before_doing_anything(tmp_path, args, option):
+    result = CliRunner().invoke(main, [a.format(tmp=tmp_path) for a in args])
+    assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output
+    assert not (tmp_path / "d").exists()

@@ -16,7 +16,7 @@ from edge_alast.data.images import load_image
 from edge_alast.data.loader import Preprocess
 from edge_alast.deploy.export import export_run
 from edge_alast.deploy.onnxmeta import read_metadata
-from edge_alast.deploy.predict import choose_provider, session
+from edge_alast.deploy.predict import choose_provider, predict, session
 from edge_alast.errors import ConfigError
 from edge_alast.runfolder import load_run_model
 from tests.helpers import run_cli_without_torch
@@ -142,3 +142,23 @@ def test_models_from_before_the_eval_transform_travelled_still_squash(finished_r
     (old_run / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "eval_transform"}))
     assert {k: load_run_model(old_run)[1][k] for k in ("crop_pct", "crop_mode")} == {"crop_pct": 1.0,
                                                                                    "crop_mode": "squash"}
+
+
+def test_predict_names_each_unreadable_file_and_classifies_the_others(finished_run, tmp_path):
+    from edge_alast.cli.deploy import predict as predict_cmd
+
+    if not (finished_run / "model.onnx").exists():
+        export_run(finished_run)
+    good = next((finished_run.parent / "val" / "a").iterdir())
+    garbage = tmp_path / "garbage.jpg"
+    garbage.write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG \xff\xd9")
+    strip = tmp_path / "strip.png"
+    Image.new("L", (1, 5000)).save(strip)  # over the default aspect-ratio limit: refused from its header
+    results = predict(finished_run / "model.onnx", [garbage, good, strip])
+    assert [r["image"] for r in results] == [str(garbage), str(good), str(strip)]
+    assert "cannot read image" in results[0]["error"] and "--max-aspect-ratio" in results[2]["error"]
+    assert len(results[1]["top"]) == 3
+    result = CliRunner().invoke(predict_cmd, [str(finished_run / "model.onnx"), str(garbage), str(good), "--json"])
+    assert result.exit_code == 3 and "Traceback" not in result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert lines[0]["image"] == str(garbage) and "error" in lines[0] and lines[1]["top"]
