@@ -116,8 +116,10 @@ class ImageRefused(ValueError):
     """An image over its :class:`ImageLimits`."""
 
 
-# Image.MAX_IMAGE_PIXELS is process-global: it is set to the caller's limit only while a file is opened (where PIL
-# checks it), under a lock, so loader threads with their limits and other users of PIL keep theirs.
+# Image.MAX_IMAGE_PIXELS is process-global: it is set from the caller's limit only while a file is opened (where PIL
+# checks it), under a lock, so loader threads with their limits and other users of PIL keep theirs. PIL raises
+# above twice its value (and warns above it, which open_image silences: the file is refused or fine), so it is set
+# to half the limit: PIL itself then refuses what is over the limit, with the limit in its message.
 _OPEN_LOCK = threading.Lock()
 
 
@@ -132,13 +134,13 @@ def open_image(path: str | os.PathLike, limits: ImageLimits = DEFAULT_LIMITS) ->
     with _OPEN_LOCK:
         previous = Image.MAX_IMAGE_PIXELS
         if limits.max_pixels is not None:
-            Image.MAX_IMAGE_PIXELS = limits.max_pixels
+            Image.MAX_IMAGE_PIXELS = (limits.max_pixels + 1) // 2
         try:
-            with warnings.catch_warnings():  # over the limit is refused below, with the limit's own message
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 im = Image.open(path)
         except Image.DecompressionBombError as e:
-            raise ImageRefused(f"over the limit of {limits.max_pixels} pixels (--max-image-pixels): {e}") from e
+            raise ImageRefused(f"{e} (--max-image-pixels)") from e
         finally:
             Image.MAX_IMAGE_PIXELS = previous
     reason = limits.refuse(*im.size)
