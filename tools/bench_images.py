@@ -16,7 +16,8 @@ figures move by some 10-20 % between runs.
     .venv/bin/python tools/bench_images.py --markdown runs/images.json   # the table again, running nothing
 
 ``--hostile`` measures images made to exhaust a board instead: a 1 x 100000 PNG, a 1 x 1000000 PNG and a
-144-megapixel PNG (12000 x 12000, one grey value: small on disk). Each is put in an ImageFolder beside an ordinary
+144-megapixel PNG (12000 x 12000, one grey value: small on disk), and for scale a 39-megapixel RGB PNG, just under
+the default pixel limit (what an accepted file can cost). Each is put in an ImageFolder beside an ordinary
 image, scanned with ``scan_image_folder`` and, if the scan keeps it, read with ``load_image`` at each ``--sizes``
 (the shared ViT-S/14's eval transform: crop_pct 1.0, centre crop), in a fresh process per case whose peak RSS above
 its own baseline (after imports and one ordinary decode) is what is reported. ``--code DIR`` runs the cases on the
@@ -151,6 +152,7 @@ HOSTILE = {  # name -> (width, height, mode)
     "tall-thin 1x100000": (1, 100_000, "RGB"),
     "tall-thin 1x1000000": (1, 1_000_000, "RGB"),
     "144 MP 12000x12000": (12_000, 12_000, "L"),
+    "39 MP 6000x6500 (under the limit)": (6_000, 6_500, "RGB"),  # the largest kind of file the limits let through
 }
 HOSTILE_CROP = {"crop_pct": 1.0, "crop_mode": "center"}  # the shared ViT-S/14 (DINOv2)'s eval transform
 
