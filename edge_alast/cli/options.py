@@ -3,6 +3,7 @@ same fields. Written once, for ``train`` and ``fleet local`` alike."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import click
@@ -47,6 +48,20 @@ def load_run_file(path: str | None) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"--config: {path} must hold a mapping of option names to values")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option that must be finite: click's FloatRange lets ``nan`` through any range (every comparison with
+    it is false) and ``inf`` through an open-ended one. For the commands' own options; ``train``'s come from the
+    config's field metadata, which checks the same."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 def _parse_list(kind: str, flag: str):

@@ -12,9 +12,8 @@ same ``max_bad_fraction``. Any decode failure but MemoryError is such a failure 
 Memory is bounded by the image limits and the output, never by the geometry: a resize whose intermediate image
 would be large reads only the source region its output covers (``resize(box=...)``; see :func:`_eval_view`), so
 a 1 x 100000 strip is not first resized to 32 x 3.2 million pixels, and JPEGs are decoded at a reduced scale
-where the output allows (``draft``). An image over the limits is
-refused from its header, before anything is decoded, and PIL's own decompression-bomb limit is lowered to the
-pixel limit while a file is opened.
+where the output allows (``draft``). An image over the limits is refused from its header, before anything is
+decoded, and PIL's own decompression-bomb limit is set from the pixel limit while a file is opened.
 
 Geometry follows timm. Evaluation and prediction use timm's eval transform (``transforms_imagenet_eval``): the
 image is resized by ``crop_pct`` (``center``: the shorter side to ``floor(img_size / crop_pct)``; ``squash``: both
@@ -42,7 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
 
@@ -84,9 +83,10 @@ class ExifWarning(UserWarning):
 class ImageLimits:
     """What an image file may be, checked from its header before anything is decoded.
 
-    A board decodes the whole image before resizing it, so its size, not the model's input, sets the memory a file
-    takes: 40 MP decode to 120 MB of RGB (a 48 MP phone photo is saved at 12 MP unless asked; panoramas stay under
-    the ratio). A file over a limit is refused like an unreadable one (skipped, named, counted).
+    PIL decodes the whole image before resizing it, so its size, not the model's input, sets the memory a file
+    takes: 40 MP of RGB are 160 MB as PIL holds them (4 bytes a pixel; a JPEG is decoded at a reduced scale where
+    the output allows). Phone cameras save 12 MP unless asked for more, and panoramas stay under 20:1. A file over
+    a limit is refused like an unreadable one (skipped, named, counted).
 
     Attributes:
         max_pixels: Most pixels (width x height); ``None``: no limit (and PIL's default bomb check).
@@ -117,7 +117,8 @@ class ImageRefused(ValueError):
 
 
 # Image.MAX_IMAGE_PIXELS is process-global: it is set from the caller's limit only while a file is opened (where PIL
-# checks it), under a lock, so loader threads with their limits and other users of PIL keep theirs. PIL raises
+# checks it), under a lock, so loader threads with their limits and other users of PIL keep theirs (the lock also
+# keeps the loader threads' catch_warnings from interleaving; Image.open reads only the header). PIL raises
 # above twice its value (and warns above it, which open_image silences: the file is refused or fine), so it is set
 # to half the limit: PIL itself then refuses what is over the limit, with the limit in its message.
 _OPEN_LOCK = threading.Lock()
@@ -485,7 +486,8 @@ def split_samples(folder: ImageFolder, val_fraction: float, seed: int) -> tuple[
 
 
 def scan_warnings(folder: ImageFolder, option: str) -> list[str]:
-    """One-line warnings naming the unreadable files and the empty class folders of a scan."""
+    """One-line warnings naming the unreadable files, the class folders linking outside the root and the empty
+    class folders of a scan."""
     lines = []
     if folder.skipped:
         names = ", ".join(str(p) for p, _ in folder.skipped[:5])
@@ -493,7 +495,7 @@ def scan_warnings(folder: ImageFolder, option: str) -> list[str]:
         lines.append(f"{option}: skipped {len(folder.skipped)} unreadable image files: {names}{more}")
     if folder.outside_links:
         lines.append(f"{option}: class folders that link outside {folder.root} left out: "
-                        f"{', '.join(folder.outside_links)}")
+                     f"{', '.join(folder.outside_links)}")
     if folder.empty_classes:
         lines.append(f"{option}: class folders without usable images left out: {', '.join(folder.empty_classes)}")
     return lines

@@ -38,3 +38,19 @@ def test_an_ordinary_run_file_fills_the_config_and_every_section_is_validated(tm
     path.write_text("data: /images\nout: /runs/a\nmethod: head\nlora:\n  targets: [qkv, everything]\n")
     with pytest.raises(ConfigError, match="--lora-targets: must be a non-empty subset"):
         TrainConfig.from_dict(load_run_file(str(path)), source=str(path)).validate()
+
+
+@pytest.mark.parametrize("args", [["train-ort", "--lr", "nan"], ["train-ort", "--lr", "inf"], ["train-ort", "--lr", "2"],
+                                  ["train-ort", "--steps", "0"], ["train-ort", "--seed", "1" * 70],
+                                  ["export", "{tmp}", "--trainable-fraction", "nan"]])
+def test_the_commands_own_float_and_integer_options_are_finite_and_in_range(tmp_path, args):
+    from click.testing import CliRunner
+
+    from edge_alast.cli.main import main
+
+    base = ["--artifacts", str(tmp_path), "--data", str(tmp_path), "--out", str(tmp_path / "o")]
+    base += [] if "--steps" in args else ["--steps", "1"]
+    argv = [a.format(tmp=tmp_path) for a in args] + (base if args[0] == "train-ort" else [])
+    result = CliRunner().invoke(main, argv)
+    option = args[1] if args[0] == "train-ort" else args[2]
+    assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output, result.output

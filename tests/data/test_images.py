@@ -457,7 +457,7 @@ def test_random_resized_crop_with_draft_is_close_to_the_full_decode(tmp_path):
         assert mean_abs(fast, full) < 0.01
 
 
-# ---------------------------------------------------------------- hostile images: limits, bounded resize, EXIF, failures
+# ---------------------------------------------------------------- hostile images: limits, bounded resize, EXIF
 
 def _png(path, width: int, height: int):
     Image.new("L", (width, height), 128).save(path)  # one grey value: a large image that is tiny on disk
