@@ -1,8 +1,10 @@
 """Typed run configuration: the single source of truth the CLI, run files and the Python API all fill.
 
 Torch-free. Each field's ``metadata`` says how a user reaches it: ``flag`` (the ``edge-alast train`` option the CLI
-builds from it, with the field's default, choices and help) or none (a run-file key only). Errors name the field
-the way the user wrote it: ``--lr`` for a flag, ``alast.b_min`` for a run-file key.
+builds from it, with the field's default, choices and help) or none (a run-file key only), and what it may hold
+(``choices``; ``min``/``max``, open with ``min_open``/``max_open``). Every number must be finite. The CLI, run files
+and the fleet's run config all build a :class:`TrainConfig`, so they get the same checks. Errors name the field the
+way the user wrote it: ``--lr`` for a flag, ``alast.b_min`` for a run-file key.
 """
 from __future__ import annotations
 
@@ -26,6 +28,9 @@ ALAST_UPDATES = ("reference", "relative", "static", "random")
 LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
 AUGMENTATIONS = ("none", "flip", "rrc-flip")  # = edge_alast.data.images.AUGMENTATIONS (this module stays import-light)
 ALLOCATORS = ("auto", "tcmalloc", "jemalloc", "glibc")  # = edge_alast.device.allocator.CHOICES
+# = edge_alast.data.images.ImageLimits' defaults (that module imports PIL; this one stays import-light)
+MAX_IMAGE_PIXELS, MAX_ASPECT_RATIO = 40_000_000, 20.0
+SEED_MAX = 2**63 - 1  # torch.manual_seed takes a signed 64-bit seed
 
 # PyYAML follows YAML 1.1, where ``1e-3`` and ``1.2e12`` (no dot / no sign in the exponent) are strings, not floats;
 # numeric strings like them are accepted wherever a number is expected, so the natural spelling works.
@@ -47,7 +52,8 @@ def parse_number(value: Any) -> float | None:
 
 def option(default=dataclasses.MISSING, *, flag: str | None = None, help: str = "", choices=None,
            default_factory=dataclasses.MISSING, **extra):
-    """A config field with what the CLI needs to offer it (``flag``, ``help``, ``choices``; see module docstring)."""
+    """A config field with what the CLI needs to offer it (``flag``, ``help``, ``choices``) and what it may hold
+    (``min``, ``max``, ``min_open``, ``max_open``: see :func:`out_of_range`)."""
     metadata = {"flag": flag, "help": help, "choices": choices, **extra}
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=metadata)
@@ -62,9 +68,33 @@ def field_name(cls, name: str, section: str | None = None) -> str:
     return f"{section}.{name}" if section else name
 
 
+def out_of_range(value, metadata) -> str | None:
+    """Why ``value`` is outside the field's ``min``/``max`` (``min_open``/``max_open``: the bound itself is out),
+    or None; None values are not checked (they mean "not set")."""
+    lo, hi = metadata.get("min"), metadata.get("max")
+    if value is None or (lo is None and hi is None):
+        return None
+    lo_open, hi_open = metadata.get("min_open", False), metadata.get("max_open", False)
+    below = lo is not None and (value <= lo if lo_open else value < lo)
+    above = hi is not None and (value >= hi if hi_open else value > hi)
+    if not (below or above) and value == value:  # NaN compares false: out of any range
+        return None
+    lo, hi = (_bound(b) for b in (lo, hi))
+    if hi is None:
+        return f"must be {'>' if lo_open else '>='} {lo}, got {value!r}"
+    if lo is None:
+        return f"must be {'<' if hi_open else '<='} {hi}, got {value!r}"
+    return f"must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}, got {value!r}"
+
+
+def _bound(bound) -> str | None:
+    """A bound as a user writes it: 0 for 0.0, 2**63-1 in full."""
+    return None if bound is None else str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
+
+
 def _check_numbers(obj, name: Callable[[str], str]) -> None:
-    """Numeric fields hold numbers: a float field takes a numeric string; anything else is a :class:`ConfigError`
-    naming the field (``name(field)``)."""
+    """Numeric fields hold numbers: a float field takes a numeric string and must be finite (``--lr inf``, a
+    ``nan`` interval); anything else is a :class:`ConfigError` naming the field (``name(field)``)."""
     for f in dataclasses.fields(obj):
         value, kind = getattr(obj, f.name), str(f.type).replace(" ", "")
         if value is None or kind not in ("float", "float|None", "int", "int|None"):
@@ -76,6 +106,16 @@ def _check_numbers(obj, name: Callable[[str], str]) -> None:
         if wrong:
             raise ConfigError(f"{name(f.name)}: must be {'an integer' if kind.startswith('int') else 'a number'}, "
                               f"got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{name(f.name)}: must be a finite number, got {value!r}")
+
+
+def _check_ranges(obj, name: Callable[[str], str]) -> None:
+    """Every field with ``min``/``max`` metadata within them; a :class:`ConfigError` naming the first that is not."""
+    for f in dataclasses.fields(obj):
+        why = out_of_range(getattr(obj, f.name), f.metadata)
+        if why:
+            raise ConfigError(f"{name(f.name)}: {why}")
 
 
 class _Section:
@@ -106,7 +146,7 @@ class AlastConfig(_Section):
     k_trainable: int | None = None
     sampling: str = "softmax"
     temperature: float = 1.0
-    seed: int | None = None  # layer sampling's seed; default: the run's --seed
+    seed: int | None = option(None, min=0, max=SEED_MAX)  # layer sampling's seed; default: the run's --seed
     update: str = option("reference", flag="--alast-update", choices=ALAST_UPDATES,
                          help="How budgets move: reference (paper Eq. 6), relative (scale-free, from each block's "
                               "class-token change relative to the token), or the baselines static and random "
@@ -122,6 +162,7 @@ class AlastConfig(_Section):
     def validate(self, depth: int | None = None) -> None:
         """Raise :class:`ConfigError` naming the first bad key (``k_trainable`` is checked against ``depth`` when
         the model is known)."""
+        _check_ranges(self, self.name)
         if not 0.0 < self.b_min <= 1.0:
             raise self.bad("b_min", "must be in (0, 1]")
         if not self.b_min <= self.b_init <= 1.0:
@@ -244,65 +285,76 @@ class TrainConfig:
     val_data: str | None = option(None, flag="--val-data", help="Validation ImageFolder; default: a seeded split of "
                                                                 "--data (--val-fraction).")
     classes: list | None = None  # class names in label order; the data folders may lack some (a fleet node's share)
-    val_fraction: float = option(0.2, flag="--val-fraction",
+    val_fraction: float = option(0.2, flag="--val-fraction", min=0.0, max=1.0, min_open=True, max_open=True,
                                  help="Share of each class held out for validation when --val-data is not given.")
-    img_size: int = option(224, flag="--img-size", help="Input side in pixels.")
+    img_size: int = option(224, flag="--img-size", min=1,
+                           help="Input side in pixels (at least the model's patch size).")
     profile: str | None = option(None, flag="--profile", help="Device profile: shipped name, 'auto', or a YAML path.")
     device: str | None = option(None, flag="--device", choices=DEVICES, help="Override the profile's device.")
     method: str = option("alast", flag="--method", choices=tuple(METHODS),
                          help="Fine-tuning method: " + "; ".join(f"{n}: {m.summary}" for n, m in METHODS.items()) + ".")
-    steps: int | None = option(None, flag="--steps", help="Optimizer steps to train.")
-    epochs: float | None = option(None, flag="--epochs", help="Epochs to train (alternative to --steps).")
-    batch_size: int | None = option(None, flag="--batch-size", help="Batch size; default: the profile's (16 "
+    steps: int | None = option(None, flag="--steps", min=1, help="Optimizer steps to train.")
+    epochs: float | None = option(None, flag="--epochs", min=0, min_open=True,
+                                  help="Epochs to train (alternative to --steps).")
+    batch_size: int | None = option(None, flag="--batch-size", min=1, help="Batch size; default: the profile's (16 "
                                                                      "without one).")
-    eval_batch_size: int | None = option(None, flag="--eval-batch-size",
+    eval_batch_size: int | None = option(None, flag="--eval-batch-size", min=1,
                                          help="Evaluation batch size; default: the training batch size.")
-    eval_every: int | None = option(None, flag="--eval-every",
+    eval_every: int | None = option(None, flag="--eval-every", min=1,
                                     help="Also evaluate every N steps on a fixed validation subset (--eval-images), "
                                          "recorded as eval lines in metrics.jsonl (off by default).")
-    eval_images: int | None = option(None, flag="--eval-images",
+    eval_images: int | None = option(None, flag="--eval-images", min=1,
                                      help="Cap every evaluation at N validation images, spread evenly over them "
                                           "(every class): the final one (default: all) and the --eval-every points "
                                           "(default: 256).")
-    lr: float | None = option(None, flag="--lr", help="Learning rate; default: the method's (3e-5 for full and "
-                                                      "alast, 1e-3 for head and the LoRA/Light-PEFT methods).")
-    weight_decay: float = 0.05
+    lr: float | None = option(None, flag="--lr", min=0, max=1, min_open=True,
+                              help="Learning rate, in (0, 1]; default: the method's (3e-5 for full and alast, 1e-3 "
+                                   "for head and the LoRA/Light-PEFT methods).")
+    weight_decay: float = option(0.05, min=0)
     optimizer: str = option("adamw", choices=OPTIMIZERS)
     schedule: str = option("constant", flag="--schedule", choices=SCHEDULES, help="LR schedule.")
-    warmup_steps: int = 0
+    warmup_steps: int = option(0, min=0)
     precision: str | None = option(None, flag="--precision", choices=PRECISIONS,
                                    help="Autocast precision; default: the profile's (fp32 without one).")
-    seed: int = option(0, flag="--seed", help="Seed for data order, splits, init and layer sampling.")
+    seed: int = option(0, flag="--seed", min=0, max=SEED_MAX,
+                       help="Seed for data order, splits, init and layer sampling (0 to 2**63-1).")
     train_embeddings: bool | None = option(None, flag="--train-embeddings",
                                            help="Train the patch and position embeddings (default: full does, the "
                                                 "other methods do not; never below --freeze-below).")
-    freeze_below: int = option(0, flag="--freeze-below",
+    freeze_below: int = option(0, flag="--freeze-below", min=0,
                                help="Blocks below this index never train and store no activations (nor do the "
                                     "embeddings below them), whatever the method.")
     recompute_blocks: list = option(flag="--recompute-blocks", default_factory=list, parse="int_list",
                                     help="Comma-separated block indices whose activations are recomputed in "
                                          "backward (e.g. 0,1).")
-    token_multiple: int = 1
+    token_multiple: int = option(1, min=1)
     trim_memory: bool = True
     allocator: str = option("auto", flag="--allocator", choices=ALLOCATORS,
                             help="malloc of the training process: auto (tcmalloc when installed, else glibc with "
                                  "a warning), tcmalloc or jemalloc by name, or glibc to keep the system's. The CLI "
                                  "re-executes itself once with LD_PRELOAD; the Python API runs on whatever its "
                                  "process has.")
-    max_bad_fraction: float = option(0.5, flag="--max-bad-fraction",
-                                     help="Fail (exit 3) when more than this share of image files is unreadable.")
+    max_bad_fraction: float = option(0.5, flag="--max-bad-fraction", min=0.0, max=1.0,
+                                     help="Fail (exit 3) when more than this share of image files is unreadable "
+                                          "(files over the image limits count as unreadable).")
+    max_image_pixels: int = option(MAX_IMAGE_PIXELS, flag="--max-image-pixels", min=1,
+                                   help="Refuse (skip as unreadable) images with more pixels than this, read from "
+                                        "the file's header before decoding (a board decodes the whole image).")
+    max_aspect_ratio: float = option(MAX_ASPECT_RATIO, flag="--max-aspect-ratio", min=1.0,
+                                     help="Refuse (skip as unreadable) images whose long side is more than this "
+                                          "many times the short side.")
     augment: str = option("flip", flag="--augment", choices=AUGMENTATIONS,
                           help="Training augmentation: none (the model's eval view: resize by its crop_pct, centre "
                                "crop), flip (that view flipped left-right half the time), rrc-flip (timm's "
                                "RandomResizedCrop, scale 0.08-1, ratio 3/4-4/3, then the flip). Evaluation and "
                                "prediction never augment.")
-    loader_threads: int | None = option(None, flag="--loader-threads",
+    loader_threads: int | None = option(None, flag="--loader-threads", min=0,
                                         help="Threads decoding the next batches while a step computes; default: the "
                                              "profile's threads, else min(2, CPUs); 0 decodes inside the step.")
-    checkpoint_every_seconds: float | None = option(300.0, flag="--checkpoint-every-seconds",
+    checkpoint_every_seconds: float | None = option(300.0, flag="--checkpoint-every-seconds", min=0, min_open=True,
                                                     help="Checkpoint interval in seconds.")
-    checkpoint_every_steps: int | None = option(None, flag="--checkpoint-every-steps", help="Also checkpoint every "
-                                                                                            "N steps.")
+    checkpoint_every_steps: int | None = option(None, flag="--checkpoint-every-steps", min=1,
+                                                help="Also checkpoint every N steps.")
     resume: bool | None = option(None, flag="--resume/--no-resume",
                                  help="Resume from the run folder's checkpoint (default: automatically when it holds "
                                       "one of the same settings); --no-resume starts over, discarding them.")
@@ -339,50 +391,21 @@ class TrainConfig:
                 raise bad(f.name, f"must be one of {', '.join(choices)}, got {value!r}")
         if self.steps is not None and self.epochs is not None:
             raise bad("steps", "give --steps or --epochs, not both")
-        if self.steps is not None and self.steps < 1:
-            raise bad("steps", f"must be >= 1, got {self.steps}")
-        if self.epochs is not None and self.epochs <= 0:
-            raise bad("epochs", f"must be > 0, got {self.epochs}")
-        for key in ("eval_batch_size", "eval_every"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise bad(key, f"must be >= 1, got {getattr(self, key)}")
-        if self.eval_images is not None and self.eval_images < 1:
-            raise bad("eval_images", f"must be >= 1, got {self.eval_images}")
-        for key in ("img_size", "token_multiple"):
-            if getattr(self, key) < 1:
-                raise bad(key, f"must be >= 1, got {getattr(self, key)}")
-        if self.freeze_below < 0:
-            raise bad("freeze_below", f"must be >= 0, got {self.freeze_below}")
+        if self.lr is None:
+            raise bad("lr", "no learning rate and no method default")
+        _check_ranges(self, self.name)
         if any(not isinstance(i, int) or i < 0 for i in self.recompute_blocks):
             raise bad("recompute_blocks", f"must be block indices >= 0, got {self.recompute_blocks}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise bad("batch_size", f"must be >= 1, got {self.batch_size}")
-        if self.lr is None or not self.lr > 0:
-            raise bad("lr", f"must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise bad("weight_decay", f"must be >= 0, got {self.weight_decay}")
-        if self.warmup_steps < 0:
-            raise bad("warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise bad("val_fraction", f"must be in (0, 1), got {self.val_fraction}")
-        if self.checkpoint_every_seconds is not None and self.checkpoint_every_seconds <= 0:
-            raise bad("checkpoint_every_seconds", f"must be > 0, got {self.checkpoint_every_seconds}")
-        if self.checkpoint_every_steps is not None and self.checkpoint_every_steps < 1:
-            raise bad("checkpoint_every_steps", f"must be >= 1, got {self.checkpoint_every_steps}")
-        if not 0.0 <= self.max_bad_fraction <= 1.0:
-            raise bad("max_bad_fraction", f"must be in [0, 1], got {self.max_bad_fraction}")
-        if self.loader_threads is not None and self.loader_threads < 0:
-            raise bad("loader_threads", f"must be >= 0, got {self.loader_threads}")
         spec = METHODS[self.method]
-        if spec.alast:
-            self.alast.validate()
-        if spec.lora:
-            self.lora.validate()
+        # Every section, whatever the method: a run file's lora or light_peft keys are checked even when the method
+        # does not use them (a typo or a hostile value would otherwise wait for the day the method changes).
+        self.alast.validate()
+        self.lora.validate()
+        self.light_peft.validate()
         if spec.light_peft:
             if self.freeze_below:
                 raise bad("freeze_below", f"cannot apply to {self.method}: Light-PEFT estimates the heads and FFN "
                                           "units of every block to prune them")
-            self.light_peft.validate()
             if self.steps is not None and self.steps <= self.light_peft.estimation_steps:
                 raise bad("steps", f"must exceed {self.light_peft.name('estimation_steps')} "
                                    f"({self.light_peft.estimation_steps}) for {self.method}: steps count estimation "
@@ -402,6 +425,12 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def image_limits(self) -> dict[str, Any]:
+        """``--max-image-pixels`` and ``--max-aspect-ratio`` as :class:`edge_alast.data.images.ImageLimits`
+        keyword arguments."""
+        return {"max_pixels": self.max_image_pixels, "max_aspect_ratio": self.max_aspect_ratio}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "TrainConfig":

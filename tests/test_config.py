@@ -124,3 +124,49 @@ def test_a_fleet_run_config_without_lr_leaves_it_to_the_method():
                                               "weights": "/tmp/w.safetensors"})
     assert settings.train["lr"] is None
     assert TrainConfig.from_dict({**settings.train, "data": "d", "out": "o"}).lr == 1e-3
+
+
+# ---------------------------------------------------------------------------------------------- loud failures
+@pytest.mark.parametrize("config,message", [
+    (dict(lr=float("inf")), "--lr: must be a finite number, got inf"),
+    (dict(lr=float("nan")), "--lr: must be a finite number, got nan"),
+    (dict(lr=1e30), "--lr: must be in (0, 1], got 1e+30"),
+    (dict(lr=0.0), "--lr: must be in (0, 1], got 0.0"),
+    (dict(checkpoint_every_seconds=float("nan")), "--checkpoint-every-seconds: must be a finite number"),
+    (dict(epochs=float("inf")), "--epochs: must be a finite number"),
+    (dict(epochs="1e400"), "--epochs: must be a number"),  # a numeric string that overflows to inf
+    (dict(seed=10**70), "--seed: must be in [0, 9223372036854775807]"),
+    (dict(seed=-1), "--seed: must be in [0, 9223372036854775807]"),
+    (dict(alast={"seed": 2**64}), "alast.seed: must be in [0, 9223372036854775807]"),
+    (dict(max_image_pixels=0), "--max-image-pixels: must be >= 1"),
+    (dict(max_aspect_ratio=0.5), "--max-aspect-ratio: must be >= 1"),
+    (dict(max_aspect_ratio=float("nan")), "--max-aspect-ratio: must be a finite number"),
+    (dict(lora={"dropout": float("inf")}), "--lora-dropout: must be a finite number"),
+    (dict(weight_decay=-0.1), "weight_decay: must be >= 0"),
+    # every section is checked whatever the method: lora.targets and light_peft of a head or alast run
+    (dict(method="head", lora={"targets": ["qkv", "head"]}), "--lora-targets: must be a non-empty subset"),
+    (dict(method="alast", light_peft={"rank_keep_ratio": 2.0}), "light_peft.rank_keep_ratio: must be in (0, 1]"),
+    (dict(method="lora", alast={"b_min": 3.0}), "alast.b_min: must be in (0, 1]"),
+])
+def test_non_finite_and_out_of_range_values_name_the_field(config, message):
+    with pytest.raises(ConfigError) as e:
+        TrainConfig.from_dict({"data": "d", "out": "o", **config}, source="run.yaml").validate()
+    assert message in str(e.value)
+
+
+def test_the_cli_refuses_non_finite_options_with_exit_2(tmp_path):
+    from click.testing import CliRunner
+    from edge_alast.cli.main import main
+
+    for option, value in (("--lr", "nan"), ("--lr", "inf"), ("--checkpoint-every-seconds", "nan"),
+                          ("--epochs", "inf"), ("--seed", "1" * 70), ("--max-image-pixels", "0")):
+        result = CliRunner().invoke(main, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+                                           option, value])
+        assert result.exit_code == 2 and f"{option}:" in result.output, (option, result.output)
+
+
+def test_image_limit_defaults_are_the_data_layers():
+    from edge_alast.data.images import ImageLimits
+
+    limits = ImageLimits(**cfg().image_limits)
+    assert limits == ImageLimits() and limits.max_pixels == 40_000_000 and limits.max_aspect_ratio == 20

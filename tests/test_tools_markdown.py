@@ -133,3 +133,24 @@ def test_markdown_renders_results_file(tool, tmp_path, capsys):
     printed = capsys.readouterr().out
     for cell in expected:
         assert cell in printed, f"{tool}: {cell!r} not in\n{printed}"
+
+
+def test_bench_images_hostile_markdown_renders_every_run_as_a_column(tmp_path, capsys):
+    def row(image, size, mib, outcome):
+        return {"image": image, "img_size": size, "file_bytes": 512, "above_baseline_bytes": mib * MiB,
+                "outcome": outcome}
+
+    before = {"label": "before (main)", "commit": "abc1234", "rows": [
+        row("tall-thin 1x100000", 32, 577, "decoded to (3, 32, 32)"),
+        row("tall-thin 1x100000", 224, 2839, "MemoryError (address space capped at 3072 MiB above the baseline)")]}
+    after = {"label": "this branch", "commit": "def5678", "rows": [
+        row("tall-thin 1x100000", 32, 0, "refused by the scan: image of 1 x 100000 pixels has aspect ratio 1e+05, "
+                                         "over the limit of 20 (--max-aspect-ratio)")]}
+    path = tmp_path / "hostile.json"
+    path.write_text(json.dumps({"runs": [before, after]}))
+    importlib.import_module("bench_images").main(["--markdown", str(path)])
+    printed = capsys.readouterr().out
+    for cell in ("| image | file | px | before (main) (`abc1234`) | this branch (`def5678`) |",
+                 "| tall-thin 1x100000 | 0.5 KiB | 32 | 577: decoded | 0: refused (aspect ratio) |",
+                 "| tall-thin 1x100000 | 0.5 KiB | 224 | 2839: MemoryError at the cap | – |"):
+        assert cell in printed, f"{cell!r} not in\n{printed}"

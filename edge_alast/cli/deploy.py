@@ -11,7 +11,8 @@ import sys
 import click
 
 from ..errors import EdgeAlastError
-from .common import fail
+from .common import EXIT_DATA, fail
+from .options import FiniteFloat
 
 EXPORT_FORMATS = ("fp32", "fp16", "int8", "ort-training")
 
@@ -24,7 +25,7 @@ EXPORT_FORMATS = ("fp32", "fp16", "int8", "ort-training")
 @click.option("--val-data", type=str, help="Validation ImageFolder for the parity check and accuracy "
                                            "(up to 32 images); default: the run's --val-data, else random inputs.")
 @click.option("--opset", type=int, default=17, help="ONNX opset (onnxruntime 1.19 loads up to 21).")
-@click.option("--trainable-fraction", type=float, default=0.25,
+@click.option("--trainable-fraction", type=FiniteFloat(min=0, max=1, min_open=True), default=0.25,
               help="ort-training: share of blocks that train (those with the highest average ALaST budget).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export(run_dir, formats, val_data, opset, trainable_fraction, as_json):
@@ -83,6 +84,9 @@ def export(run_dir, formats, val_data, opset, trainable_fraction, as_json):
 def predict(model, images, top_k, threads, provider, as_json):
     """Classify images with an exported ONNX model (onnxruntime only; torch is not needed).
 
+    An image that cannot be read gets an error line naming it (with --json: an object with "error"); the others
+    are classified, and the exit code is 3.
+
     \b
     Example:
       edge-alast predict runs/a/model.onnx photo1.jpg photo2.png --top-k 3
@@ -94,12 +98,17 @@ def predict(model, images, top_k, threads, provider, as_json):
                               on_warning=lambda message: click.echo(f"warning: {message}", err=True))
     except EdgeAlastError as e:
         fail(e, e.exit_code, as_json)
+    failed = [r for r in results if "error" in r]
     for r in results:
         if as_json:
             click.echo(json.dumps(r))
+        elif "error" in r:
+            click.echo(f"error: {r['image']}: {r['error']}", err=True)
         else:
             top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"])
             click.echo(f"{r['image']}: {top}  [{r['provider']}]")
+    if failed:  # every image was tried; the exit code says some could not be read
+        sys.exit(EXIT_DATA)
 
 
 @click.command("train-ort", context_settings={"show_default": True})
@@ -107,10 +116,11 @@ def predict(model, images, top_k, threads, provider, as_json):
                                                            "ort-training` writes RUN_DIR/ort_training).")
 @click.option("--data", required=True, type=str, help="Training images: ImageFolder root.")
 @click.option("--val-data", type=str, help="Validation ImageFolder; default: a seeded 20 % split of --data.")
-@click.option("--steps", required=True, type=int, help="Optimizer steps.")
-@click.option("--batch-size", type=int, default=16)
-@click.option("--lr", type=float, default=1e-4, help="AdamW learning rate.")
-@click.option("--seed", type=int, default=0, help="Seed for the data order and split.")
+@click.option("--steps", required=True, type=click.IntRange(min=1), help="Optimizer steps.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16)
+@click.option("--lr", type=FiniteFloat(min=0, max=1, min_open=True), default=1e-4,
+              help="AdamW learning rate, in (0, 1].")
+@click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=0, help="Seed for the data order and split.")
 @click.option("--out", required=True, type=str, help="Folder to write (metrics.jsonl, summary.json, model.onnx).")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines on stdout (default when stdout is not a terminal).")
 def train_ort(artifacts, data, val_data, steps, batch_size, lr, seed, out, as_json):

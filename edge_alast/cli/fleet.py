@@ -17,7 +17,7 @@ import click
 from ..errors import ConfigError, EdgeAlastError
 from .common import EXIT_INTERRUPTED, EXIT_USAGE, InterruptOnSignal, fail
 from ..fleet.settings import STRATEGIES
-from .options import config_options, merge_options
+from .options import FiniteFloat, config_options, merge_options
 # train options that are no fleet option: each round is a fresh run on the node (the server checkpoints rounds),
 # validation is the server's (--val-data), and a static/random ALaST baseline needs one run folder.
 # --eval-images is one: it caps the server's evaluation after every round (run config eval-images).
@@ -155,7 +155,8 @@ def keys_command(folder, nodes, node_names, hosts):
               help="Testing the server's checks: node NODE corrupts its replies (nan, inf, scale:X, examples:N; "
                    "@R,S for rounds R and S only), e.g. node1=nan@2 or node3=scale:-10. Repeatable.")
 @click.option("--threads", type=int, help="Torch threads per node; default: this host's CPUs / --nodes.")
-@click.option("--timeout", type=float, help="Give up (and stop everything) after this many seconds.")
+@click.option("--timeout", type=FiniteFloat(min=0, min_open=True),
+              help="Give up (and stop everything) after this many seconds.")
 @click.option("--config", "config_file", type=str,
               help="YAML run file whose keys mirror the train options (as for `train --config`).")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines on stdout (default when not a terminal).")

@@ -164,7 +164,7 @@ def train(config_file, as_json, **options):
 @main.command("eval")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--data", required=True, help="ImageFolder to evaluate on (class folders named as in training).")
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 def eval_command(run_dir, data, batch_size, as_json):
     """Evaluate a finished run's model (all tokens) on an image folder.
@@ -200,9 +200,11 @@ def eval_command(run_dir, data, batch_size, as_json):
 
 @main.command("demo-data")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--per-class", type=int, default=48, show_default=True, help="Training images per class.")
-@click.option("--size", type=int, default=64, show_default=True, help="Image side in pixels.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--per-class", type=click.IntRange(min=1), default=48, show_default=True,
+              help="Training images per class.")
+@click.option("--size", type=click.IntRange(min=1, max=4096), default=64, show_default=True,
+              help="Image side in pixels.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 def demo_data(out, per_class, size, seed):
     """Write the built-in demo dataset (synthetic shapes) to OUT/train and OUT/val.
 

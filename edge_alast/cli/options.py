@@ -3,6 +3,7 @@ same fields. Written once, for ``train`` and ``fleet local`` alike."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import click
@@ -10,18 +11,57 @@ import click
 from ..errors import ConfigError
 
 
+# A run file is a page of settings; anything larger is a mistake or an attack, and is refused before parsing.
+RUN_FILE_MAX_BYTES = 1 << 20
+
+
 def load_run_file(path: str | None) -> dict:
+    """The run file at ``path`` as a mapping of option names (``-`` read as ``_``) to values; ``{}`` without one.
+
+    Refused with a :class:`ConfigError` naming the file: over :data:`RUN_FILE_MAX_BYTES`, not YAML, not a mapping,
+    or holding YAML anchors or aliases (``&a`` / ``*a``). Aliases let a file of a few hundred bytes expand to
+    gigabytes (each level of a "billion laughs" file repeats the one before); a run file never needs them, so they
+    are refused from the parser's events, before anything is built.
+    """
     if path is None:
         return {}
     import yaml
 
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as e:
+        with open(path, "rb") as f:
+            raw = f.read(RUN_FILE_MAX_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"--config: cannot read {path}: {e}") from e
+    if len(raw) > RUN_FILE_MAX_BYTES:
+        raise ConfigError(f"--config: {path} is larger than {RUN_FILE_MAX_BYTES // 1024} KiB; a run file holds "
+                          "settings only")
+    try:
+        text = raw.decode("utf-8")
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                mark = event.start_mark
+                raise ConfigError(f"--config: {path}, line {mark.line + 1}: YAML anchors and aliases (&name, *name) "
+                                  "are not accepted in run files; write each value out")
+        data = yaml.safe_load(text)
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
         raise ConfigError(f"--config: cannot read {path}: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"--config: {path} must hold a mapping of option names to values")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option that must be finite: click's FloatRange lets ``nan`` through any range (every comparison with
+    it is false) and ``inf`` through an open-ended one. For the commands' own options; ``train``'s come from the
+    config's field metadata, which checks the same."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 def _parse_list(kind: str, flag: str):

@@ -4,9 +4,16 @@ Shared by the PyTorch trainer (:mod:`edge_alast.data.loader`) and the deployment
 training), which must run where torch is not installed. Every image is read through :func:`load_image`, so EXIF
 orientation and reduced-scale JPEG decoding apply to train, eval, predict and train-ort alike.
 
-Bad files are caught twice: :func:`scan_image_folder` checks each file cheaply (header, size, end marker) and
-skips what fails; a file that passes the scan but fails to decode when used is recorded by :class:`BadImages`,
-left out of its batch and counted against the same ``max_bad_fraction``.
+Bad files are caught twice: :func:`scan_image_folder` checks each file cheaply (header, size, end marker, and the
+:class:`ImageLimits` on pixels and aspect ratio read from the header) and skips what fails; a file that passes the
+scan but fails to decode when used is recorded by :class:`BadImages`, left out of its batch and counted against the
+same ``max_bad_fraction``. Any decode failure but MemoryError is such a failure (PIL raises many kinds).
+
+Memory is bounded by the image limits and the output, never by the geometry: a resize whose intermediate image
+would be large reads only the source region its output covers (``resize(box=...)``; see :func:`_eval_view`), so
+a 1 x 100000 strip is not first resized to 32 x 3.2 million pixels, and JPEGs are decoded at a reduced scale
+where the output allows (``draft``). An image over the limits is refused from its header, before anything is
+decoded, and PIL's own decompression-bomb limit is set from the pixel limit while a file is opened.
 
 Geometry follows timm. Evaluation and prediction use timm's eval transform (``transforms_imagenet_eval``): the
 image is resized by ``crop_pct`` (``center``: the shorter side to ``floor(img_size / crop_pct)``; ``squash``: both
@@ -27,23 +34,30 @@ from __future__ import annotations
 
 import math
 import os
+import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 INTERPOLATION = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
-# What PIL raises for a file that is not a readable image (DecompressionBombError is not an OSError).
+# What PIL raises for a file that is not a readable image (DecompressionBombError is not an OSError). Decoding
+# catches more than these (see _decode_error): damaged files make PIL's plugins raise almost anything.
 READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 # The bytes a complete file of these formats ends with. A file that ends so and whose header parses is taken as
 # readable without decoding it; any other file is decoded once at scan time to decide (see check_image_file).
 END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
 
+# The eval transform resizes the whole image and crops it (timm's order, bit for bit) while the resized image has
+# at most this many pixels (12 MB of RGB; a 20:1 panorama at 224 px resizes to 1.3 MP); above, it resizes only the
+# crop's source region (see _eval_view).
+EXACT_RESIZE_PIXELS = 4_000_000
 # Eval geometry (see module docstring). timm's third mode, ``border`` (letterboxing), is read as ``center``.
 CROP_MODES = ("center", "squash")
 # The eval transform of models exported before crop_pct/crop_mode travelled in their metadata: the whole image
@@ -55,6 +69,92 @@ RRC_SCALE = (0.08, 1.0)
 RRC_RATIO = (3 / 4, 4 / 3)
 HFLIP_PROB = 0.5
 ORIENTATION_TAG = 0x0112
+# ImageOps.exif_transpose's table: EXIF orientation -> the transpose that makes the image upright.
+ORIENTATION_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                         4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                         6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
+class ExifWarning(UserWarning):
+    """A file's EXIF block could not be read: the image is used in its stored orientation."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What an image file may be, checked from its header before anything is decoded.
+
+    PIL decodes the whole image before resizing it, so its size, not the model's input, sets the memory a file
+    takes: 40 MP of RGB are 160 MB as PIL holds them (4 bytes a pixel; a JPEG is decoded at a reduced scale where
+    the output allows). Phone cameras save 12 MP unless asked for more, and panoramas stay under 20:1. A file over
+    a limit is refused like an unreadable one (skipped, named, counted).
+
+    Attributes:
+        max_pixels: Most pixels (width x height); ``None``: no limit (and PIL's default bomb check).
+        max_aspect_ratio: Largest long side / short side; ``None``: no limit.
+    """
+
+    max_pixels: int | None = 40_000_000
+    max_aspect_ratio: float | None = 20.0
+
+    def refuse(self, width: int, height: int) -> str | None:
+        """Why a ``width`` x ``height`` image is refused, or ``None``."""
+        if width < 1 or height < 1:
+            return f"image of {width} x {height} pixels is empty"
+        if self.max_pixels is not None and width * height > self.max_pixels:
+            return (f"image of {width} x {height} = {width * height} pixels is over the limit of {self.max_pixels} "
+                    "(--max-image-pixels)")
+        if self.max_aspect_ratio is not None and max(width, height) / min(width, height) > self.max_aspect_ratio:
+            return (f"image of {width} x {height} pixels has aspect ratio {max(width, height) / min(width, height):.4g}"
+                    f", over the limit of {self.max_aspect_ratio:g} (--max-aspect-ratio)")
+        return None
+
+
+DEFAULT_LIMITS = ImageLimits()
+
+
+class ImageRefused(ValueError):
+    """An image over its :class:`ImageLimits`."""
+
+
+# Image.MAX_IMAGE_PIXELS is process-global: it is set from the caller's limit only while a file is opened (where PIL
+# checks it), under a lock, so loader threads with their limits and other users of PIL keep theirs (the lock also
+# keeps the loader threads' catch_warnings from interleaving; Image.open reads only the header). PIL raises
+# above twice its value (and warns above it, which open_image silences: the file is refused or fine), so it is set
+# to half the limit: PIL itself then refuses what is over the limit, with the limit in its message.
+_OPEN_LOCK = threading.Lock()
+
+
+def open_image(path: str | os.PathLike, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
+    """``Image.open`` (lazy: the header only) with PIL's decompression-bomb limit lowered to ``limits.max_pixels``;
+    an image over ``limits`` is refused before anything is decoded.
+
+    Raises:
+        ImageRefused: over ``limits``.
+        OSError and what else PIL raises for a file it cannot parse.
+    """
+    with _OPEN_LOCK:
+        previous = Image.MAX_IMAGE_PIXELS
+        if limits.max_pixels is not None:
+            Image.MAX_IMAGE_PIXELS = (limits.max_pixels + 1) // 2
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im = Image.open(path)
+        except Image.DecompressionBombError as e:
+            raise ImageRefused(f"{e} (--max-image-pixels)") from e
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
+    reason = limits.refuse(*im.size)
+    if reason:
+        im.close()
+        raise ImageRefused(reason)
+    return im
+
+
+def _decode_error(error: BaseException) -> bool:
+    """Whether ``error``, raised while reading an image, makes the file unreadable: anything but running out of
+    memory (which is the process's problem, not the file's) and interrupts."""
+    return isinstance(error, Exception) and not isinstance(error, MemoryError)
 
 
 @dataclass
@@ -67,6 +167,8 @@ class ImageFolder:
         samples: (path, class index) pairs of usable images.
         skipped: (path, reason) pairs of files that could not be read as images.
         empty_classes: Class folders without a usable image (left out of ``classes`` when classes are found).
+        outside_links: Class folders that are symbolic links to a folder outside ``root``, left out (a link to
+            ``/usr/share`` would make a class of whatever is there).
     """
 
     root: Path
@@ -74,20 +176,25 @@ class ImageFolder:
     samples: list[tuple[Path, int]]
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     empty_classes: list[str] = field(default_factory=list)
+    outside_links: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.samples)
 
 
 def scan_image_folder(root: str | os.PathLike, classes: Sequence[str] | None = None, option: str = "--data",
-                      max_bad_fraction: float = 0.5) -> ImageFolder:
+                      max_bad_fraction: float = 0.5, limits: ImageLimits = DEFAULT_LIMITS) -> ImageFolder:
     """Scan ``root``; every file with an image extension is checked once, cheaply (see :func:`check_image_file`).
+
+    Class folders that are symbolic links to a folder outside ``root`` are left out and named in
+    ``outside_links`` (links within ``root`` are followed).
 
     Args:
         root: The ImageFolder root.
         classes: Class names to map to (e.g. the training set's, for a validation set); default: the sub-folders.
         option: The option the folder came from, for error messages.
         max_bad_fraction: Fail when more than this share of image files is unreadable.
+        limits: Images over these are refused (counted as unreadable).
 
     Raises:
         DataError: the folder is missing or unreadable, has no class folders or no usable image, or too many bad
@@ -98,10 +205,14 @@ def scan_image_folder(root: str | os.PathLike, classes: Sequence[str] | None = N
         raise DataError(f"{option}: {root} is not a folder")
     try:
         found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        outside = [c for c in found if _links_outside(root / c, root)]
     except OSError as e:
         raise DataError(f"{option}: cannot read {root}: {e}") from e
+    found = [c for c in found if c not in outside]
     if not found:
-        raise DataError(f"{option}: {root} has no class sub-folders (expected ImageFolder layout: ROOT/CLASS/IMAGE)")
+        links = f" ({len(outside)} linked folders outside it left out: {', '.join(outside)})" if outside else ""
+        raise DataError(f"{option}: {root} has no class sub-folders (expected ImageFolder layout: ROOT/CLASS/IMAGE)"
+                        f"{links}")
     if classes is not None:
         unknown = [c for c in found if c not in classes]
         if unknown:
@@ -117,7 +228,7 @@ def scan_image_folder(root: str | os.PathLike, classes: Sequence[str] | None = N
         for path in paths:
             if not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
-            reason = check_image_file(path)
+            reason = check_image_file(path, limits)
             if reason:
                 skipped.append((path, reason))
             else:
@@ -131,7 +242,13 @@ def scan_image_folder(root: str | os.PathLike, classes: Sequence[str] | None = N
         raise DataError(f"{option}: no usable images in {root} ({len(skipped)} unreadable files)")
     if skipped and len(skipped) / total > max_bad_fraction:
         raise DataError(_too_many_bad(option, root, len(skipped), total, max_bad_fraction, skipped[0]))
-    return ImageFolder(root=root, classes=names, samples=samples, skipped=skipped, empty_classes=empty)
+    return ImageFolder(root=root, classes=names, samples=samples, skipped=skipped, empty_classes=empty,
+                       outside_links=outside)
+
+
+def _links_outside(folder: Path, root: Path) -> bool:
+    """Whether ``folder`` is a symbolic link whose target lies outside ``root``."""
+    return folder.is_symlink() and not folder.resolve().is_relative_to(root.resolve())
 
 
 def _too_many_bad(option: str, root: Path, bad: int, total: int, max_bad_fraction: float,
@@ -140,10 +257,11 @@ def _too_many_bad(option: str, root: Path, bad: int, total: int, max_bad_fractio
             f"(more than {max_bad_fraction:.0%}); first: {first[0]}: {first[1]}")
 
 
-def check_image_file(path: str | os.PathLike) -> str | None:
+def check_image_file(path: str | os.PathLike, limits: ImageLimits = DEFAULT_LIMITS) -> str | None:
     """Cheap readability check of one file: ``None`` when usable, else the reason.
 
-    Parses the header only (``Image.open`` is lazy) and, for JPEG and PNG, checks that the file ends with the
+    Parses the header only (``Image.open`` is lazy), refuses an image over ``limits`` from the size it declares,
+    and, for JPEG and PNG, checks that the file ends with the
     format's end marker, which a truncated file lacks: a multi-megapixel JPEG is checked in well under a millisecond
     instead of a full decode. Files of other formats, and JPEG/PNG files with trailing bytes after the end marker
     (some cameras append data there), are decoded once to decide, so no readable file is skipped. Damage inside a
@@ -154,13 +272,17 @@ def check_image_file(path: str | os.PathLike) -> str | None:
         size = path.stat().st_size
         if size == 0:
             return "empty file"
-        with Image.open(path) as im:
+        with open_image(path, limits) as im:
             marker = END_MARKERS.get(im.format or "")
             if marker is not None and _ends_with(path, marker, size):
                 return None
             im.load()
         return None
-    except READ_ERRORS as e:
+    except ImageRefused as e:
+        return str(e)
+    except Exception as e:  # noqa: BLE001 - see _decode_error
+        if not _decode_error(e):
+            raise
         return f"{type(e).__name__}: {e}"
 
 
@@ -181,17 +303,20 @@ def to_rgb(im: Image.Image) -> Image.Image:
         im = im.convert("RGBA")
         bg = Image.new("RGBA", im.size, (255, 255, 255, 255))  # transparent pixels on white, not black
         im = Image.alpha_composite(bg, im)
-    return im.convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")  # an RGB image is not copied
 
 
 def load_image(path: str | os.PathLike, img_size: int, mean: Sequence[float], std: Sequence[float],
                interpolation: str = "bicubic", draft: bool = True, *, crop_pct: float = 1.0,
                crop_mode: str = "squash", augment: str = "none", rng: np.random.Generator | None = None,
-               rrc_scale: Sequence[float] = RRC_SCALE) -> np.ndarray:
+               rrc_scale: Sequence[float] = RRC_SCALE, limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:
     """One image as a normalised float32 CHW array: RGB, ``img_size`` square, (x/255 - mean) / std.
 
-    The EXIF Orientation tag is applied first, so a photo stored in sensor orientation comes out upright; every
-    crop is computed on the upright image at full resolution, so the result does not depend on the decode scale.
+    The EXIF Orientation tag is applied first, so a photo stored in sensor orientation comes out upright (an EXIF
+    block that cannot be read leaves the stored orientation, with an :class:`ExifWarning`); every crop is computed
+    on the upright image at full resolution, so the result does not depend on the decode scale. No resize makes an
+    image much larger than the output (see :func:`_eval_view`), so memory follows the decoded image (at most
+    ``limits.max_pixels``) and the output, whatever the image's proportions.
 
     Args:
         crop_pct, crop_mode: The eval geometry (see module docstring); the defaults squash the whole image to a
@@ -202,9 +327,11 @@ def load_image(path: str | os.PathLike, img_size: int, mean: Sequence[float], st
         draft: Decode a JPEG at the smallest of 1/8, 1/4, 1/2, 1 scale that still gives the resize at least as many
             pixels as it outputs (libjpeg scales in the DCT, so most of a multi-megapixel decode is skipped);
             ``False`` decodes at full resolution (the reference in tests and ``tools/bench_images.py``).
+        limits: An image over these is refused, from its header.
 
     Raises:
-        DataError: the file is missing or not a readable image.
+        DataError: the file is missing, over ``limits``, or not a readable image (any decode failure but
+            MemoryError).
         ValueError: an unknown ``augment`` or ``crop_mode``, or ``augment`` without ``rng``.
     """
     if augment not in AUGMENTATIONS:
@@ -215,8 +342,9 @@ def load_image(path: str | os.PathLike, img_size: int, mean: Sequence[float], st
         raise ValueError(f"crop_mode must be one of {', '.join(CROP_MODES)}, got {crop_mode!r}")
     resample = INTERPOLATION.get(interpolation, Image.BICUBIC)
     try:
-        with Image.open(path) as im:
-            width, height = _upright_size(im)
+        with open_image(path, limits) as im:
+            orientation = _orientation(im, path)
+            width, height = (im.height, im.width) if orientation in (5, 6, 7, 8) else (im.width, im.height)
             if augment == "rrc-flip":
                 box = random_resized_crop(rng, width, height, rrc_scale, RRC_RATIO)
                 # Enough decoded pixels that the crop is not upsampled from a reduced decode.
@@ -228,10 +356,13 @@ def load_image(path: str | os.PathLike, img_size: int, mean: Sequence[float], st
                 request = (side, side)  # both sides (squash) or the shorter one (center) reach the resize's side
             if draft and im.format == "JPEG":
                 im.draft("RGB", request)  # the request is orientation-free: square, or the image's own proportions
-            # Before to_rgb, whose 16-bit and alpha paths build new images without the EXIF the tag lives in, and
-            # before the resize (a rotated non-square image must be resized in its upright shape). In place: no
-            # copy of the decoded image.
-            ImageOps.exif_transpose(im, in_place=True)
+            # Before to_rgb (its 16-bit and alpha paths build new images) and before the resize (a rotated
+            # non-square image must be resized in its upright shape). The orientation was read before decoding,
+            # so the EXIF block is not needed again (exif_transpose would rewrite it, and raise where it is bad).
+            if orientation in ORIENTATION_TRANSPOSE:
+                upright = im.transpose(ORIENTATION_TRANSPOSE[orientation])
+                im.close()  # the stored-orientation pixels are not needed again
+                im = upright
             im = to_rgb(im)
             if box is not None:
                 sx, sy = im.width / width, im.height / height  # the decode scale (1 without draft)
@@ -244,7 +375,11 @@ def load_image(path: str | os.PathLike, img_size: int, mean: Sequence[float], st
                 im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     except (FileNotFoundError, IsADirectoryError) as e:
         raise DataError(f"{path}: no such image file") from e
-    except READ_ERRORS as e:
+    except ImageRefused as e:
+        raise DataError(f"{path}: refused: {e}") from e
+    except Exception as e:  # noqa: BLE001 - see _decode_error
+        if not _decode_error(e):
+            raise
         raise DataError(f"{path}: cannot read image: {type(e).__name__}: {e}") from e
     x = np.asarray(im, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)
     m = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
@@ -277,17 +412,29 @@ def _eval_view(im: Image.Image, width: int, height: int, img_size: int, crop_pct
                resample) -> Image.Image:
     # The geometry comes from the full-resolution size, so a reduced decode resizes to the same size.
     size, box = eval_geometry(width, height, img_size, crop_pct, crop_mode)
-    im = im.resize(size, resample)
-    return im if size == (img_size, img_size) else im.crop(box)
+    if size[0] * size[1] <= EXACT_RESIZE_PIXELS:
+        im = im.resize(size, resample)
+        return im if size == (img_size, img_size) else im.crop(box)
+    # A resized image this large comes only from extreme proportions (32 x 3.2 million pixels for a 1 x 100000
+    # strip at 32 px): resize only the source region the crop covers. Output pixel i of a box lies at
+    # box_start + (i + 0.5) * scale as in the full resize, but PIL runs the two passes in another order and rounds
+    # the box's positions differently, so values may differ from the full resize by a few 8-bit levels.
+    sx, sy = im.width / size[0], im.height / size[1]
+    return im.resize((img_size, img_size), resample, box=(box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy))
 
 
-def _upright_size(im: Image.Image) -> tuple[int, int]:
-    """The image's size once its EXIF orientation is applied (JPEG: read from the header, nothing decoded)."""
+def _orientation(im: Image.Image, path: str | os.PathLike) -> int:
+    """The image's EXIF orientation (1 when it has none); a block PIL cannot read gives 1 and an
+    :class:`ExifWarning` naming ``path`` (the image itself may be fine)."""
     try:
         orientation = im.getexif().get(ORIENTATION_TAG, 1)
-    except READ_ERRORS:  # a broken EXIF block: exif_transpose ignores it too
-        orientation = 1
-    return (im.height, im.width) if orientation in (5, 6, 7, 8) else (im.width, im.height)
+    except Exception as e:  # noqa: BLE001 - see _decode_error
+        if not _decode_error(e):
+            raise
+        warnings.warn(f"{path}: cannot read its EXIF block ({type(e).__name__}: {e}); used in its stored "
+                      "orientation", ExifWarning, stacklevel=3)
+        return 1
+    return orientation if isinstance(orientation, int) else 1
 
 
 def augment_rng(seed: int, step: int, index: int) -> np.random.Generator:
@@ -339,15 +486,19 @@ def split_samples(folder: ImageFolder, val_fraction: float, seed: int) -> tuple[
 
 
 def scan_warnings(folder: ImageFolder, option: str) -> list[str]:
-    """One-line warnings naming the unreadable files and the empty class folders of a scan."""
-    warnings = []
+    """One-line warnings naming the unreadable files, the class folders linking outside the root and the empty
+    class folders of a scan."""
+    lines = []
     if folder.skipped:
         names = ", ".join(str(p) for p, _ in folder.skipped[:5])
         more = f" and {len(folder.skipped) - 5} more" if len(folder.skipped) > 5 else ""
-        warnings.append(f"{option}: skipped {len(folder.skipped)} unreadable image files: {names}{more}")
+        lines.append(f"{option}: skipped {len(folder.skipped)} unreadable image files: {names}{more}")
+    if folder.outside_links:
+        lines.append(f"{option}: class folders that link outside {folder.root} left out: "
+                     f"{', '.join(folder.outside_links)}")
     if folder.empty_classes:
-        warnings.append(f"{option}: class folders without usable images left out: {', '.join(folder.empty_classes)}")
-    return warnings
+        lines.append(f"{option}: class folders without usable images left out: {', '.join(folder.empty_classes)}")
+    return lines
 
 
 class BadImages:

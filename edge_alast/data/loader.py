@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .images import LEGACY_CROP, RRC_SCALE, BadImages, augment_rng, load_image
+from .images import DEFAULT_LIMITS, LEGACY_CROP, RRC_SCALE, BadImages, ImageLimits, augment_rng, load_image
 
 # How many steps beyond the current one the loader decodes ahead: one keeps the pool busy while a step computes;
 # a second absorbs a batch of slow files. Each is batch x 3 x img_size^2 float32 (9.6 MB at 16 x 224 px).
@@ -40,6 +40,7 @@ class Preprocess:
     interpolation: str = "bicubic"
     crop_pct: float = LEGACY_CROP["crop_pct"]
     crop_mode: str = LEGACY_CROP["crop_mode"]
+    limits: ImageLimits = DEFAULT_LIMITS  # files over these are refused (DataError: counted as unreadable)
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> "Preprocess":
@@ -57,7 +58,8 @@ class Preprocess:
     def load(self, path: Path, augment: str = "none", rng: np.random.Generator | None = None) -> np.ndarray:
         """One image as a float32 CHW array (numpy: decoded on loader threads without touching torch)."""
         return load_image(path, self.img_size, self.mean, self.std, self.interpolation, crop_pct=self.crop_pct,
-                          crop_mode=self.crop_mode, augment=augment, rng=rng, rrc_scale=RRC_SCALE)
+                          crop_mode=self.crop_mode, augment=augment, rng=rng, rrc_scale=RRC_SCALE,
+                          limits=self.limits)
 
     def __call__(self, path: Path) -> torch.Tensor:
         return torch.from_numpy(self.load(path))

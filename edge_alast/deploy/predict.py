@@ -17,7 +17,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..data.images import load_image
 from .onnxmeta import image_args, load_model_file, model_metadata
 
@@ -117,8 +117,9 @@ def predict(model_path: str | os.PathLike, images: Iterable[str | os.PathLike], 
     """Classify images with an exported model on onnxruntime's ``provider`` (:func:`choose_provider`).
 
     Returns:
-        One dict per image: ``{"image": path, "provider": the execution provider used, "top": [{"class", "index",
-        "probability"}, ...]}``, best first.
+        One dict per image, in order: ``{"image": path, "provider": the execution provider used, "top": [{"class",
+        "index", "probability"}, ...]}``, best first; for a file that cannot be read (missing, over the image
+        limits, or failing to decode), ``{"image": path, "error": why}`` instead, and the other images go on.
     """
     if top_k < 1:
         raise ConfigError(f"--top-k: must be >= 1, got {top_k}")
@@ -140,15 +141,24 @@ def predict(model_path: str | os.PathLike, images: Iterable[str | os.PathLike], 
     paths = [str(p) for p in images]
     results = []
     for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
-        x = np.stack([load_image(p, **image_args(meta)) for p in chunk])
+        chunk, xs, read = paths[start:start + batch_size], [], {}
+        for path in chunk:
+            try:
+                xs.append(load_image(path, **image_args(meta)))
+                read[path] = len(xs) - 1
+            except DataError as e:
+                read[path] = str(e).removeprefix(f"{path}: ")
         try:
-            logits = sess.run(None, {input_name: x})[0]
+            logits = sess.run(None, {input_name: np.stack(xs)})[0] if xs else None
         except Exception as e:  # noqa: BLE001 - a graph that does not take its own metadata's input
             raise ConfigError(f"{model_path}: onnxruntime cannot run it on {meta['img_size']} px images: "
                               f"{type(e).__name__}: {e}") from None
-        probs = softmax(logits.astype(np.float64))
-        for path, p in zip(chunk, probs):
+        probs = softmax(logits.astype(np.float64)) if xs else []
+        for path in chunk:
+            if isinstance(read[path], str):
+                results.append({"image": path, "error": read[path]})
+                continue
+            p = probs[read[path]]
             order = np.argsort(-p, kind="stable")[:top_k]
             results.append({"image": path, "provider": used, "top": [
                 {"class": names[i] if i < len(names) else str(i), "index": int(i), "probability": float(p[i])}

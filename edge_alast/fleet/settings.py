@@ -245,7 +245,11 @@ class FleetSettings:
             raise ConfigError("run config weights: a fleet needs a base weights file: only what trains travels, "
                               "so every node and the server must build the frozen rest from the same file")
         check_fleet_method(self.train["method"], "run config method")
-        self.train_config(data=self.val_data, out=self.out).validate()
+        try:  # the CLI's checks (finite numbers, ranges, every section), named as a run config's
+            self.train_config(data=self.val_data, out=self.out).validate()
+        except ConfigError as e:
+            message = str(e)
+            raise ConfigError(message if message.startswith("run config") else f"run config: {message}") from e
 
     def train_config(self, **fields) -> TrainConfig:
         """The shared TrainConfig with ``fields`` (data, out, ...) set."""

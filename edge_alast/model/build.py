@@ -23,9 +23,18 @@ def create_model(name: str, num_classes: int, img_size: int, **kwargs) -> nn.Mod
     if not timm.is_model(name):
         raise ConfigError(f"--model: unknown timm model {name!r} (see `timm.list_models('vit_*')`)")
     try:
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=img_size, **kwargs)
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=img_size, **kwargs)
     except TypeError as e:
         raise ConfigError(f"--model {name!r} cannot be built at --img-size {img_size}: {e}") from e
+    # timm builds a ViT at a side below its patch size with a grid of no patches, which fails only at the first
+    # forward (or trains on the class token alone): refuse it here, named.
+    patch_embed = getattr(model, "patch_embed", None)
+    grid = getattr(patch_embed, "grid_size", None)
+    if grid is not None and min(grid) < 1:
+        patch = getattr(patch_embed, "patch_size", "?")
+        raise ConfigError(f"--img-size: {img_size} is smaller than the patch size {tuple(patch)} of {name!r}; "
+                          "give at least one patch per side")
+    return model
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ from ..data.loader import BatchLoader, BatchOrder, Preprocess
 from ..errors import ConfigError, DataError, DiskFullError
 from ..model.flops import StepFlopCounter
 from ..device.guard import MemoryGuard
-from ..data.images import BadImages, scan_image_folder, scan_warnings, split_samples
+from ..data.images import BadImages, ImageLimits, scan_image_folder, scan_warnings, split_samples
 from ..adapters.lightpeft import add_masks
 from ..adapters.lora import apply_lora
 from ..methods import METHODS, MethodSpec
@@ -193,8 +193,9 @@ class _Data:
 def _scan_data(config: TrainConfig) -> _Data:
     """The training and validation samples (``--val-data``, else a seeded split of ``--data``), the files skipped,
     and the records of files that fail to decode when used."""
+    limits = ImageLimits(**config.image_limits)
     folder = scan_image_folder(config.data, classes=config.classes, option="--data",
-                               max_bad_fraction=config.max_bad_fraction)
+                               max_bad_fraction=config.max_bad_fraction, limits=limits)
     warnings = scan_warnings(folder, "--data")
     if len(folder.classes) < 2:
         raise DataError(f"--data: {config.data} has one usable class ({folder.classes[0]}); a classifier needs "
@@ -204,7 +205,7 @@ def _scan_data(config: TrainConfig) -> _Data:
         train_samples, val_samples = split_samples(folder, config.val_fraction, config.seed)
         return _Data(folder.classes, train_samples, val_samples, warnings, bad_images, bad_images)
     val_folder = scan_image_folder(config.val_data, classes=folder.classes, option="--val-data",
-                                   max_bad_fraction=config.max_bad_fraction)
+                                   max_bad_fraction=config.max_bad_fraction, limits=limits)
     warnings += scan_warnings(val_folder, "--val-data")
     return _Data(folder.classes, folder.samples, val_folder.samples, warnings, bad_images,
                  BadImages(val_folder, "--val-data", config.max_bad_fraction))
@@ -219,7 +220,7 @@ def _build_model(config: TrainConfig, spec: MethodSpec, num_classes: int,
         check_model(model, config.model)
     if config.weights:
         load_weights(model, config.weights)
-    preprocess = Preprocess(config.img_size, **data_config(model))
+    preprocess = Preprocess(config.img_size, **data_config(model), limits=ImageLimits(**config.image_limits))
     base_params = sum(p.numel() for p in model.parameters())
     try:  # a model these methods cannot adapt is a configuration error (exit 2), named
         if spec.lora:

@@ -297,3 +297,10 @@ def test_a_real_file_size_limit_while_checkpointing_is_exit_6(image_folder, tmp_
     assert proc.returncode == 6, proc.stderr
     assert "checkpoint at step 2: disk full writing" in proc.stderr and "RuntimeError" in proc.stderr
     assert checkpoints(tmp_path / "r") == [] and not list((tmp_path / "r").glob(".*.tmp"))
+@pytest.mark.parametrize("args,option", [(["eval", "{tmp}", "--data", "{tmp}", "--batch-size", "0"], "--batch-size"),
+                                         (["demo-data", "{tmp}/d", "--size", "0"], "--size"),
+                                         (["demo-data", "{tmp}/d", "--per-class", "0"], "--per-class")])
+def test_eval_and_demo_data_refuse_out_of_range_numbers_before_doing_anything(tmp_path, args, option):
+    result = CliRunner().invoke(main, [a.format(tmp=tmp_path) for a in args])
+    assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output
+    assert not (tmp_path / "d").exists()

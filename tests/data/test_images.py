@@ -1,12 +1,15 @@
 """ImageFolder scanning, conversions and splits; reading camera photos: EXIF orientation, reduced-scale JPEG
 decoding, the cheap scan and use-time failures."""
+import struct
+
 import numpy as np
 import pytest
-from PIL import Image, ImageFile, JpegImagePlugin
+from PIL import Image, ImageFile, ImageOps, JpegImagePlugin
 
 from edge_alast.errors import DataError
-from edge_alast.data.images import (BadImages, check_image_file, load_image, scan_image_folder, split_samples,
-                                   to_rgb)
+from edge_alast.data import images
+from edge_alast.data.images import (BadImages, ExifWarning, ImageLimits, check_image_file, load_image,
+                                   scan_image_folder, scan_warnings, split_samples, to_rgb)
 from tests.helpers import damaged_inside, jpeg_bytes, make_image_folder, photo
 
 # ---------------------------------------------------------------- ImageFolder scanning, conversions, splits
@@ -452,3 +455,110 @@ def test_random_resized_crop_with_draft_is_close_to_the_full_decode(tmp_path):
         fast = load_image(path, 224, augment="rrc-flip", rng=augment_rng(0, step, 0), **UNIT)
         full = load_image(path, 224, augment="rrc-flip", rng=augment_rng(0, step, 0), draft=False, **UNIT)
         assert mean_abs(fast, full) < 0.01
+
+
+# ---------------------------------------------------------------- hostile images: limits, bounded resize, EXIF
+
+def _png(path, width: int, height: int):
+    Image.new("L", (width, height), 128).save(path)  # one grey value: a large image that is tiny on disk
+    return path
+
+
+@pytest.mark.parametrize("size,limit", [((1000, 1000), "--max-image-pixels"), ((1, 2000), "--max-aspect-ratio")])
+def test_images_over_the_limits_are_refused_from_the_header_and_counted_as_unreadable(tmp_path, monkeypatch, size,
+                                                                                      limit):
+    root = make_image_folder(tmp_path / "d", per_class=2)
+    _png(root / "a" / "big.png", *size)
+    decoded = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda im: decoded.append(im.size) or Image.Image.load(im))
+    limits = ImageLimits(max_pixels=500_000, max_aspect_ratio=20)
+    folder = scan_image_folder(root, limits=limits)
+    (path, reason), = folder.skipped
+    assert path.name == "big.png" and limit in reason
+    assert len(folder) == 4 and "big.png" in scan_warnings(folder, "--data")[0]
+    with pytest.raises(DataError, match=f"big.png: refused: .*{limit}"):
+        load_image(path, 32, limits=limits, **UNIT)
+    assert size not in decoded  # refused from the header, by the scan and by the load
+    assert (check_image_file(path) is None) == (size == (1000, 1000))  # 1 MP passes the defaults, 2000:1 not
+
+
+def test_pils_bomb_limit_is_the_pixel_limit_while_opening_and_is_restored(tmp_path, monkeypatch):
+    path = _png(tmp_path / "p.png", 300, 200)
+    seen, real_open = [], Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **k: seen.append(Image.MAX_IMAGE_PIXELS) or real_open(*a, **k))
+    before = Image.MAX_IMAGE_PIXELS
+    load_image(path, 32, limits=ImageLimits(max_pixels=1_000_000), **UNIT)
+    assert seen == [500_000] and Image.MAX_IMAGE_PIXELS == before  # PIL raises above twice its value
+    # Over the limit PIL itself refuses in Image.open, naming the limit; the message names the option.
+    with pytest.raises(DataError, match="exceeds limit of 50000 pixels.*--max-image-pixels"):
+        load_image(path, 32, limits=ImageLimits(max_pixels=50_000, max_aspect_ratio=None), **UNIT)
+    assert Image.MAX_IMAGE_PIXELS == before
+
+
+@pytest.mark.parametrize("crop_pct,crop_mode", [(0.875, "center"), (1.0, "squash")])
+def test_a_tall_thin_image_is_never_resized_whole(tmp_path, monkeypatch, crop_pct, crop_mode):
+    # 1 x 20000 at 32 px: the whole image resized by the eval transform would be 36 x 720000 (26 M pixels).
+    path = tmp_path / "strip.png"
+    Image.fromarray(np.linspace(0, 255, 20000).astype(np.uint8).reshape(20000, 1)).save(path)
+    sizes, real_resize = [], Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda im, size, *a, **k: sizes.append(size) or real_resize(im, size,
+                                                                                                           *a, **k))
+    out = load_image(path, 32, crop_pct=crop_pct, crop_mode=crop_mode,
+                     limits=ImageLimits(max_pixels=None, max_aspect_ratio=None), **UNIT)
+    assert out.shape == (3, 32, 32) and np.isfinite(out).all()
+    assert sizes == [(32, 32)]
+    if crop_mode == "center":  # a square from the middle of the strip: under one source pixel, mid-grey
+        assert np.abs(out - 127 / 255).max() <= 1 / 255 + 1e-6
+    else:  # the whole ramp squashed: dark to light, row by row
+        rows = out[0, :, 0]
+        assert (np.diff(rows) > 0).all() and rows[0] < 8 / 255 and rows[-1] > 247 / 255
+
+
+def test_the_bounded_resize_stays_within_a_few_levels_of_the_whole_resize(tmp_path, monkeypatch):
+    # The box path runs only above EXACT_RESIZE_PIXELS (bit-identical below); forced on an ordinary photo here.
+    Image.fromarray(photo(120, 170)).save(tmp_path / "p.png")
+    exact = load_image(tmp_path / "p.png", 32, crop_pct=0.875, crop_mode="center", **UNIT)
+    monkeypatch.setattr(images, "EXACT_RESIZE_PIXELS", 0)
+    boxed = load_image(tmp_path / "p.png", 32, crop_pct=0.875, crop_mode="center", **UNIT)
+    assert np.abs(boxed - exact).max() <= 4 / 255 + 1e-6 and np.abs(boxed - exact).mean() < 0.5 / 255
+
+
+def test_an_exif_block_pil_cannot_read_leaves_the_stored_orientation_with_a_warning(tmp_path):
+    pixels = photo(40, 60)
+    Image.fromarray(pixels).save(tmp_path / "plain.png")
+    Image.fromarray(pixels).save(tmp_path / "bad-exif.png", exif=b"\xff" * 40)  # an eXIf chunk that is no TIFF
+    with pytest.raises(SyntaxError):
+        ImageOps.exif_transpose(Image.open(tmp_path / "bad-exif.png"))  # what main called, and failed on
+    assert check_image_file(tmp_path / "bad-exif.png") is None
+    with pytest.warns(ExifWarning, match="bad-exif.png.*stored orientation"):
+        out = load_image(tmp_path / "bad-exif.png", 32, **UNIT)
+    assert np.array_equal(out, load_image(tmp_path / "plain.png", 32, **UNIT))
+
+
+@pytest.mark.parametrize("error", [struct.error("unpack requires a buffer"), IndexError("tile"), RuntimeError("x"),
+                                   EOFError(), ZeroDivisionError()])
+def test_any_decode_failure_but_memory_error_makes_a_file_unreadable(tmp_path, monkeypatch, error):
+    path = _png(tmp_path / "p.bmp", 8, 8)  # BMP: the scan decodes it, so both paths meet the failure
+
+    def fail(im):
+        raise error
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", fail)
+    assert type(error).__name__ in check_image_file(path)
+    with pytest.raises(DataError, match=f"p.bmp: cannot read image: {type(error).__name__}"):
+        load_image(path, 32, **UNIT)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda im: (_ for _ in ()).throw(MemoryError()))
+    with pytest.raises(MemoryError):  # the process's problem, not the file's: never counted as a bad file
+        load_image(path, 32, **UNIT)
+    with pytest.raises(MemoryError):
+        check_image_file(path)
+
+
+def test_class_folders_that_link_outside_the_root_are_left_out_and_named(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_class=2)
+    outside = make_image_folder(tmp_path / "elsewhere", classes=("x",), per_class=3)
+    (root / "stolen").symlink_to(outside / "x", target_is_directory=True)
+    (root / "b-again").symlink_to(root / "b", target_is_directory=True)  # inside the root: followed
+    folder = scan_image_folder(root)
+    assert folder.classes == ["a", "b", "b-again"] and folder.outside_links == ["stolen"]
+    assert any("stolen" in w and "outside" in w for w in scan_warnings(folder, "--data"))

@@ -126,3 +126,30 @@ def test_preprocess_from_metadata_without_crop_facts_squashes_as_before(tmp_path
     new = Preprocess.from_meta({"img_size": 16, "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 0.9,
                                 "crop_mode": "center"})
     assert new.eval_transform == {"crop_pct": 0.9, "crop_mode": "center", "interpolation": "bicubic"}
+
+
+def test_loader_counts_any_decode_failure_and_images_over_its_limits_as_unreadable(tmp_path, monkeypatch):
+    from edge_alast.data import images
+    from edge_alast.data.loader import BatchLoader
+    from edge_alast.data.images import BadImages, ImageLimits
+
+    root = make_image_folder(tmp_path / "d", per_class=3)
+    Image.new("RGB", (64, 16)).save(root / "a" / "wide.png")  # 4:1, within the scan's limits, over the loader's
+    Image.new("RGB", (16, 16)).save(root / "b" / "odd.png")
+    folder = scan_image_folder(root)
+    real_to_rgb = images.to_rgb
+
+    def to_rgb(im):  # a PIL plugin failing with something that is not an OSError, on one file
+        if im.size == (16, 16) and not im.getbbox():
+            raise IndexError("tile cannot extend outside image")
+        return real_to_rgb(im)
+
+    monkeypatch.setattr(images, "to_rgb", to_rgb)
+    pre = Preprocess(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), limits=ImageLimits(max_aspect_ratio=2))
+    warnings, bad = [], BadImages(folder, max_bad_fraction=0.5)
+    with BatchLoader(folder.samples, BatchOrder(8, 8, 0), pre, bad=bad, threads=2, steps=1,
+                     on_warning=warnings.append) as loader:
+        x, y = loader.get(0)
+    assert x.shape == (6, 3, 16, 16) and len(y) == 6
+    assert sorted(p.rsplit("/", 1)[1] for p in bad.state_dict()["paths"]) == ["odd.png", "wide.png"]
+    assert any("IndexError" in w for w in warnings) and any("--max-aspect-ratio" in w for w in warnings)

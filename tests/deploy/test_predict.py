@@ -18,7 +18,7 @@ from edge_alast.data.loader import Preprocess
 from edge_alast.deploy.export import export_run
 from edge_alast.deploy.onnxmeta import read_metadata
 from edge_alast.cli.deploy import predict as predict_command
-from edge_alast.deploy.predict import choose_provider, session
+from edge_alast.deploy.predict import choose_provider, predict, session
 from edge_alast.errors import ConfigError
 from edge_alast.runfolder import load_run_model
 from tests.helpers import run_cli_without_torch
@@ -236,3 +236,21 @@ def test_bad_metadata_is_exit_2_naming_the_file_and_field(tmp_path, override, me
     assert result.exit_code == 2, result.output
     assert "m.onnx: metadata edge_alast." in result.output and message in result.output
     assert "Traceback" not in result.output
+def test_predict_names_each_unreadable_file_and_classifies_the_others(finished_run, tmp_path):
+    from edge_alast.cli.deploy import predict as predict_cmd
+
+    if not (finished_run / "model.onnx").exists():
+        export_run(finished_run)
+    good = next((finished_run.parent / "val" / "a").iterdir())
+    garbage = tmp_path / "garbage.jpg"
+    garbage.write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG \xff\xd9")
+    strip = tmp_path / "strip.png"
+    Image.new("L", (1, 5000)).save(strip)  # over the default aspect-ratio limit: refused from its header
+    results = predict(finished_run / "model.onnx", [garbage, good, strip])
+    assert [r["image"] for r in results] == [str(garbage), str(good), str(strip)]
+    assert "cannot read image" in results[0]["error"] and "--max-aspect-ratio" in results[2]["error"]
+    assert len(results[1]["top"]) == 3
+    result = CliRunner().invoke(predict_cmd, [str(finished_run / "model.onnx"), str(garbage), str(good), "--json"])
+    assert result.exit_code == 3 and "Traceback" not in result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert lines[0]["image"] == str(garbage) and "error" in lines[0] and lines[1]["top"]

@@ -714,6 +714,19 @@ def test_run_config_booleans_and_json_constants(assets, tmp_path):
     assert FleetSettings.from_run_config(run_config(assets, tmp_path / "s", **{"num-rounds": "4"})).num_rounds == 4
 
 
+@pytest.mark.parametrize("key,value,message", [
+    ("lr", 1e30, "run config: --lr: must be in (0, 1], got 1e+30"),
+    ("seed", int("9" * 70), "run config: --seed: must be in [0, 9223372036854775807]"),
+    ("train-config", '{"epochs": 1e400}', "run config: --epochs: must be a finite number"),
+    ("train-config", '{"lora": {"r": 2, "targets": ["head"]}}', "run config: --lora-targets"),
+    ("train-config", '{"max_aspect_ratio": 0.5}', "run config: --max-aspect-ratio: must be >= 1"),
+])
+def test_run_config_gets_the_clis_checks(assets, tmp_path, key, value, message):
+    with pytest.raises(ConfigError) as e:
+        FleetSettings.from_run_config(run_config(assets, tmp_path / "s", **{key: value}))
+    assert message in str(e.value)
+
+
 # ---------------------------------------------------------------------------------------------- keys, TLS, node auth
 def test_fleet_keys_writes_a_ca_a_server_certificate_and_node_keys_flower_loads(tmp_path):
     from cryptography import x509

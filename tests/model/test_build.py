@@ -84,3 +84,10 @@ def test_shared_dinov2_weights_load_at_224(shared_weights):
     model.eval()
     with torch.no_grad():
         assert torch.isfinite(model(torch.randn(1, 3, 224, 224))).all()
+
+
+def test_an_image_side_below_the_patch_size_is_a_named_error():
+    # TINY_ARGS: patch size 8
+    with pytest.raises(ConfigError, match=r"--img-size: 3 is smaller than the patch size \(8, 8\)"):
+        create_model(TINY_MODEL, num_classes=2, img_size=3, **TINY_ARGS)
+    assert create_model(TINY_MODEL, num_classes=2, img_size=8, **TINY_ARGS).patch_embed.grid_size == (1, 1)
