@@ -153,16 +153,29 @@ def test_gate_without_holdout_images_of_known_classes_passes_that_check_and_says
     assert decision["publish"] and "not measured" in decision["checks"]["old_classes"]["note"]
 
 
-def test_sabotaged_candidate_is_never_published(store, tmp_path):
-    """lr 1e30: the candidate's weights blow up to NaN; exit 4, current untouched."""
+def test_sabotaged_candidate_is_never_published(store, tmp_path, monkeypatch):
+    """The candidate's weights blow up to NaN in its second step (as a huge lr did before --lr was capped at 1);
+    exit 4, current untouched."""
+    from edge_alast.training import trainer
+
+    real_step = trainer._forward_backward_step
+
+    def blow_up(run, stage, *args):
+        out = real_step(run, stage, *args)
+        if args[-2] == 1:  # step index
+            next(p for p in run.model.parameters() if p.requires_grad).data.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(trainer, "_forward_backward_step", blow_up)
     make_image_folder(tmp_path / "new", ("a", "b"), per_class=6, seed=7)
     s = Store(store)
     before = s.current_name()
     result = CliRunner().invoke(main, ["update", str(store), "--data", str(tmp_path / "new"), "--steps", "4",
-                                       "--lr", "1e30", "--batch-size", "8", "--json"])
+                                       "--batch-size", "8", "--json"])
     assert result.exit_code == 4, result.output
     record = json.loads(result.stdout.splitlines()[-1])
-    assert record["event"] == "update" and record["decision"] == "kept" and record["reasons"]
+    assert record["event"] == "update" and record["decision"] == "kept"
+    assert any("no candidate: training diverged" in r for r in record["reasons"]), record["reasons"]
     assert s.current_name() == before == "v0001" and s.version_names() == ["v0001"]
     assert_current_whole(store)
     assert s.history()[-1]["decision"] == "kept"
