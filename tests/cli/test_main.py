@@ -295,7 +295,9 @@ def test_a_real_file_size_limit_while_checkpointing_is_exit_6(image_folder, tmp_
                           capture_output=True, text=True, preexec_fn=small_files, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 6, proc.stderr
-    assert "checkpoint at step 2: disk full writing" in proc.stderr and "RuntimeError" in proc.stderr
+    # torch's short-write RuntimeError or the flush's EFBIG, depending on which write crosses the limit first
+    assert "checkpoint at step 2: disk full writing" in proc.stderr
+    assert "RuntimeError" in proc.stderr or "File too large" in proc.stderr
     assert checkpoints(tmp_path / "r") == [] and not list((tmp_path / "r").glob(".*.tmp"))
 @pytest.mark.parametrize("args,option", [(["eval", "{tmp}", "--data", "{tmp}", "--batch-size", "0"], "--batch-size"),
                                          (["demo-data", "{tmp}/d", "--size", "0"], "--size"),
