@@ -258,7 +258,7 @@ def attack_markdown(results: dict) -> str:
     lines = [f"\n{setup['nodes']} nodes over TLS + node authentication, {setup['partition']}, {setup['rounds']} rounds x "
              f"{setup['steps']} steps, {setup['img_size']} px; {setup['attacker']} sends its update x "
              f"{setup['attack_scale']} every round\n",
-             "| aggregation | attacker | accuracy per round | final | vs clean | replies left out |",
+             "| aggregation | attacker | accuracy: before training, after each round | final | vs clean | replies left out |",
              "|---|---|---|---|---|---|"]
     labels = {"clean": "FedAvg (clean fleet)", "fedavg": "FedAvg",
               "clip": f"FedAvg, updates clipped to L2 {setup['attack_clip']}", "fedmedian": "FedMedian"}
