@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .. import __version__
 from ..adapters.lora import merge_lora
-from ..alast.policy import PolicyCaps
+from ..alast.policy import PolicyCaps, anneal_plan, anneal_progress
 from ..atomic import atomic_write_json
 from ..config import TrainConfig
 from ..device.allocator import allocator_in_use
@@ -160,6 +160,8 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
                 log({"event": "prune", "step": step + 1, **pruning_summary(run.model, stage.pruning, run.base_params)})
             t0 = time.perf_counter()
             plan = stage.policy.decide(loop.caps)
+            # alast.anneal_last: over the run's last steps, keep ratios rise to 1 (a function of the step alone)
+            plan = anneal_plan(plan, anneal_progress(step, run.total_steps, run.alast.anneal_last), loop.caps)
             budgets = stage.policy.budgets  # as decided: observe() replaces them
             stage.handle.set_plan(plan)
             x, y = loader.get(step)
@@ -167,7 +169,8 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
                 continue
             loss, terms = _forward_backward_step(run, stage, loop.scaler, autocast, x.to(run.device),
                                                  y.to(run.device), step, proximal)
-            stage.policy.observe(stage.handle.step_deltas(), stage.handle.step_streams())
+            plan = stage.handle.applied_plan()  # live budgets (coauthors) moved the keep ratios within the forward
+            stage.policy.observe(stage.handle.step_deltas(stage.policy.delta_reduction), stage.handle.step_streams())
             if config.trim_memory:
                 trim_heap()
             step_peak = _step_peak(peaks, run.device)
