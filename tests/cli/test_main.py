@@ -276,3 +276,47 @@ def test_file_failing_at_use_is_named_and_too_many_is_exit_3(image_folder, tmp_p
     result = CliRunner().invoke(main, ["train", "--config", str(cfg), "--out", str(tmp_path / "r2"),
                                        "--max-bad-fraction", "0.05"])
     assert result.exit_code == 3 and "unreadable" in result.output and "damaged.jpg" in result.output
+
+
+def _step_lines(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"event": "step"' in x]
+
+
+def test_ablation_flags_reach_the_plan(image_folder, tmp_path):
+    """Freezing only (--alast-b-init 1 --alast-b-min 1: every token, K of 4 blocks) and token dropping only
+    (--no-alast-freeze: every block, fewer tokens), from the command line on a 4-block model."""
+    deep = {**TINY_ARGS, "depth": 4}
+    freezing = tmp_path / "freezing"
+    result = CliRunner().invoke(main, ["train", "--config", str(run_file(tmp_path, image_folder, freezing,
+                                                                          model_args=deep)),
+                                       "--alast-b-init", "1", "--alast-b-min", "1", "--alast-k-trainable", "2"])
+    assert result.exit_code == 0, result.output
+    for r in _step_lines(freezing):
+        assert r["tokens/per_block"] == [17] * 4 and len(r["blocks/trainable"]) == 2
+    tokens = tmp_path / "tokens"
+    result = CliRunner().invoke(main, ["train", "--config", str(run_file(tmp_path, image_folder, tokens,
+                                                                          model_args=deep)), "--no-alast-freeze"])
+    assert result.exit_code == 0, result.output
+    for r in _step_lines(tokens):
+        assert r["blocks/trainable"] == [0, 1, 2, 3] and r["tokens/per_block"][-1] < 17
+    assert json.loads((tokens / "config.json").read_text())["config"]["alast"]["freeze"] is False
+    result = CliRunner().invoke(main, ["train", "--config", str(run_file(tmp_path, image_folder, tmp_path / "bad")),
+                                       "--alast-anneal-last", "1.5"])
+    assert result.exit_code == 2 and "--alast-anneal-last: must be in [0, 1)" in result.output
+
+
+def test_eval_train_view_uses_the_runs_mean_keep_ratios(image_folder, tmp_path):
+    out = tmp_path / "r"
+    assert CliRunner().invoke(main, ["train", "--config", str(run_file(tmp_path, image_folder, out))]).exit_code == 0
+    steps = _step_lines(out)
+    means = [sum(r["plan/keep_ratio"][i] for r in steps) / len(steps) for i in range(3)]
+    plain = json.loads(CliRunner().invoke(main, ["eval", str(out), "--data", str(image_folder), "--json"]).stdout)
+    result = CliRunner().invoke(main, ["eval", str(out), "--data", str(image_folder), "--json", "--train-view"])
+    assert result.exit_code == 0, result.output
+    viewed = json.loads(result.stdout)
+    assert viewed["view"] == "train" and plain["view"] == "all tokens" and "keep_ratios" not in plain
+    assert viewed["keep_ratios"] == pytest.approx(means, abs=1e-6) and max(means) < 1.0
+    assert viewed["loss"] != plain["loss"]  # fewer tokens, another output
+    (out / "metrics.jsonl").write_text("")
+    result = CliRunner().invoke(main, ["eval", str(out), "--data", str(image_folder), "--train-view"])
+    assert result.exit_code == 2 and "--train-view" in result.output and "no training steps" in result.output
