@@ -190,12 +190,13 @@ def cached(path: Path, key: dict) -> dict | None:
 
 # -------------------------------------------------------------------------------------------- data
 def write_digits(root: Path, val: int = 400, seed: int = 0) -> Path:
-    """scikit-learn's 8x8 digits (1797 real scans) as PNG ImageFolders (train / val)."""
+    """scikit-learn's 8x8 digits (1797 real scans) as PNG ImageFolders (train / val); scikit-learn is needed only
+    to write them."""
+    if (root / "val").exists():
+        return root
     from PIL import Image
     from sklearn.datasets import load_digits
 
-    if (root / "val").exists():
-        return root
     digits = load_digits()
     order = np.random.default_rng(seed).permutation(len(digits.target))
     for rank, i in enumerate(order):
