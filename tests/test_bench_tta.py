@@ -114,7 +114,9 @@ def test_run_order_puts_full_first_and_dependencies_before_their_users():
     assert order[0] == "full"
     assert order.index("alast-relative") < order.index("random")
     assert order.index("alast-reference") < order.index("alast-anneal")
-    settings = bt.resolve(bt.METHODS["alast-anneal"], REPO / "runs", 2, {"alast-reference": {"steps": 412}})
-    assert settings["steps"] == 412 and settings["alast"]["anneal_last"] == 0.2
+    # the remedy runs as many steps as its source run had at its last evaluation (stopped there, it ran a step on)
+    source = {"steps": 412, "evals": evals([0.5, 0.6])[:1] + [{"step": 400}]}
+    settings = bt.resolve(bt.METHODS["alast-anneal"], REPO / "runs", 2, {"alast-reference": source})
+    assert settings["steps"] == 400 and settings["alast"]["anneal_last"] == 0.2
     static = bt.resolve(bt.METHODS["static"], REPO / "runs", 1, {})
     assert static["alast"]["from_run"] == str(REPO / "runs" / "alast-relative-s1")

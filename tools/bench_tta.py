@@ -58,7 +58,7 @@ from edge_alast.config import LightPeftConfig  # noqa: E402
 from edge_alast.runfolder import METRICS_FILE, read_metrics  # noqa: E402
 
 # name -> run-file settings on top of the common ones. "{run:NAME}" is the same seed's run folder of method NAME,
-# "{steps:NAME}" the steps that run took; such a method runs after NAME.
+# "{steps:NAME}" the steps that run took to its last evaluation; such a method runs after NAME.
 METHODS = {
     "full": {"method": "full", "train_embeddings": False},
     "head": {"method": "head"},
@@ -280,8 +280,9 @@ def resolve(settings: dict, dataset_dir: Path, seed: int, done: dict[str, dict])
             return {k: fill(v) for k, v in value.items()}
         if isinstance(value, str) and value.startswith("{run:"):
             return str(dataset_dir / f"{value[5:-1]}-s{seed}")
-        if isinstance(value, str) and value.startswith("{steps:"):
-            return int(done[value[7:-1]]["steps"])
+        if isinstance(value, str) and value.startswith("{steps:"):  # to its last evaluation (where it stopped),
+            source = done[value[7:-1]]                               # so the run's last step is evaluated too
+            return int(source["evals"][-1]["step"] if source["evals"] else source["steps"])
         return value
     return fill(settings)
 
