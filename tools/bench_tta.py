@@ -424,7 +424,6 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     data = {"fmnist": lambda: write_fmnist(args.out / "data-fmnist", args.train_images, 1000),
             "digits": lambda: write_digits(args.out / "data-digits")}
-    code = code_version()
     base_protocol = {"window": args.window, "patience": args.patience, "min_gain": args.min_gain}
     order = run_order(methods)
     results: dict[tuple[str, str], list[dict]] = {}
@@ -450,7 +449,8 @@ def main(argv=None) -> int:
                             "budget_flops": None if fixed else budget}
                 print(f"{dataset} seed {seed}: {name} ...", file=sys.stderr, flush=True)
                 results.setdefault((dataset, name), []).append(
-                    run(config, dataset_dir / f"{name}-s{seed}", protocol, code))
+                    run(config, dataset_dir / f"{name}-s{seed}", protocol, code_version()))  # the code as it
+                # is when this run starts (a change made while the benchmark runs reaches the runs after it)
     stored = {f"{d}/{m}": results[(d, m)] for d in args.datasets.split(",") for m in order if (d, m) in results}
     (args.out / "results.json").write_text(json.dumps(stored, indent=1))
     print(markdown(stored))
