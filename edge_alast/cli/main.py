@@ -14,7 +14,8 @@ from pathlib import Path
 import click
 
 from ..errors import ConfigError, DataError, EdgeAlastError
-from .common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, StopOnSignal, Watchdog, fail, sd_notify
+from .common import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, FinishOnSignal, StopOnSignal, Watchdog,
+                     fail, sd_notify)
 from .deploy import export, predict, train_ort
 from .doctor import doctor
 from .fleet import fleet
@@ -147,8 +148,8 @@ def train(config_file, as_json, **options):
             if not values.get(required):
                 raise ConfigError(f"--{required} is required (on the command line or in --config)")
         config = TrainConfig.from_dict(values, source=config_file or "options")
-        with StopOnSignal() as stop:
-            result = run_training(config, on_event=printer, should_stop=stop)
+        with StopOnSignal() as stop, FinishOnSignal() as finish:  # SIGUSR1: end here, keep the model (exit 0)
+            result = run_training(config, on_event=printer, should_stop=stop, should_finish=finish)
     except EdgeAlastError as e:
         fail(e, e.exit_code, printer.as_json)
     except ValueError as e:  # a bad value found by a validator below the CLI

@@ -92,7 +92,7 @@ class LoopState:
 
 def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
           should_stop: Callable[[], bool] | None = None, *, start: dict | None = None,
-          return_state: bool = False) -> TrainResult:
+          return_state: bool = False, should_finish: Callable[[], bool] | None = None) -> TrainResult:
     """Fine-tune ``config.model`` on ``config.data`` and write the run folder ``config.out``.
 
     Args:
@@ -105,6 +105,8 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
             (ALaST budgets carried from this node's previous round); ``proximal_mu``, FedProx's mu: the objective
             adds ``mu/2 * |w - w_start|^2`` over the trainable tensors (metric ``loss/proximal``).
         return_state: Also return the trainable tensors and the policy state (:class:`TrainResult`).
+        should_finish: Polled after each step; True ends the run there as a finished one (evaluated, saved,
+            summary ``finished_early_at`` = the steps done), e.g. a benchmark stopping a run at its plateau.
 
     Returns:
         The summary (as written to ``summary.json``), the run folder and the loop's history.
@@ -141,7 +143,7 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
     emit(started)
 
     # ---------------------------------------------------------------- training loop
-    interrupted = False
+    interrupted, finished_early = False, None
     peaks = PeakTracker()
     peaks.interval_peak()  # from here on, each reading is one step's own peak
     last_save = time.monotonic()
@@ -187,6 +189,10 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
             if config.eval_every and loop.step % config.eval_every == 0:  # a point of the validation curve
                 log(_validation_point(run, stage, loop, autocast, warn))
             metrics.flush()
+            if should_finish is not None and should_finish() and loop.step < run.total_steps:
+                finished_early = loop.step
+                log({"event": "finish", "step": loop.step, "steps": run.total_steps})
+                break
             if should_stop is not None and should_stop() and loop.step < run.total_steps:
                 _save(config, run, stage, loop, emit)
                 interrupted = True
@@ -221,6 +227,7 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
 
     # ---------------------------------------------------------------- summary
     summary = _summary(config, run, stage, loop, val_accuracy, val_loss, pruned, peaks, train_peak)
+    summary["finished_early_at"] = finished_early  # should_finish ended the run after this many steps (else None)
     atomic_write_json(run.run_dir / "summary.json", summary)
 
     # ---------------------------------------------------------------- export

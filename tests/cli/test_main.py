@@ -320,3 +320,14 @@ def test_eval_train_view_uses_the_runs_mean_keep_ratios(image_folder, tmp_path):
     (out / "metrics.jsonl").write_text("")
     result = CliRunner().invoke(main, ["eval", str(out), "--data", str(image_folder), "--train-view"])
     assert result.exit_code == 2 and "--train-view" in result.output and "no training steps" in result.output
+
+
+def test_sigusr1_asks_train_to_finish_and_sigterm_to_stop():
+    from edge_alast.cli.common import FinishOnSignal, StopOnSignal
+
+    with StopOnSignal() as stop, FinishOnSignal() as finish:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert finish() and not stop()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop()
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # the handlers before are back

@@ -558,3 +558,16 @@ def test_coauthors_run_resumes_exactly(image_folder, tmp_path):
     assert _losses(tmp_path / "r") == pytest.approx(_losses(tmp_path / "ref"), rel=1e-6)
     flat = lambda run: [k for r in _steps(run) for k in r["plan/keep_ratio"]]  # noqa: E731
     assert flat(tmp_path / "r") == pytest.approx(flat(tmp_path / "ref"))
+
+
+def test_should_finish_ends_the_run_as_a_finished_one(image_folder, tmp_path):
+    """A benchmark stopping a run at its plateau keeps the model: evaluated, saved, summary, no checkpoint needed."""
+    calls = iter(range(100))
+    result = train(tiny_config(image_folder, tmp_path / "r", steps=6), should_finish=lambda: next(calls) == 1)
+    summary = result.summary
+    assert summary["steps"] == 2 and summary["finished_early_at"] == 2 and summary["val_accuracy"] is not None
+    assert (tmp_path / "r" / "model.safetensors").exists() and "interrupted" not in summary
+    lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["event"] == "step"] == [1, 2]
+    assert [(r["step"], r["steps"]) for r in lines if r["event"] == "finish"] == [(2, 6)]
+    assert train(tiny_config(image_folder, tmp_path / "p", steps=2)).summary["finished_early_at"] is None
