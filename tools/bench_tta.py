@@ -15,8 +15,10 @@ The protocol (issue 21), in order:
    the smoothed curve (centred moving average over ``--window`` evaluations), interpolated linearly; a run that
    stopped at its plateau before that point counts with its plateau value, one that ended otherwise shows ``-``.
 
-Each run is its own ``edge-alast train`` process with ``--eval-every``; the tool stops it with SIGTERM
-(checkpoint, exit 75) when it plateaus or reaches the budget. A run is cached in ``OUT/DATASET/NAME-sSEED.json``
+Each run is its own ``edge-alast train`` process with ``--eval-every``; the tool stops it with SIGUSR1 when it
+plateaus or reaches the budget, which ends the run as a finished one (evaluated on the whole validation set, model
+saved). Every ALaST run's final model is then evaluated again with its training-time token view
+(``edge-alast eval --train-view``): the third table sets it against the all-token accuracy. A run is cached in ``OUT/DATASET/NAME-sSEED.json``
 under a key of its config, the protocol settings that stop it (budget included) and the code version (the last
 git commit touching ``edge_alast/``, whether that folder differs from it, and a hash of the difference): a rerun
 skips only runs of the same settings on the same code. ``results.json`` holds every run; ``--markdown FILE`` prints
@@ -55,6 +57,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from edge_alast.config import LightPeftConfig  # noqa: E402
+from edge_alast.methods import METHODS as METHOD_SPECS  # noqa: E402
 from edge_alast.runfolder import METRICS_FILE, read_metrics  # noqa: E402
 
 # name -> run-file settings on top of the common ones. "{run:NAME}" is the same seed's run folder of method NAME,
@@ -258,19 +261,35 @@ def run(config: dict, out: Path, protocol: dict, code: dict) -> dict:
             stopped_by = "plateau"
         if stopped_by:
             stop_index = len(curve) - 1
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGUSR1)  # end after this step as a finished run: evaluated, model saved
     exit_code = proc.wait()
     if exit_code not in (0, 75):
         raise SystemExit(f"{out.name} failed ({exit_code}):\n{proc.stderr.read()[-3000:]}")
     steps = [r for r in read_metrics(out / METRICS_FILE) if r.get("event") == "step"]
     curve = counted(evals, config)
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
     result = {"key": key, "config": config, "evals": curve, "all_evals": len(evals), "ended": ended_as(stopped_by),
               "stop_index": stop_index if stop_index is not None else len(curve) - 1, "steps": len(steps),
               "peak_rss_bytes": max((r["mem/peak_rss_bytes"] for r in steps), default=None),
               "flops_per_step": sum(r["flops/step"] for r in steps) / max(1, len(steps)),
+              "final_val_accuracy": summary.get("val_accuracy"),  # the final model, every token, whole val set
+              "train_view": train_view(out, config) if summary and METHOD_SPECS[config["method"]].alast else None,
               "torch_threads": os.environ.get("OMP_NUM_THREADS")}
     done.write_text(json.dumps(result, indent=1))
     return result
+
+
+def train_view(run_dir: Path, config: dict) -> dict:
+    """The run's final model evaluated on the whole validation set with its training-time token view (each block
+    at its mean keep ratio: ``edge-alast eval --train-view``), to set against its all-token accuracy."""
+    proc = subprocess.run([sys.executable, "-m", "edge_alast.cli", "eval", str(run_dir), "--data", config["val_data"],
+                           "--json", "--train-view", "--batch-size", str(config["batch_size"])],
+                          capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        raise SystemExit(f"eval --train-view {run_dir} failed ({proc.returncode}):\n{proc.stdout[-2000:]}"
+                         f"{proc.stderr[-2000:]}")
+    result = json.loads(proc.stdout)
+    return {"accuracy": result["accuracy"], "keep_ratios": result["keep_ratios"], "images": result["images"]}
 
 
 def resolve(settings: dict, dataset_dir: Path, seed: int, done: dict[str, dict]) -> dict:
@@ -315,7 +334,7 @@ def mean_std(values: list[float | None], scale: float = 1.0, fmt: str = "{:.3f}"
     missing = f" ({len(values) - len(got)} -)" if len(got) < len(values) else ""
     if len(got) == 1:
         return fmt.format(got[0]) + missing
-    return f"{fmt.format(statistics.mean(got))} ± {fmt.format(statistics.stdev(got))}{missing}"
+    return f"{fmt.format(statistics.mean(got))} ± {fmt.replace('+', '').format(statistics.stdev(got))}{missing}"
 
 
 def endings(runs: list[dict]) -> str:
@@ -363,6 +382,18 @@ def markdown(stored: dict) -> str:
                        f"{mean_std([e.get('flops_total') for e in last], 1e12, '{:.1f}')} | "
                        f"{mean_std([r['flops_per_step'] for r in runs], 1e9, '{:.1f}')} | "
                        f"{mean_std([r['peak_rss_bytes'] for r in runs], 2**20, '{:.0f}')} |")
+        viewed = {name: runs for name, runs in results.items() if any(r.get("train_view") for r in runs)}
+        if viewed:
+            out.append("\nThe final model on the whole validation set, with every token (as evaluated) and with the "
+                       "training-time token view (each block at its mean keep ratio, `eval --train-view`): the gap "
+                       "is the train/eval token mismatch.\n")
+            out.append("| method | all tokens | training-time view | gap (pts) |")
+            out.append("|---|---|---|---|")
+            for name, runs in viewed.items():
+                pairs = [(r.get("final_val_accuracy"), (r.get("train_view") or {}).get("accuracy")) for r in runs]
+                gaps = [100 * (a - v) if a is not None and v is not None else None for a, v in pairs]
+                out.append(f"| {name} | {mean_std([a for a, _ in pairs])} | {mean_std([v for _, v in pairs])} | "
+                           f"{mean_std(gaps, fmt='{:+.1f}')} |")
         if not full:
             continue
         t_ref, f_ref = statistics.mean(t_full), statistics.mean(f_full)
