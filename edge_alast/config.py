@@ -22,9 +22,13 @@ SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adamw", "adam")
 DEVICES = ("cpu", "cuda")
 SAMPLING_MODES = ("softmax", "topk")
-# How ALaST's budgets move (see edge_alast.alast.policy.AlastPolicy): the paper's update, the scale-free relative one, or
-# the baselines that keep per-block keep ratios fixed and train the same K blocks (static) or K drawn uniformly.
-ALAST_UPDATES = ("reference", "relative", "static", "random")
+# How ALaST's budgets move (see edge_alast.alast.policy.AlastPolicy): the paper's update, the co-authors' code's
+# arithmetic (for reproduction), the scale-free relative one, or the baselines that keep per-block keep ratios fixed
+# and train the same K blocks (static) or K drawn uniformly.
+ALAST_UPDATES = ("reference", "coauthors", "relative", "static", "random")
+# The update that reproduces the co-authors' training set-up as a whole: its run defaults to Adam without weight
+# decay and trains the embeddings, as their code does (TrainConfig.__post_init__; explicit values win).
+COAUTHORS = "coauthors"
 LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
 AUGMENTATIONS = ("none", "flip", "rrc-flip")  # = edge_alast.data.images.AUGMENTATIONS (this module stays import-light)
 ALLOCATORS = ("auto", "tcmalloc", "jemalloc", "glibc")  # = edge_alast.device.allocator.CHOICES
@@ -140,17 +144,28 @@ class AlastConfig(_Section):
 
     SECTION = "alast"
 
-    b_init: float = 0.9
-    b_min: float = 0.5
+    b_init: float = option(0.9, flag="--alast-b-init",
+                           help="Initial budget (keep ratio) of every block. --alast-b-init 1 --alast-b-min 1 keeps "
+                                "every token: layer freezing only (an ablation).")
+    b_min: float = option(0.5, flag="--alast-b-min", help="Lowest budget (keep ratio) a block can fall to.")
     alpha: float | None = None
-    k_trainable: int | None = None
+    k_trainable: int | None = option(None, flag="--alast-k-trainable",
+                                     help="Blocks trained per step (default: ceil(3/4 of the depth), 9 of 12).")
+    freeze: bool = option(True, flag="--alast-freeze/--no-alast-freeze",
+                          help="Freeze all but K blocks each step; --no-alast-freeze trains every block every step "
+                               "(token dropping only, an ablation).")
+    anneal_last: float = option(0.0, flag="--alast-anneal-last",
+                                help="Share of the run's last steps over which every block's keep ratio rises "
+                                     "linearly to 1, so training ends on the all-token view evaluation uses (0: off; "
+                                     "this project's remedy, not the paper's).")
     sampling: str = "softmax"
     temperature: float = 1.0
     seed: int | None = option(None, min=0, max=SEED_MAX)  # layer sampling's seed; default: the run's --seed
     update: str = option("reference", flag="--alast-update", choices=ALAST_UPDATES,
-                         help="How budgets move: reference (paper Eq. 6), relative (scale-free, from each block's "
-                              "class-token change relative to the token), or the baselines static and random "
-                              "(fixed keep ratios: --alast-from RUN_DIR).")
+                         help="How budgets move: reference (paper Eq. 6), coauthors (the co-authors' code, for "
+                              "reproduction: docs/alast.md), relative (scale-free, from each block's class-token "
+                              "change relative to the token), or the baselines static and random (fixed keep "
+                              "ratios: --alast-from RUN_DIR).")
     spread: float = 1.5
     smoothing: float = 0.9
     keep_ratios: list | None = None
@@ -181,6 +196,10 @@ class AlastConfig(_Section):
             raise self.bad("spread", "must be > 0")
         if not 0.0 <= self.smoothing < 1.0:
             raise self.bad("smoothing", "must be in [0, 1)")
+        if not isinstance(self.freeze, bool):
+            raise self.bad("freeze", "must be true or false")
+        if not 0.0 <= self.anneal_last < 1.0:
+            raise self.bad("anneal_last", "must be in [0, 1)")
         if self.keep_ratios is not None and (
                 not all(isinstance(r, (int, float)) and 0 < r <= 1 for r in self.keep_ratios)
                 or (depth is not None and len(self.keep_ratios) != depth)):
@@ -310,8 +329,8 @@ class TrainConfig:
     lr: float | None = option(None, flag="--lr", min=0, max=1, min_open=True,
                               help="Learning rate, in (0, 1]; default: the method's (3e-5 for full and alast, 1e-3 "
                                    "for head and the LoRA/Light-PEFT methods).")
-    weight_decay: float = option(0.05, min=0)
-    optimizer: str = option("adamw", choices=OPTIMIZERS)
+    weight_decay: float | None = option(None, min=0)  # default 0.05; 0 with alast.update coauthors
+    optimizer: str | None = option(None, choices=OPTIMIZERS)  # default adamw; adam with alast.update coauthors
     schedule: str = option("constant", flag="--schedule", choices=SCHEDULES, help="LR schedule.")
     warmup_steps: int = option(0, min=0)
     precision: str | None = option(None, flag="--precision", choices=PRECISIONS,
@@ -376,6 +395,14 @@ class TrainConfig:
         self.lr_source = "given" if self.lr is not None else "method default"
         if self.lr is None and self.method in METHODS:
             self.lr = METHODS[self.method].default_lr
+        # alast.update coauthors reproduces the co-authors' set-up: Adam without weight decay, embeddings trained.
+        coauthors = self.method in METHODS and METHODS[self.method].alast and self.alast.update == COAUTHORS
+        if self.optimizer is None:
+            self.optimizer = "adam" if coauthors else "adamw"
+        if self.weight_decay is None:
+            self.weight_decay = 0.0 if coauthors else 0.05
+        if self.train_embeddings is None and coauthors:
+            self.train_embeddings = True
 
     def name(self, key: str) -> str:
         return field_name(TrainConfig, key)
@@ -422,6 +449,19 @@ class TrainConfig:
         if precision is not None:
             key["precision_resolved"] = precision
         return key
+
+    def resume_differs(self, saved: dict[str, Any], precision: str | None = None) -> list[str]:
+        """The settings in which a checkpoint's ``saved`` resume key differs from this config's. A setting the
+        checkpoint predates (added since: ``max_image_pixels``, or a section key such as ``alast.anneal_last``)
+        counts as its default."""
+        saved = dict(saved)
+        for f in dataclasses.fields(self):
+            if f.name not in saved and f.name not in SECTIONS and f.default is not dataclasses.MISSING:
+                saved[f.name] = f.default
+        for key, cls in SECTIONS.items():
+            if isinstance(saved.get(key), dict):
+                saved[key] = {**dataclasses.asdict(cls()), **saved[key]}
+        return sorted(k for k, v in self.resume_key(precision).items() if saved.get(k) != v)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

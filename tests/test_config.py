@@ -37,7 +37,8 @@ def test_parse_number_refuses_non_numbers(bad):
     (lambda: cfg(lr="fast"), "--lr: must be a number, got 'fast'"),
     (lambda: cfg(steps=2.5), "--steps: must be an integer"),
     (lambda: cfg(token_multiple="x"), "token_multiple: must be an integer"),  # a run-file key: named as such
-    (lambda: AlastConfig(b_min="low"), "alast.b_min: must be a number"),
+    (lambda: AlastConfig(alpha="low"), "alast.alpha: must be a number"),
+    (lambda: AlastConfig(b_min="low"), "--alast-b-min: must be a number"),
     (lambda: LightPeftConfig(mask_l1="x"), "light_peft.mask_l1: must be a number"),
 ])
 def test_number_errors_name_the_field(build, message):
@@ -51,7 +52,8 @@ def test_number_errors_name_the_field(build, message):
     (dict(optimizer="sgd"), "optimizer: must be one of adamw, adam"),
     (dict(val_fraction=1.5), "--val-fraction: must be in (0, 1)"),
     (dict(steps=3, epochs=1.0), "--steps: give --steps or --epochs"),
-    (dict(alast={"b_min": 0.0}), "alast.b_min: must be in (0, 1]"),
+    (dict(alast={"b_min": 0.0}), "--alast-b-min: must be in (0, 1]"),
+    (dict(alast={"temperature": 0.0}), "alast.temperature: must be > 0"),
     (dict(alast={"sampling": "random"}), "alast.sampling: must be one of softmax, topk"),
     (dict(method="lora", lora={"targets": ["qkv", "head"]}), "--lora-targets: must be a non-empty subset"),
     (dict(method="light-peft", light_peft={"mask_l1": -1.0}), "light_peft.mask_l1: must be >= 0"),
@@ -81,7 +83,7 @@ def test_every_flag_named_in_an_error_is_a_flag():
 
 def test_k_trainable_is_checked_against_depth_once_the_model_is_known():
     AlastConfig(k_trainable=13).validate()  # depth unknown: only >= 1
-    with pytest.raises(ConfigError, match=r"alast.k_trainable: must be in \[1, 12\]"):
+    with pytest.raises(ConfigError, match=r"--alast-k-trainable: must be in \[1, 12\]"):
         AlastConfig(k_trainable=13).validate(12)
 
 
@@ -170,3 +172,17 @@ def test_image_limit_defaults_are_the_data_layers():
 
     limits = ImageLimits(**cfg().image_limits)
     assert limits == ImageLimits() and limits.max_pixels == 40_000_000 and limits.max_aspect_ratio == 20
+
+
+def test_a_checkpoint_predating_new_settings_resumes_and_a_changed_setting_is_named():
+    """A checkpoint's resume key written before max_image_pixels, max_aspect_ratio and alast.anneal_last/freeze
+    existed: those count as their defaults, so it resumes; a setting that really differs is named."""
+    config = TrainConfig(data="d", out="o", method="alast")
+    saved = config.resume_key("fp32")
+    for new_key in ("max_image_pixels", "max_aspect_ratio"):
+        saved.pop(new_key)
+    saved["alast"] = {k: v for k, v in saved["alast"].items() if k not in ("anneal_last", "freeze")}
+    assert config.resume_differs(saved, "fp32") == []
+    assert TrainConfig(data="d", out="o", method="alast", max_aspect_ratio=5.0).resume_differs(saved, "fp32") == [
+        "max_aspect_ratio"]
+    assert config.resume_differs({**saved, "seed": 7}, "fp32") == ["seed"]

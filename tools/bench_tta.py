@@ -1,18 +1,38 @@
-"""Time-to-accuracy: does ALaST's adaptation earn its keep against full fine-tuning and simpler schedules?
+"""Time-to-accuracy: does ALaST reach full fine-tuning's accuracy, and what does it cost in training seconds and FLOPs?
 
-Each method trains in its own ``edge-alast train`` process with ``--eval-every N`` (a fixed validation subset),
-until its validation accuracy plateaus (no gain of ``--min-gain`` points over ``--patience`` evaluations; the run
-is then stopped with SIGTERM, which checkpoints and exits 75) or ``--max-steps``. From the ``eval`` lines (each
-carrying the cumulative training seconds and FLOPs) it reports, per method and data set, mean +- std over seeds:
+The protocol (issue 21), in order:
 
-* final (best) validation accuracy on the subset,
-* training seconds and FLOPs to reach full fine-tuning's final accuracy - 1 point (``-`` when never reached),
-* peak RSS.
+1. ``full`` runs first, every seed, until its validation curve plateaus (or ``--max-steps``).
+2. Every other method runs until it plateaus or has spent a common budget of training FLOPs, ``--budget-factor``
+   (1.5) x the mean FLOPs full needed to plateau on that data set, or ``--max-steps``: a method with cheaper steps
+   gets more of them. Each run ends as ``plateau``, ``budget`` or ``max`` (the ``ended`` column).
+3. Plateau: the moving average of the last ``--window`` evaluations has not gained ``--min-gain`` over ``--patience``
+   evaluations. Evaluations use ``--eval-images`` (1000) validation images, or the whole validation set when it
+   is smaller (digits: 400).
+4. Final accuracy: the run's plateau value, the mean of its last ``--window`` evaluations (not the best single
+   evaluation).
+5. Accuracy at equal training time and at equal FLOPs, at 25/50/100 % of full's mean time (and FLOPs) to plateau:
+   the smoothed curve (centred moving average over ``--window`` evaluations), interpolated linearly; a run that
+   stopped at its plateau before that point counts with its plateau value, one that ended otherwise shows ``-``.
 
-The static and random baselines are built from each seed's ALaST run of the same settings (``--alast-from``), at
-its FLOPs per step (edge_alast/alast/baselines.py). Data sets: Fashion-MNIST (``apt-get install dataset-fashion-mnist``)
-and scikit-learn's ``load_digits`` (ships offline), both written as ImageFolders. Embeddings: frozen for every
-method (``full`` included, ``--no-train-embeddings``), so full and ALaST differ only in what ALaST does.
+Each run is its own ``edge-alast train`` process with ``--eval-every``; the tool stops it with SIGUSR1 when it
+plateaus or reaches the budget, which ends the run as a finished one (evaluated on the whole validation set, model
+saved). Every ALaST run's final model is then evaluated again with its training-time token view
+(``edge-alast eval --train-view``): the third table sets it against the all-token accuracy. A run is cached in ``OUT/DATASET/NAME-sSEED.json``
+under a key of its config, the protocol settings that stop it (budget included) and the code version (the last
+git commit touching ``edge_alast/``, whether that folder differs from it, and a hash of the difference): a rerun
+skips only runs of the same settings on the same code. ``results.json`` holds every run; ``--markdown FILE`` prints
+the tables from it, running nothing.
+
+Methods: ``full``, ``head``, ALaST with each update (``alast-reference``, the default; ``alast-coauthors``, the
+co-authors' code; ``alast-relative``), the ``static`` and ``random`` baselines built from each seed's relative run
+at its FLOPs per step, the ablations ``alast-freeze-only`` (every token, K blocks: b_init = b_min = 1) and
+``alast-tokens-only`` (every block trains, tokens dropped), the remedy ``alast-anneal`` (reference with keep
+ratios annealed to 1 over the last 20 % of the steps its seed's reference run took; it runs exactly that many
+steps), and the adapter methods. Learning rates: each method's default (``--lr`` sets one for all).
+Embeddings are frozen for every method (``full`` included) except ``alast-coauthors``, which reproduces the
+co-authors' set-up (embeddings trained, Adam without weight decay). Data sets: Fashion-MNIST
+(``apt-get install dataset-fashion-mnist``) and scikit-learn's ``load_digits``, written as ImageFolders.
 
     python tools/bench_tta.py --weights ../shared/assets/vit_small_patch14_dinov2.imgfocus.safetensors \\
         --img-size 112 --seeds 0,1,2 --datasets fmnist,digits --out runs/tta
@@ -21,6 +41,7 @@ method (``full`` included, ``--no-train-embeddings``), so full and ALaST differ 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import signal
@@ -28,6 +49,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import yaml
@@ -35,31 +57,149 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from edge_alast.config import LightPeftConfig  # noqa: E402
+from edge_alast.methods import METHODS as METHOD_SPECS  # noqa: E402
 from edge_alast.runfolder import METRICS_FILE, read_metrics  # noqa: E402
 
-# name -> run-file settings on top of the common ones; "{alast_run}" is the seed's ALaST (relative) run folder.
+# name -> run-file settings on top of the common ones. "{run:NAME}" is the same seed's run folder of method NAME,
+# "{steps:NAME}" the steps that run took to its last evaluation; such a method runs after NAME.
 METHODS = {
     "full": {"method": "full", "train_embeddings": False},
-    "head": {"method": "head", "lr": 1e-3},  # a linear probe barely moves at 3e-5 (0.34-0.36 after 300 steps)
+    "head": {"method": "head"},
     "alast-reference": {"method": "alast", "alast": {"update": "reference"}},
+    "alast-coauthors": {"method": "alast", "alast": {"update": "coauthors"}},
     "alast-relative": {"method": "alast", "alast": {"update": "relative"}},
-    "static": {"method": "alast", "alast": {"update": "static", "from_run": "{alast_run}"}},
-    "random": {"method": "alast", "alast": {"update": "random", "from_run": "{alast_run}"}},
-    "lora": {"method": "lora", "lr": 1e-3},
-    "alast-lora": {"method": "alast-lora", "lr": 1e-3, "alast": {"update": "relative"}},
-    "light-peft": {"method": "light-peft", "lr": 1e-3, "light_peft": {"estimation_steps": 40}},
-    "light-peft+alast": {"method": "light-peft+alast", "lr": 1e-3, "light_peft": {"estimation_steps": 40},
+    "static": {"method": "alast", "alast": {"update": "static", "from_run": "{run:alast-relative}"}},
+    "random": {"method": "alast", "alast": {"update": "random", "from_run": "{run:alast-relative}"}},
+    "alast-freeze-only": {"method": "alast", "alast": {"b_init": 1.0, "b_min": 1.0}},
+    "alast-tokens-only": {"method": "alast", "alast": {"freeze": False}},
+    "alast-anneal": {"method": "alast", "alast": {"update": "reference", "anneal_last": 0.2},
+                     "steps": "{steps:alast-reference}"},
+    "lora": {"method": "lora"},
+    "alast-lora": {"method": "alast-lora", "alast": {"update": "relative"}},
+    "light-peft": {"method": "light-peft", "light_peft": {"estimation_steps": 40}},
+    "light-peft+alast": {"method": "light-peft+alast", "light_peft": {"estimation_steps": 40},
                          "alast": {"update": "relative"}},
 }
+DEFAULT_METHODS = ("full", "head", "alast-reference", "alast-coauthors", "alast-relative", "static", "random",
+                   "alast-freeze-only", "alast-tokens-only", "alast-anneal")
+FRACTIONS = (0.25, 0.5, 1.0)  # of full's time / FLOPs to plateau
+ENDINGS = ("plateau", "budget", "max")
 
 
+# -------------------------------------------------------------------------------------------- the protocol (pure)
+def smooth(values: Sequence[float], window: int) -> list[float]:
+    """Trailing moving average: each point is the mean of it and the ``window`` - 1 before it (fewer at the start)."""
+    return [float(np.mean(values[max(0, i - window + 1):i + 1])) for i in range(len(values))]
+
+
+def smooth_centred(values: Sequence[float], window: int) -> list[float]:
+    """Centred moving average over ``window`` points (truncated at both ends): no lag on a rising curve, for
+    reading the curve at a given time or FLOP count."""
+    half = window // 2
+    return [float(np.mean(values[max(0, i - half):i + window - half])) for i in range(len(values))]
+
+
+def plateau_at(accuracies: Sequence[float], window: int, patience: int, min_gain: float) -> int | None:
+    """The first evaluation at which the trailing average over ``window`` evaluations has not gained ``min_gain``
+    over the best it reached before the last ``patience`` evaluations (full windows only), or None."""
+    s = smooth(accuracies, window)
+    for i in range(window - 1 + patience, len(s)):
+        before = max(s[window - 1:i - patience + 1])
+        if max(s[i - patience + 1:i + 1]) < before + min_gain:
+            return i
+    return None
+
+
+def plateau_value(accuracies: Sequence[float], window: int) -> float | None:
+    """The run's final accuracy: the mean of its last ``window`` evaluations."""
+    return float(np.mean(accuracies[-window:])) if accuracies else None
+
+
+def budget_flops(full_runs: Sequence[dict], factor: float) -> float | None:
+    """The common FLOP budget: ``factor`` x the mean over seeds of the training FLOPs full had spent at the
+    evaluation where it plateaued (its last evaluation where it never did)."""
+    spent = [point_of_plateau(r)["flops_total"] for r in full_runs if r["evals"]]
+    return factor * statistics.mean(spent) if spent else None
+
+
+def point_of_plateau(result: dict) -> dict:
+    """The evaluation at which a run stopped (its plateau, budget or last evaluation)."""
+    return result["evals"][result.get("stop_index", len(result["evals"]) - 1)]
+
+
+def value_at(evals: Sequence[dict], x: float, key: str, window: int, ended: str) -> float | None:
+    """The smoothed accuracy at ``x`` (``key``: ``elapsed_seconds`` or ``flops_total``), interpolated linearly
+    between evaluations. Before the first evaluation: None. After the last: the plateau value if the run stopped at
+    its plateau (it would stay there), else None (it was cut off, it may have gone on rising)."""
+    if not evals:
+        return None
+    xs = [float(e[key]) for e in evals]
+    ys = smooth_centred([e["val_accuracy"] for e in evals], window)
+    if x < xs[0]:
+        return None
+    if x > xs[-1]:
+        return plateau_value([e["val_accuracy"] for e in evals], window) if ended == "plateau" else None
+    return float(np.interp(x, xs, ys))
+
+
+def ended_as(stopped_by: str | None) -> str:
+    """How a run ended: ``plateau`` or ``budget`` (stopped by this tool), else ``max`` (it ran all its steps)."""
+    return stopped_by if stopped_by in ("plateau", "budget") else "max"
+
+
+def code_version(root: Path = REPO) -> dict:
+    """The version of ``edge_alast/`` the runs use: the last commit touching it, whether the folder differs from
+    that commit, and a hash of the difference (so two different uncommitted states never share cached runs).
+    Without git: a hash of every file in the folder."""
+    def git(*args) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True).stdout
+
+    try:
+        commit = git("log", "-1", "--format=%H", "--", "edge_alast").strip()
+        status = git("status", "--porcelain", "--untracked-files=all", "--", "edge_alast")
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": True, "tree_sha256": _tree_hash(root / "edge_alast")}
+    version = {"commit": commit or None, "dirty": bool(status.strip())}
+    if version["dirty"]:
+        digest = hashlib.sha256(git("diff", "HEAD", "--", "edge_alast").encode())
+        for line in sorted(status.splitlines()):
+            if line.startswith("??"):
+                path = root / line[3:].strip()
+                digest.update(line.encode() + (path.read_bytes() if path.is_file() else b""))
+        version["diff_sha256"] = digest.hexdigest()
+    return version
+
+
+def _tree_hash(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(str(path.relative_to(folder)).encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def cache_key(config: dict, protocol: dict, code: dict) -> dict:
+    """What a cached run must match to be reused: its run config, the protocol settings that stop it, the code."""
+    return {"config": config, "protocol": protocol, "code": code}
+
+
+def cached(path: Path, key: dict) -> dict | None:
+    """The run stored at ``path`` if it was made under ``key``, else None."""
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return result if result.get("key") == key else None
+
+
+# -------------------------------------------------------------------------------------------- data
 def write_digits(root: Path, val: int = 400, seed: int = 0) -> Path:
-    """scikit-learn's 8x8 digits (1797 real scans) as PNG ImageFolders (train / val)."""
+    """scikit-learn's 8x8 digits (1797 real scans) as PNG ImageFolders (train / val); scikit-learn is needed only
+    to write them."""
+    if (root / "val").exists():
+        return root
     from PIL import Image
     from sklearn.datasets import load_digits
 
-    if (root / "val").exists():
-        return root
     digits = load_digits()
     order = np.random.default_rng(seed).permutation(len(digits.target))
     for rank, i in enumerate(order):
@@ -78,131 +218,221 @@ def write_fmnist(root: Path, train: int, val: int) -> Path:
     return root
 
 
+# -------------------------------------------------------------------------------------------- running
 def counted(evals: list[dict], config: dict) -> list[dict]:
     """The evaluations of the model the run delivers: for Light-PEFT, those after its pruning (before it, the
-    unpruned model is evaluated; its accuracy would otherwise count as the run's best and start the plateau
-    clock, which then stops the run in the dip that follows pruning)."""
+    unpruned model is evaluated; its accuracy would otherwise start the plateau clock, which then stops the run in
+    the dip that follows pruning)."""
     if not str(config.get("method", "")).startswith("light-peft"):
         return evals
     pruned_at = int((config.get("light_peft") or {}).get("estimation_steps", LightPeftConfig().estimation_steps))
     return [e for e in evals if e["step"] > pruned_at]
 
 
-def plateaued(evals: list[dict], patience: int, min_gain: float) -> bool:
-    """No validation gain of ``min_gain`` over the best of the evaluations before the last ``patience``."""
-    if len(evals) <= patience:
-        return False
-    before = max(e["val_accuracy"] for e in evals[:-patience])
-    return max(e["val_accuracy"] for e in evals[-patience:]) < before + min_gain
-
-
-def run(config: dict, out: Path, patience: int, min_gain: float) -> dict:
-    """Train until plateau or max steps; the run's eval curve, peak and how it ended (kept in ``OUT.json``: a
-    rerun of the benchmark with the same settings skips the runs already done)."""
+def run(config: dict, out: Path, protocol: dict, code: dict) -> dict:
+    """Train until plateau, budget or ``config["steps"]``; the run's eval curve, how it ended and its peak (cached
+    in ``OUT.json`` under :func:`cache_key`)."""
     done = out.with_suffix(".json")
-    if done.exists():
-        result = json.loads(done.read_text())
-        if result.get("config") == config:
-            return {**result, "evals": counted(result["evals"], config)}
+    key = cache_key(config, protocol, code)
+    hit = cached(done, key)
+    if hit is not None:
+        return hit
     out.parent.mkdir(parents=True, exist_ok=True)
     path = out.with_suffix(".yaml")
-    path.write_text(yaml.safe_dump({**config, "out": str(out)}))
+    path.write_text(yaml.safe_dump({**config, "out": str(out), "resume": False}))
     proc = subprocess.Popen([sys.executable, "-m", "edge_alast.cli", "train", "--config", str(path), "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    evals, stopped = [], False
+    evals, stopped_by, stop_index = [], None, None
     for line in proc.stdout:
         try:
             event = json.loads(line)
         except ValueError:
             continue
-        if event.get("event") == "eval" and "step" in event:
-            evals.append(event)
-            if not stopped and plateaued(counted(evals, config), patience, min_gain):
-                proc.send_signal(signal.SIGTERM)
-                stopped = True
-    code = proc.wait()
-    if code not in (0, 75):
-        raise SystemExit(f"{out.name} failed ({code}):\n{proc.stderr.read()[-3000:]}")
+        if event.get("event") != "eval" or "step" not in event or stopped_by:
+            continue
+        evals.append(event)
+        curve = counted(evals, config)
+        budget = protocol.get("budget_flops")
+        if budget is not None and event["flops_total"] >= budget:
+            stopped_by = "budget"
+        elif protocol["stop_at_plateau"] and curve and plateau_at(
+                [e["val_accuracy"] for e in curve], protocol["window"], protocol["patience"],
+                protocol["min_gain"]) is not None:
+            stopped_by = "plateau"
+        if stopped_by:
+            stop_index = len(curve) - 1
+            proc.send_signal(signal.SIGUSR1)  # end after this step as a finished run: evaluated, model saved
+    exit_code = proc.wait()
+    if exit_code not in (0, 75):
+        raise SystemExit(f"{out.name} failed ({exit_code}):\n{proc.stderr.read()[-3000:]}")
     steps = [r for r in read_metrics(out / METRICS_FILE) if r.get("event") == "step"]
-    result = {"config": config, "evals": evals, "stopped_at_plateau": stopped, "steps": len(steps),
+    curve = counted(evals, config)
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+    result = {"key": key, "config": config, "evals": curve, "all_evals": len(evals), "ended": ended_as(stopped_by),
+              "stop_index": stop_index if stop_index is not None else len(curve) - 1, "steps": len(steps),
               "peak_rss_bytes": max((r["mem/peak_rss_bytes"] for r in steps), default=None),
               "flops_per_step": sum(r["flops/step"] for r in steps) / max(1, len(steps)),
+              "final_val_accuracy": summary.get("val_accuracy"),  # the final model, every token, whole val set
+              "train_view": train_view(out, config) if summary and METHOD_SPECS[config["method"]].alast else None,
               "torch_threads": os.environ.get("OMP_NUM_THREADS")}
-    done.write_text(json.dumps(result, indent=1))  # every evaluation; counted() picks the delivered model's
-    return {**result, "evals": counted(evals, config)}
+    done.write_text(json.dumps(result, indent=1))
+    return result
 
 
-def time_to(evals: list[dict], target: float) -> tuple[float | None, float | None]:
-    """(training seconds, FLOPs) at the first evaluation reaching ``target``."""
-    hit = next((e for e in evals if e["val_accuracy"] >= target), None)
-    return (hit["elapsed_seconds"], hit["flops_total"]) if hit else (None, None)
+def train_view(run_dir: Path, config: dict) -> dict:
+    """The run's final model evaluated on the whole validation set with its training-time token view (each block
+    at its mean keep ratio: ``edge-alast eval --train-view``), to set against its all-token accuracy."""
+    proc = subprocess.run([sys.executable, "-m", "edge_alast.cli", "eval", str(run_dir), "--data", config["val_data"],
+                           "--json", "--train-view", "--batch-size", str(config["batch_size"])],
+                          capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        raise SystemExit(f"eval --train-view {run_dir} failed ({proc.returncode}):\n{proc.stdout[-2000:]}"
+                         f"{proc.stderr[-2000:]}")
+    result = json.loads(proc.stdout)
+    return {"accuracy": result["accuracy"], "keep_ratios": result["keep_ratios"], "images": result["images"]}
 
 
+def resolve(settings: dict, dataset_dir: Path, seed: int, done: dict[str, dict]) -> dict:
+    """A method's settings with ``{run:NAME}`` and ``{steps:NAME}`` filled in from the same seed's runs."""
+    def fill(value):
+        if isinstance(value, dict):
+            return {k: fill(v) for k, v in value.items()}
+        if isinstance(value, str) and value.startswith("{run:"):
+            return str(dataset_dir / f"{value[5:-1]}-s{seed}")
+        if isinstance(value, str) and value.startswith("{steps:"):  # to its last evaluation (where it stopped),
+            source = done[value[7:-1]]                               # so the run's last step is evaluated too
+            return int(source["evals"][-1]["step"] if source["evals"] else source["steps"])
+        return value
+    return fill(settings)
+
+
+def needs(name: str) -> set[str]:
+    """The methods whose runs ``name``'s settings refer to."""
+    text = json.dumps(METHODS[name])
+    return {m for m in METHODS if f"{{run:{m}}}" in text or f"{{steps:{m}}}" in text}
+
+
+def run_order(methods: Sequence[str]) -> list[str]:
+    """``full`` first (it sets the budget), then each method after those it needs (added when missing)."""
+    order: list[str] = []
+
+    def visit(name: str) -> None:
+        for dep in sorted(needs(name)):
+            visit(dep)
+        if name not in order:
+            order.append(name)
+    for name in ("full", *methods):
+        visit(name)
+    return order
+
+
+# -------------------------------------------------------------------------------------------- tables
 def mean_std(values: list[float | None], scale: float = 1.0, fmt: str = "{:.3f}") -> str:
     got = [v / scale for v in values if v is not None]
     if not got:
         return "-"
-    missing = f" ({len(values) - len(got)} never)" if len(got) < len(values) else ""
+    missing = f" ({len(values) - len(got)} -)" if len(got) < len(values) else ""
     if len(got) == 1:
         return fmt.format(got[0]) + missing
-    return f"{fmt.format(statistics.mean(got))} ± {fmt.format(statistics.stdev(got))}{missing}"
+    return f"{fmt.format(statistics.mean(got))} ± {fmt.replace('+', '').format(statistics.stdev(got))}{missing}"
+
+
+def endings(runs: list[dict]) -> str:
+    counts = {e: sum(r["ended"] == e for r in runs) for e in ENDINGS}
+    return ", ".join(f"{e} {n}" for e, n in counts.items() if n)
 
 
 def markdown(stored: dict) -> str:
-    """The tables of a ``results.json`` ("DATASET/METHOD" -> that method's runs, one per seed), one per data set.
-    The setup line is read off the first run's config."""
+    """The tables of a ``results.json`` ("DATASET/METHOD" -> that method's runs, one per seed), two per data set:
+    how each method ended, and its accuracy at equal training time and FLOPs."""
     out = []
     for dataset in dict.fromkeys(key.split("/", 1)[0] for key in stored):
         methods = [key.split("/", 1)[1] for key in stored if key.split("/", 1)[0] == dataset]
         results = {name: stored[f"{dataset}/{name}"] for name in methods}
-        first = results.get("full") or next(iter(results.values()))
-        cfg, seeds = first[0]["config"], ",".join(str(r["config"]["seed"]) for r in first)
         full = results.get("full", [])
-        target = (statistics.mean(max(e["val_accuracy"] for e in r["evals"]) for r in full) - 0.01) if full else None
-        out.append(f"\n{dataset}: {cfg['model']} @ {cfg['img_size']}px, batch {cfg['batch_size']}, lr {cfg['lr']} "
-                   f"(head, adapters 1e-3), eval every {cfg['eval_every']} steps on {cfg['eval_images']} images, "
-                   f"seeds {seeds}; target = full's final accuracy - 1 pt = "
-                   f"{target if target is None else round(target, 4)}\n")
-        # like with like in time: each method's best accuracy within the training seconds of the shortest method
-        totals = [statistics.mean(r["evals"][-1]["elapsed_seconds"] for r in runs) for runs in results.values()]
-        at = min(totals) if totals else 0.0
-        out.append(f"(acc @ {at:.0f} s: the best validation accuracy within the first {at:.0f} training seconds, the "
-                   f"mean training time of the quickest method)\n")
-        out.append(f"| method | final val acc | acc @ {at:.0f} s | steps | training s | time to target s | "
-                   "FLOPs to target (TFLOP) | GFLOPs/step | peak RSS MiB |")
-        out.append("|---|---|---|---|---|---|---|---|---|")
+        first = (full or next(iter(results.values())))[0]
+        cfg, protocol = first["config"], first["key"]["protocol"]
+        window = protocol["window"]
+        seeds = ",".join(str(r["config"]["seed"]) for r in (full or next(iter(results.values()))))
+        codes = {json.dumps(r["key"]["code"], sort_keys=True) for runs in results.values() for r in runs}
+        code = json.loads(next(iter(codes))) if len(codes) == 1 else None
+        version = ("code " + (code["commit"] or "unknown")[:7] + (" + uncommitted changes" if code["dirty"] else "")
+                   if code else f"{len(codes)} code versions (rerun for one)")
+        t_full = [point_of_plateau(r)["elapsed_seconds"] for r in full]
+        f_full = [point_of_plateau(r)["flops_total"] for r in full]
+        budget = next((r["key"]["protocol"].get("budget_flops") for runs in results.values() for r in runs
+                       if r["key"]["protocol"].get("budget_flops")), None)
+        out.append(f"\n{dataset}: {cfg['model']} @ {cfg['img_size']}px, batch {cfg['batch_size']}, eval every "
+                   f"{cfg['eval_every']} steps on {first['evals'][0]['val_images'] if first['evals'] else '?'} "
+                   f"images, plateau = the mean of {window} evaluations gains < {protocol['min_gain']} over "
+                   f"{protocol['patience']} evaluations, seeds {seeds}, {version}.")
+        if full:
+            out.append(f"full plateaus at {mean_std(t_full, fmt='{:.0f}')} training s, "
+                       f"{mean_std(f_full, 1e12, '{:.1f}')} TFLOPs; budget for the others "
+                       f"{'-' if budget is None else f'{budget / 1e12:.1f}'} TFLOPs.\n")
+        out.append("| method | final acc (mean of last evals) | ended | steps | training s | TFLOPs | "
+                   "GFLOPs/step | peak RSS MiB |")
+        out.append("|---|---|---|---|---|---|---|---|")
         for name, runs in results.items():
-            finals = [max(e["val_accuracy"] for e in r["evals"]) for r in runs]
-            within = [max((e["val_accuracy"] for e in r["evals"] if e["elapsed_seconds"] <= at + 1e-6), default=None)
-                      for r in runs]
-            to = [time_to(r["evals"], target) if target is not None else (None, None) for r in runs]
-            out.append(f"| {name} | {mean_std(finals)} | {mean_std(within)} | "
+            finals = [plateau_value([e["val_accuracy"] for e in r["evals"]], window) for r in runs]
+            last = [r["evals"][-1] if r["evals"] else {} for r in runs]
+            out.append(f"| {name} | {mean_std(finals)} | {endings(runs)} | "
                        f"{mean_std([r['steps'] for r in runs], fmt='{:.0f}')} | "
-                       f"{mean_std([r['evals'][-1]['elapsed_seconds'] for r in runs], fmt='{:.0f}')} | "
-                       f"{mean_std([t for t, _ in to], fmt='{:.0f}')} | "
-                       f"{mean_std([f for _, f in to], 1e12, '{:.1f}')} | "
+                       f"{mean_std([e.get('elapsed_seconds') for e in last], fmt='{:.0f}')} | "
+                       f"{mean_std([e.get('flops_total') for e in last], 1e12, '{:.1f}')} | "
                        f"{mean_std([r['flops_per_step'] for r in runs], 1e9, '{:.1f}')} | "
                        f"{mean_std([r['peak_rss_bytes'] for r in runs], 2**20, '{:.0f}')} |")
+        viewed = {name: runs for name, runs in results.items() if any(r.get("train_view") for r in runs)}
+        if viewed:
+            out.append("\nThe final model on the whole validation set, with every token (as evaluated) and with the "
+                       "training-time token view (each block at its mean keep ratio, `eval --train-view`): the gap "
+                       "is the train/eval token mismatch.\n")
+            out.append("| method | all tokens | training-time view | gap (pts) |")
+            out.append("|---|---|---|---|")
+            for name, runs in viewed.items():
+                pairs = [(r.get("final_val_accuracy"), (r.get("train_view") or {}).get("accuracy")) for r in runs]
+                gaps = [100 * (a - v) if a is not None and v is not None else None for a, v in pairs]
+                out.append(f"| {name} | {mean_std([a for a, _ in pairs])} | {mean_std([v for _, v in pairs])} | "
+                           f"{mean_std(gaps, fmt='{:+.1f}')} |")
+        if not full:
+            continue
+        t_ref, f_ref = statistics.mean(t_full), statistics.mean(f_full)
+        pct = [f"{f:.0%}" for f in FRACTIONS]
+        out.append(f"\nAccuracy (smoothed curve) at equal training time and at equal FLOPs, as shares of full's "
+                   f"time to plateau ({t_ref:.0f} s) and FLOPs to plateau ({f_ref / 1e12:.1f} TFLOPs); '-': the "
+                   "run ended before that point without a plateau.\n")
+        out.append("| method | " + " | ".join(f"acc @ {p} s" for p in pct) + " | "
+                   + " | ".join(f"acc @ {p} FLOPs" for p in pct) + " |")
+        out.append("|---|" + "---|" * (2 * len(FRACTIONS)))
+        for name, runs in results.items():
+            cells = [mean_std([value_at(r["evals"], f * t_ref, "elapsed_seconds", window, r["ended"]) for r in runs])
+                     for f in FRACTIONS]
+            cells += [mean_std([value_at(r["evals"], f * f_ref, "flops_total", window, r["ended"]) for r in runs])
+                      for f in FRACTIONS]
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
+# -------------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--weights")
     ap.add_argument("--model", default="vit_small_patch14_dinov2")
     ap.add_argument("--img-size", type=int, default=112)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=3e-5,
-                    help="lr for full and ALaST runs (head and adapter methods: 1e-3); at 3e-5 full converges "
-                         "(the README's sweep)")
-    ap.add_argument("--max-steps", type=int, default=300)
+    ap.add_argument("--lr", type=float, help="one learning rate for every method (default: each method's own)")
+    ap.add_argument("--max-steps", type=int, default=3000, help="the most steps any run takes")
+    ap.add_argument("--budget-factor", type=float, default=1.5,
+                    help="the others' FLOP budget, as a multiple of what full needed to plateau")
     ap.add_argument("--eval-every", type=int, default=25)
-    ap.add_argument("--eval-images", type=int, default=500)
+    ap.add_argument("--eval-images", type=int, default=1000,
+                    help="validation images per evaluation (all of them when the set is smaller)")
+    ap.add_argument("--window", type=int, default=3, help="evaluations in the moving average")
     ap.add_argument("--patience", type=int, default=4)
     ap.add_argument("--min-gain", type=float, default=0.005)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--datasets", default="fmnist,digits")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     ap.add_argument("--train-images", type=int, default=2000, help="Fashion-MNIST training images")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run-file key for every run")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "tta")
@@ -214,33 +444,45 @@ def main(argv=None) -> int:
         return 0
     if not args.weights:
         ap.error("--weights is required")
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        ap.error(f"--methods: unknown {', '.join(unknown)} (known: {', '.join(METHODS)})")
+    if args.eval_images < 1000:
+        print(f"warning: --eval-images {args.eval_images} < 1000: the protocol evaluates on at least 1000 images or "
+              "the whole validation set", file=sys.stderr)
 
     args.out.mkdir(parents=True, exist_ok=True)
     data = {"fmnist": lambda: write_fmnist(args.out / "data-fmnist", args.train_images, 1000),
             "digits": lambda: write_digits(args.out / "data-digits")}
-    methods = args.methods.split(",")
-    if {"static", "random"} & set(methods) and "alast-relative" not in methods:
-        methods.insert(0, "alast-relative")  # the baselines are built from it
-    order = sorted(methods, key=lambda m: m in ("static", "random"))  # baselines after their ALaST run
+    base_protocol = {"window": args.window, "patience": args.patience, "min_gain": args.min_gain}
+    order = run_order(methods)
     results: dict[tuple[str, str], list[dict]] = {}
     for dataset in args.datasets.split(","):
-        root = data[dataset]()
-        for seed in map(int, args.seeds.split(",")):
-            for name in order:
-                out = args.out / dataset / f"{name}-s{seed}"
-                settings = json.loads(json.dumps(METHODS[name]).replace(
-                    "{alast_run}", str(args.out / dataset / f"alast-relative-s{seed}")))
+        root, dataset_dir = data[dataset](), args.out / dataset
+        seeds = list(map(int, args.seeds.split(",")))
+        for name in order:  # full for every seed first: its plateau sets the budget
+            budget = None if name == "full" else budget_flops(results[(dataset, "full")], args.budget_factor)
+            for seed in seeds:
+                done = {m: results[(dataset, m)][seeds.index(seed)] for m in needs(name)}
+                settings = resolve(METHODS[name], dataset_dir, seed, done)
+                fixed = "steps" in settings  # a run of a given length (the remedy): no plateau or budget stop
                 config = {"data": str(root / "train"), "val_data": str(root / "val"), "model": args.model,
                           "weights": args.weights, "img_size": args.img_size, "batch_size": args.batch_size,
-                          "lr": args.lr, "steps": args.max_steps, "seed": seed, "precision": "fp32",
-                          "eval_every": args.eval_every, "eval_images": args.eval_images, "export": False,
-                          "resume": False, "augment": "none", **settings}
+                          "steps": args.max_steps, "seed": seed, "precision": "fp32", "eval_every": args.eval_every,
+                          "eval_images": args.eval_images, "export": False, "augment": "none", **settings}
+                if args.lr is not None:
+                    config["lr"] = args.lr
                 for item in args.set:
                     key, _, value = item.partition("=")
                     config[key] = yaml.safe_load(value)
+                protocol = {**base_protocol, "stop_at_plateau": not fixed,
+                            "budget_flops": None if fixed else budget}
                 print(f"{dataset} seed {seed}: {name} ...", file=sys.stderr, flush=True)
-                results.setdefault((dataset, name), []).append(run(config, out, args.patience, args.min_gain))
-    stored = {f"{d}/{m}": results[(d, m)] for d in args.datasets.split(",") for m in methods if (d, m) in results}
+                results.setdefault((dataset, name), []).append(
+                    run(config, dataset_dir / f"{name}-s{seed}", protocol, code_version()))  # the code as it
+                # is when this run starts (a change made while the benchmark runs reaches the runs after it)
+    stored = {f"{d}/{m}": results[(d, m)] for d in args.datasets.split(",") for m in order if (d, m) in results}
     (args.out / "results.json").write_text(json.dumps(stored, indent=1))
     print(markdown(stored))
     return 0

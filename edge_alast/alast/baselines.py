@@ -26,17 +26,27 @@ MAX_EXACT_COMBINATIONS = 2000  # beyond this many K-subsets, the random baseline
 SAMPLES = 1000
 
 
+def mean_keep_ratios(run_dir: str | Path, depth: int | None = None,
+                     option: str = "--alast-from") -> tuple[list[float], list[dict]]:
+    """An ALaST run's per-block keep ratio as its steps used it (``plan/keep_ratio``), averaged over its steps, and
+    those step lines. ``option`` names what the user gave in errors."""
+    run_dir = Path(run_dir)
+    steps = [r for r in read_metrics(run_dir / METRICS_FILE) if r.get("event") == "step"]
+    if not steps:
+        raise ConfigError(f"{option}: {run_dir} has no training steps in metrics.jsonl")
+    ratios = [metric(r, "plan/keep_ratio") for r in steps]
+    depth = depth if depth is not None else len(ratios[0]) if isinstance(ratios[0], list) else 0
+    if not depth or any(not isinstance(x, list) or len(x) != depth for x in ratios):
+        raise ConfigError(f"{option}: {run_dir} is not a run of a {depth or 'ViT'}-block model with per-block keep "
+                          "ratios")
+    return [sum(x[i] for x in ratios) / len(ratios) for i in range(depth)], steps
+
+
 def read_alast_run(run_dir: str | Path, depth: int, k: int) -> tuple[list[float], list[int], float]:
     """An ALaST run's per-block mean keep ratio, its ``k`` most-trained blocks (ties: the higher mean keep ratio,
     then the lower index) and its mean FLOPs per step."""
     run_dir = Path(run_dir)
-    steps = [r for r in read_metrics(run_dir / METRICS_FILE) if r.get("event") == "step"]
-    if not steps:
-        raise ConfigError(f"--alast-from: {run_dir} has no training steps in metrics.jsonl")
-    ratios = [metric(r, "plan/keep_ratio") for r in steps]
-    if any(not isinstance(x, list) or len(x) != depth for x in ratios):
-        raise ConfigError(f"--alast-from: {run_dir} is not a run of a {depth}-block model with per-block keep ratios")
-    means = [sum(x[i] for x in ratios) / len(ratios) for i in range(depth)]
+    means, steps = mean_keep_ratios(run_dir, depth)
     counts = [sum(i in r["blocks/trainable"] for r in steps) for i in range(depth)]
     blocks = sorted(sorted(range(depth), key=lambda i: (-counts[i], -means[i], i))[:k])
     try:

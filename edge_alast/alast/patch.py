@@ -5,14 +5,18 @@ blocks (the parameters of the run's :class:`~edge_alast.model.trainable.Trainabl
 token budgets; ``handle.remove()`` restores the model. Nothing of timm's Block/Attention forward is copied: a
 forward hook on each block's ``attn.qkv`` takes the class-token attention row from q_cls and K (one query row,
 O(N*D)) while the block keeps its own fused attention, LayerScale, qk-norm, drop-path; a forward hook on the
-block measures the class-token change and replaces the block's output with the kept tokens. Activation
+block measures the class-token change and replaces the block's output with the kept tokens. A plan with
+:class:`~edge_alast.alast.policy.LiveBudgets` (the co-authors' arithmetic) has each block's keep ratio computed in
+that hook from the delta just measured; :meth:`AlastHandle.applied_plan` reports the ratios used. Activation
 recomputation wraps the block's own ``forward`` in ``torch.utils.checkpoint`` (non-reentrant).
 
 Everything is active only while the model is in training mode and a plan is set: evaluation and export see the
-unpatched computation with all tokens.
+unpatched computation with all tokens. ``eval_view=True`` keeps token dropping on in eval mode too, to measure a
+trained model on the token view it was trained on (``edge-alast eval --train-view``).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -29,7 +33,8 @@ from ..model.trainable import TrainableSet
 class AlastHandle:
     """Hooks on a timm ViT that carry out step plans. Made by :func:`apply_patch`."""
 
-    def __init__(self, model: nn.Module, token_multiple: int = 1, trainable: TrainableSet | None = None):
+    def __init__(self, model: nn.Module, token_multiple: int = 1, trainable: TrainableSet | None = None,
+                 eval_view: bool = False):
         blocks = getattr(model, "blocks", None)
         if blocks is None or len(blocks) == 0:
             raise TypeError(f"{type(model).__name__} has no `blocks`: ALaST needs a timm VisionTransformer-style model")
@@ -37,8 +42,11 @@ class AlastHandle:
         self.blocks = list(blocks)
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 1))
         self.token_multiple = int(token_multiple)
+        self.eval_view = eval_view
         self.plan: StepPlan | None = None
         self.deltas: list[torch.Tensor | None] = [None] * len(self.blocks)
+        self.delta_sums: list[torch.Tensor | None] = [None] * len(self.blocks)
+        self.applied: list[float] = [1.0] * len(self.blocks)  # the keep ratio each block used in the last forward
         self.streams: list[torch.Tensor | None] = [None] * len(self.blocks)
         self.tokens_in: list[int] = [0] * len(self.blocks)
         self._scores: list[torch.Tensor | None] = [None] * len(self.blocks)
@@ -63,11 +71,11 @@ class AlastHandle:
         return len(self.blocks)
 
     def _active(self) -> bool:
-        return self.plan is not None and self.model.training
+        return self.plan is not None and (self.model.training or self.eval_view)
 
     # -- hooks --------------------------------------------------------------------------------------------------
     def _on_qkv(self, i: int, module: nn.Module, args, out: torch.Tensor) -> None:
-        if not self._active() or self.plan.keep_ratios[i] >= 1.0:
+        if not self._active() or (self.plan.keep_ratios[i] >= 1.0 and self.plan.live is None):
             return
         attn = self.blocks[i].attn
         with torch.no_grad():
@@ -81,15 +89,21 @@ class AlastHandle:
             # ALaST importance: squared L2 norm of the class token's change, batch mean (see AlastPolicy), and the
             # squared norm of the class token entering the block, for the scale-free relative importance.
             cls_in = x_in[:, 0].float()
-            self.deltas[i] = (out[:, 0].float() - cls_in).pow(2).sum(-1).mean()
+            change = (out[:, 0].float() - cls_in).pow(2).sum(-1)
+            self.delta_sums[i], self.deltas[i] = change.sum(), change.mean()
             self.streams[i] = cls_in.pow(2).sum(-1).mean()
         self.tokens_in[i] = int(x_in.shape[1])
-        ratio = self.plan.keep_ratios[i]
+        ratio, live = self.plan.keep_ratios[i], self.plan.live
+        if live is not None:  # the budget moves with this forward's delta before the tokens are kept (co-authors)
+            ratio = live.keep_ratio(i, float(self.delta_sums[i] if live.batch_sum else self.deltas[i]))
+        self.applied[i] = ratio
         if ratio >= 1.0:
+            self._scores[i] = None
             return None
         scores, self._scores[i] = self._scores[i], None
         n_patch = out.shape[1] - self.num_prefix_tokens
-        keep = count_kept(n_patch, ratio, self.token_multiple)
+        prefix = self.num_prefix_tokens if self.plan.count_prefix else 0
+        keep = count_kept(n_patch, ratio, self.token_multiple, prefix)
         return select_tokens(out, scores, keep, self.num_prefix_tokens)
 
     # -- plans --------------------------------------------------------------------------------------------------
@@ -97,7 +111,8 @@ class AlastHandle:
         """Apply a step plan: freeze/unfreeze blocks, set recomputation; ``None`` disables token dropping."""
         if plan is not None and plan.depth != self.depth:
             raise ValueError(f"plan has {plan.depth} blocks, model has {self.depth}")
-        if plan is not None and any(plan.keep_ratios[i] < 1.0 for i in self._unscored):
+        if plan is not None and self._unscored and (plan.live is not None
+                                                    or any(plan.keep_ratios[i] < 1.0 for i in self._unscored)):
             raise ValueError(f"blocks {sorted(self._unscored)} have no fused attn.qkv and cannot drop tokens "
                              "(edge_alast.alast.support.check_model says why)")
         self.plan = plan
@@ -113,7 +128,9 @@ class AlastHandle:
                     p.grad = None  # frozen this step: no grad, so the optimizer skips it (its state is kept)
             self._set_recompute(i, plan.recompute[i] and stores[i])
         self.deltas = [None] * self.depth
+        self.delta_sums = [None] * self.depth
         self.streams = [None] * self.depth
+        self.applied = list(plan.keep_ratios)
 
     def _set_recompute(self, i: int, on: bool) -> None:
         blk = self.blocks[i]
@@ -127,11 +144,19 @@ class AlastHandle:
             else:
                 blk.forward = own
 
-    def step_deltas(self) -> list[float]:
-        """This step's per-block importances (batch mean), as floats."""
-        if any(d is None for d in self.deltas):
+    def step_deltas(self, reduction: str = "mean") -> list[float]:
+        """This step's per-block importances, as floats: the batch mean, or with ``reduction="sum"`` the batch sum
+        (the co-authors' measure)."""
+        deltas = self.delta_sums if reduction == "sum" else self.deltas
+        if any(d is None for d in deltas):
             raise RuntimeError("no importance measured for some blocks: run a training forward after set_plan")
-        return [float(d) for d in self.deltas]
+        return [float(d) for d in deltas]
+
+    def applied_plan(self) -> StepPlan | None:
+        """The plan as the last forward carried it out: with live budgets, the keep ratios the blocks used."""
+        if self.plan is None or self.plan.live is None:
+            return self.plan
+        return replace(self.plan, keep_ratios=tuple(self.applied))
 
     def step_streams(self) -> list[float]:
         """This step's per-block squared norm of the class token entering the block (batch mean), as floats."""
@@ -156,9 +181,11 @@ def _checkpointed(forward, x, *args, **kwargs):
     return checkpoint(forward, x, *args, use_reentrant=False, **kwargs)
 
 
-def apply_patch(model: nn.Module, token_multiple: int = 1, trainable: TrainableSet | None = None) -> AlastHandle:
+def apply_patch(model: nn.Module, token_multiple: int = 1, trainable: TrainableSet | None = None,
+                eval_view: bool = False) -> AlastHandle:
     """Hook a timm ViT for ALaST. Returns the handle that applies plans and removes the patch.
 
     ``trainable``: what can ever train (the run's record); default: what is marked ``requires_grad`` now.
+    ``eval_view``: drop tokens by the plan in eval mode too (evaluating on the training-time token view).
     """
-    return AlastHandle(model, token_multiple=token_multiple, trainable=trainable)
+    return AlastHandle(model, token_multiple=token_multiple, trainable=trainable, eval_view=eval_view)

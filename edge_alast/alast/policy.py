@@ -12,9 +12,49 @@ from typing import Sequence
 
 import torch
 
-from ..config import AlastConfig
+from ..config import COAUTHORS, AlastConfig
 from ..errors import ConfigError
 from ..methods import BLOCKS_NONE, MethodSpec
+
+
+def eq6(budget: float, delta: float, prev_delta: float, alpha: float, b_min: float) -> float:
+    """The paper's Eq. 6 for one block: clip(b + alpha * (delta^t - delta^{t-1}), b_min, 1)."""
+    return min(1.0, max(b_min, budget + alpha * (delta - prev_delta)))
+
+
+@dataclass(frozen=True)
+class LiveBudgets:
+    """Budgets the mechanism updates inside the forward that measures their deltas (the co-authors' code: block l
+    keeps tokens by the budget Eq. 6 just moved with this batch's delta_l, no one-step lag).
+
+    Pure data plus arithmetic: the policy builds it in ``decide`` and applies the same :func:`eq6` in ``observe``,
+    so its budgets after a step are the ones the forward used (tested).
+
+    Attributes:
+        budgets, prev_deltas: Per block, the budget and the delta before this step.
+        alpha, b_min: Eq. 6's step size and floor.
+        batch_sum: The deltas are batch sums (the co-authors' ``torch.norm(...)**2`` over the batch), else means.
+        max_keep: The planner's per-block caps on the keep ratio (None: none).
+        anneal: Progress of the keep-ratio annealing (0: none; 1: every block at its cap or 1), see
+            :func:`anneal_plan`.
+    """
+
+    budgets: tuple[float, ...]
+    prev_deltas: tuple[float, ...]
+    alpha: float
+    b_min: float
+    batch_sum: bool = True
+    max_keep: tuple[float, ...] | None = None
+    anneal: float = 0.0
+
+    def budget(self, i: int, delta: float) -> float:
+        return eq6(self.budgets[i], delta, self.prev_deltas[i], self.alpha, self.b_min)
+
+    def keep_ratio(self, i: int, delta: float) -> float:
+        """Block ``i``'s keep ratio this step, given its delta measured in this forward."""
+        keep = self.budget(i, delta)
+        cap = 1.0 if self.max_keep is None else float(self.max_keep[i])
+        return _annealed(min(keep, cap), cap, self.anneal)
 
 @dataclass(frozen=True)
 class StepPlan:
@@ -25,11 +65,17 @@ class StepPlan:
             cumulative: block l+1 sees what block l kept.
         trainable: Per block, whether its parameters get gradients this step.
         recompute: Per block, whether its activations are recomputed in backward instead of stored.
+        count_prefix: Count kept tokens as the co-authors' code does, int(b * N) with N every token entering the
+            block (class token included), instead of floor(b * patch tokens) (:func:`count_kept`).
+        live: Budgets the mechanism moves within this step's forward (:class:`LiveBudgets`); ``keep_ratios`` are
+            then the budgets before the step, and the mechanism reports the ratios it applied.
     """
 
     keep_ratios: tuple[float, ...]
     trainable: tuple[bool, ...]
     recompute: tuple[bool, ...] = ()
+    count_prefix: bool = False
+    live: LiveBudgets | None = None
 
     def __post_init__(self):
         depth = len(self.keep_ratios)
@@ -81,32 +127,66 @@ class PolicyCaps:
                    lowest_trainable=state["lowest_trainable"], recompute=as_tuple(state["recompute"]))
 
 
-def count_kept(num_tokens: int, ratio: float, multiple: int = 1) -> int:
+def count_kept(num_tokens: int, ratio: float, multiple: int = 1, count_prefix: int = 0) -> int:
     """Patch tokens kept out of ``num_tokens`` at ``ratio``: floor(ratio*N) (ALaST), at least 1.
 
-    ``multiple`` > 1 rounds the count down to a multiple of it (never below ``multiple`` or above N), which bounds
-    the number of distinct activation shapes (allocator reuse, FLOP-count cache size).
+    ``count_prefix`` > 0: the co-authors' count, int(ratio * (N + count_prefix)), the prefix tokens counted in the
+    total (their ``int(b * x.shape[1])``), at most N. ``multiple`` > 1 rounds the count down to a multiple of it
+    (never below ``multiple`` or above N), which bounds the number of distinct activation shapes (allocator reuse,
+    FLOP-count cache size).
     """
     if ratio >= 1.0:
         return num_tokens
-    keep = max(1, math.floor(ratio * num_tokens))
+    keep = max(1, math.floor(ratio * (num_tokens + count_prefix)))
     if multiple > 1 and num_tokens > multiple:
         keep = max(multiple, keep - keep % multiple)
     return min(keep, num_tokens)
 
 
-def tokens_per_block(tokens_in: int, prefix: int, keep_ratios: Sequence[float], multiple: int = 1) -> list[int]:
+def tokens_per_block(tokens_in: int, prefix: int, keep_ratios: Sequence[float], multiple: int = 1,
+                     count_prefix: bool = False) -> list[int]:
     """Tokens entering each block when each keeps its ratio of the patch tokens it received (cumulative), and the
-    tokens leaving the last block as the final element."""
+    tokens leaving the last block as the final element (``count_prefix``: the co-authors' count, see
+    :func:`count_kept`)."""
     tokens, n = [], tokens_in
     for r in keep_ratios:
         tokens.append(n)
-        n = count_kept(n - prefix, r, multiple) + prefix
+        n = count_kept(n - prefix, r, multiple, prefix if count_prefix else 0) + prefix
     return tokens + [n]
+
+
+def anneal_progress(step: int, total_steps: int, fraction: float) -> float:
+    """How far step ``step`` (0-based) of ``total_steps`` is into the annealing of the last ``fraction`` of the run:
+    0 before it, rising linearly to 1 at the last step. Depends on the step alone, so a resumed run anneals alike."""
+    window = round(fraction * total_steps)
+    if fraction <= 0 or window < 1:
+        return 0.0
+    start = total_steps - window
+    return 0.0 if step < start else min(1.0, (step - start + 1) / window)
+
+
+def _annealed(keep: float, cap: float, t: float) -> float:
+    if t <= 0.0 or keep >= cap:
+        return keep
+    return cap if t >= 1.0 else (1.0 - t) * keep + t * cap
+
+
+def anneal_plan(plan: StepPlan, t: float, caps: PolicyCaps | None = None) -> StepPlan:
+    """``plan`` with every keep ratio moved a share ``t`` of the way to 1 (or to its cap under ``caps``), this
+    project's remedy for the train/eval token mismatch (``alast.anneal_last``): at ``t`` = 1 training sees every
+    token, as evaluation does. Layer freezing is left as it is."""
+    if t <= 0.0:
+        return plan
+    max_keep = caps.max_keep if caps is not None and caps.max_keep is not None else (1.0,) * plan.depth
+    keep = tuple(_annealed(r, float(c), t) for r, c in zip(plan.keep_ratios, max_keep))
+    live = replace(plan.live, anneal=t) if plan.live is not None else None
+    return replace(plan, keep_ratios=keep, live=live)
 
 
 class StaticPolicy:
     """Baselines in the same engine: ``full`` (every block trains, all tokens) and ``head`` (no block trains)."""
+
+    delta_reduction = "mean"
 
     def __init__(self, depth: int, train_blocks: bool, recompute: Sequence[bool] | None = None):
         self.depth = depth
@@ -168,11 +248,18 @@ class AlastPolicy:
       makes to the class token), detached (paper Sec. 3.2). The co-authors' reference code sums it over the batch;
       here it is the *batch mean*, so that the size of an update does not grow with the batch. The mechanism
       (:mod:`edge_alast.alast.patch`) measures it, and the batch mean of ||CLS_in||^2 beside it (``stream``).
-    * ``update="reference"`` (the paper's Eq. 6 with the co-authors' scaling, kept bit for bit for reproduction):
+    * ``update="reference"`` (the paper's Eq. 6, with this project's choices where the paper is silent; its
+      divergences from the paper and from the co-authors' code are listed in docs/alast.md):
       b_l <- clip(b_l + alpha * (delta_l^t - delta_l^{t-1}), b_min, 1); the first observed step only records
-      delta^0. ``alpha`` defaults to ``lr * 16``: the reference uses alpha = lr with batch-summed deltas, which
-      equals lr*16 with batch-mean deltas at batch 16; fixed, not scaled with the actual batch, so the dynamics
-      are batch-size independent (tested). Measured on the shared ViT-S/14 (DINOv2) it cannot work as intended:
+      delta^0; the plan is made before the forward, so a step uses the budgets of the step before. ``alpha``
+      defaults to ``lr * 16``: the co-authors use alpha = lr with batch-summed deltas, which equals lr*16 with
+      batch-mean deltas at batch 16; fixed, not scaled with the actual batch, so the dynamics are batch-size
+      independent (tested).
+    * ``update="coauthors"`` (reproduction of Federico-Alvetreti/Split-Learning_ADC ``methods/alast.py`` at
+      4b02f27): delta is the batch *sum*, alpha defaults to lr, delta^{-1} = 0 (the first step adds
+      alpha*delta^0), each block's budget moves inside the forward that measures its delta and that same forward
+      keeps int(b*N) patch tokens, N counting the class token (:class:`LiveBudgets`, ``StepPlan.count_prefix``);
+      the run defaults to Adam without weight decay and trained embeddings (config.py). Measured on the shared ViT-S/14 (DINOv2) it cannot work as intended:
       delta spans four orders of magnitude across blocks (about 0.2 in block 3, 2400 in block 11) because the
       residual stream grows with depth, one alpha serves all, and the update telescopes to
       b_l = b_init + alpha * (delta_l^t - delta_l^0): budgets track the change of delta since step 0, not its
@@ -210,15 +297,20 @@ class AlastPolicy:
         self.config.validate(depth)
         self.depth = depth
         self.update = self.config.update
-        self.alpha = self.config.alpha if self.config.alpha is not None else default_alpha(lr)
-        self.k = self.config.k_trainable or math.ceil(0.75 * depth)
+        coauthors = self.update == COAUTHORS
+        default = lr if coauthors else default_alpha(lr)  # theirs: alpha = lr on batch sums
+        self.alpha = self.config.alpha if self.config.alpha is not None else default
+        self.delta_reduction = "sum" if coauthors else "mean"
+        # alast.freeze off: every block trains every step (token dropping only)
+        self.k = depth if not self.config.freeze else (self.config.k_trainable or math.ceil(0.75 * depth))
         fixed = self.update in ("static", "random")
         if fixed and self.config.keep_ratios is None:
             raise ConfigError(f"alast.update {self.update}: needs alast.keep_ratios (or --alast-from RUN_DIR)")
         if self.update == "static" and self.config.trainable_blocks is None:
             raise ConfigError("alast.update static: needs alast.trainable_blocks (or --alast-from RUN_DIR)")
         self.budgets = [float(r) for r in self.config.keep_ratios] if fixed else [float(self.config.b_init)] * depth
-        self.prev_deltas: list[float] | None = None
+        # coauthors: their blocks start with delta = 0, so the first step adds alpha * delta^0
+        self.prev_deltas: list[float] | None = [0.0] * depth if coauthors else None
         self.importance: list[float] | None = None  # relative: smoothed log rho per block
         self._gen = torch.Generator().manual_seed(int(self.config.seed or 0))
 
@@ -238,7 +330,12 @@ class AlastPolicy:
         for i in self._choose(self.trainable_count(caps), max(0, caps.lowest_trainable)):
             trainable[i] = True
         recompute = tuple(caps.recompute) if caps.recompute is not None else ()
-        return StepPlan(keep_ratios=tuple(keep), trainable=tuple(trainable), recompute=recompute)
+        if self.update != COAUTHORS:
+            return StepPlan(keep_ratios=tuple(keep), trainable=tuple(trainable), recompute=recompute)
+        live = LiveBudgets(tuple(self.budgets), tuple(self.prev_deltas), self.alpha, self.config.b_min,
+                           max_keep=None if caps.max_keep is None else tuple(caps.max_keep))
+        return StepPlan(keep_ratios=tuple(keep), trainable=tuple(trainable), recompute=recompute, count_prefix=True,
+                        live=live)
 
     def worst_plans(self, caps: PolicyCaps | None = None) -> list[StepPlan]:
         """The plans :meth:`decide` can return under ``caps`` at their most expensive, for a planner to cost.
@@ -289,15 +386,15 @@ class AlastPolicy:
 
     # -- observing ----------------------------------------------------------------------------------------------
     def observe(self, deltas: Sequence[float], stream: Sequence[float] | None = None) -> None:
-        """Update budgets from this training step's per-block importances (batch-mean delta_l, and for
-        ``relative`` the batch-mean ||CLS_in,l||^2 in ``stream``)."""
+        """Update budgets from this training step's per-block importances (delta_l reduced over the batch as
+        ``delta_reduction`` says: the mean, or the sum for ``coauthors``; and for ``relative`` the batch-mean
+        ||CLS_in,l||^2 in ``stream``)."""
         if len(deltas) != self.depth:
             raise ValueError(f"expected {self.depth} deltas, got {len(deltas)}")
         deltas = [float(d) for d in deltas]
-        if self.update == "reference":
-            if self.prev_deltas is not None:
-                lo, hi = self.config.b_min, 1.0
-                self.budgets = [min(hi, max(lo, b + self.alpha * (d - p)))
+        if self.update in ("reference", COAUTHORS):
+            if self.prev_deltas is not None:  # coauthors: always (delta^{-1} = 0)
+                self.budgets = [eq6(b, d, p, self.alpha, self.config.b_min)
                                 for b, d, p in zip(self.budgets, deltas, self.prev_deltas)]
             self.prev_deltas = deltas
         elif self.update == "relative":

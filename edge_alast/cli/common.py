@@ -3,7 +3,8 @@
 Exit codes (README, "Exit codes"): 0 done, 1 unexpected failure, 2 usage/configuration error, 3 data error,
 4 ``update`` kept the current model (its gate refused the candidate), 5 training diverged (a NaN or infinite loss
 or weights; nothing published), 6 disk full (the newest complete checkpoint kept), 75 interrupted and resumable
-(SIGTERM/SIGINT: the current step finishes, a checkpoint is written, running the same command resumes).
+(SIGTERM/SIGINT: the current step finishes, a checkpoint is written, running the same command resumes). SIGUSR1
+ends ``train`` after the current step as a finished run (evaluated, saved, exit 0).
 """
 from __future__ import annotations
 
@@ -102,6 +103,16 @@ class StopOnSignal:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class FinishOnSignal(StopOnSignal):
+    """SIGUSR1 sets a flag the trainer polls after each step: it then ends the run there as if it were the last step
+    (evaluates, saves the model and the summary; exit 0). A benchmark uses it to stop a run at its plateau and keep
+    the trained model."""
+
+    def __enter__(self):
+        self._previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._handle)
+        return self
 
 
 class InterruptOnSignal:

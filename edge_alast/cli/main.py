@@ -14,7 +14,8 @@ from pathlib import Path
 import click
 
 from ..errors import ConfigError, DataError, EdgeAlastError
-from .common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, StopOnSignal, Watchdog, fail, sd_notify
+from .common import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, FinishOnSignal, StopOnSignal, Watchdog,
+                     fail, sd_notify)
 from .deploy import export, predict, train_ort
 from .doctor import doctor
 from .fleet import fleet
@@ -147,8 +148,8 @@ def train(config_file, as_json, **options):
             if not values.get(required):
                 raise ConfigError(f"--{required} is required (on the command line or in --config)")
         config = TrainConfig.from_dict(values, source=config_file or "options")
-        with StopOnSignal() as stop:
-            result = run_training(config, on_event=printer, should_stop=stop)
+        with StopOnSignal() as stop, FinishOnSignal() as finish:  # SIGUSR1: end here, keep the model (exit 0)
+            result = run_training(config, on_event=printer, should_stop=stop, should_finish=finish)
     except EdgeAlastError as e:
         fail(e, e.exit_code, printer.as_json)
     except ValueError as e:  # a bad value found by a validator below the CLI
@@ -166,27 +167,45 @@ def train(config_file, as_json, **options):
 @click.option("--data", required=True, help="ImageFolder to evaluate on (class folders named as in training).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-def eval_command(run_dir, data, batch_size, as_json):
+@click.option("--train-view", is_flag=True,
+              help="Drop tokens as ALaST training did: each block keeps its mean keep ratio over the run's steps "
+                   "(metrics.jsonl), to measure the train/eval token mismatch. Default: every token.")
+def eval_command(run_dir, data, batch_size, as_json, train_view):
     """Evaluate a finished run's model (all tokens) on an image folder.
 
     \b
     Example:
       edge-alast eval runs/a --data imgs/test
+      edge-alast eval runs/a --data imgs/test --train-view
     """
+    from contextlib import nullcontext
+
+    keep_ratios = None
     try:
         from ..data.loader import Preprocess
         from ..runfolder import load_run_model
         from ..data.images import BadImages, scan_image_folder, scan_warnings
         from ..training.evaluate import evaluate
+        from ..training.evaluate import train_view as token_view
 
         model, meta = load_run_model(run_dir)
+        view = nullcontext()
+        if train_view:
+            from ..alast.baselines import mean_keep_ratios
+            from ..config import COAUTHORS
+
+            keep_ratios, _ = mean_keep_ratios(run_dir, len(model.blocks), option="--train-view")
+            alast = meta["config"].get("alast") or {}
+            view = token_view(model, keep_ratios, count_prefix=alast.get("update") == COAUTHORS,
+                              token_multiple=int(meta["config"].get("token_multiple") or 1))
         folder = scan_image_folder(data, classes=meta["classes"], option="--data")
         for w in scan_warnings(folder, "--data"):
             click.echo(f"warning: {w}", err=True)
         # The run's eval transform; files that fail to decode are left out and named, as in training.
         bad = BadImages(folder, option="--data")
-        accuracy, loss = evaluate(model, folder.samples, Preprocess.from_meta(meta), batch_size, "cpu", bad=bad,
-                                  on_warning=lambda message: click.echo(f"warning: {message}", err=True))
+        with view:
+            accuracy, loss = evaluate(model, folder.samples, Preprocess.from_meta(meta), batch_size, "cpu", bad=bad,
+                                      on_warning=lambda message: click.echo(f"warning: {message}", err=True))
         if accuracy is None:
             raise DataError(f"--data: none of the {len(folder.samples)} images in {data} is readable")
     except EdgeAlastError as e:
@@ -194,8 +213,11 @@ def eval_command(run_dir, data, batch_size, as_json):
     images = len(folder.samples) - len(bad.failures)
     skipped = [str(path) for path, _ in folder.skipped] + [path for path, _ in bad.failures]
     result = {"run_dir": str(run_dir), "data": str(data), "images": images, "accuracy": accuracy, "loss": loss,
-              "skipped": skipped}
-    click.echo(json.dumps(result) if as_json else f"accuracy {accuracy:.4f}  loss {loss:.4f}  on {images} images")
+              "skipped": skipped, "view": "train" if train_view else "all tokens"}
+    if keep_ratios is not None:
+        result["keep_ratios"] = [round(r, 6) for r in keep_ratios]
+    click.echo(json.dumps(result) if as_json else
+               f"accuracy {accuracy:.4f}  loss {loss:.4f}  on {images} images ({result['view']})")
 
 
 @main.command("demo-data")

@@ -83,6 +83,11 @@ def _parse_list(kind: str, flag: str):
 _CLICK_TYPES = {"int": int, "float": float, "str": str}
 
 
+def _param_name(flag: str) -> str:
+    """The click parameter of a section flag: ``--alast-freeze/--no-alast-freeze`` -> ``alast_freeze``."""
+    return flag.split("/")[0].lstrip("-").replace("-", "_")
+
+
 def config_options(command):
     """Add an option for every config field that has a ``flag`` (:mod:`edge_alast.config`), with the field's
     default, choices and help: the dataclasses are the one source of them. Section fields (``--lora-r``) are
@@ -100,7 +105,7 @@ def config_options(command):
         elif default not in (None, dataclasses.MISSING, []):
             shown = ",".join(map(str, default)) if isinstance(default, list) else default
             help_text += f"  [default: {shown}]"
-        name = f.name if section is None else meta["flag"].lstrip("-").replace("-", "_")
+        name = f.name if section is None else _param_name(meta["flag"])
         kwargs = {"help": help_text}
         if meta.get("envvar"):
             kwargs["envvar"] = meta["envvar"]
@@ -129,7 +134,7 @@ def nested_options(options: dict) -> dict[str, dict]:
     for key, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
             flag = f.metadata.get("flag")
-            if flag and (value := options.pop(flag.lstrip("-").replace("-", "_"))) is not None:
+            if flag and (value := options.pop(_param_name(flag))) is not None:
                 nested.setdefault(key, {})[f.name] = value
     return nested
 

@@ -93,12 +93,12 @@ class GlobalModel:
         state, notes = load_latest(Path(self.settings.out) / CHECKPOINT_DIR, self.run.device_key)
         if state is None:
             return None, notes
-        if state.get("key") != self.resume_key():
-            old, new = state.get("key", {}), self.resume_key()
-            differs = sorted(k for k in set(old.get("train", {})) | set(new["train"])
-                             if old.get("train", {}).get(k) != new["train"].get(k))
-            if old.get("strategy") != new["strategy"]:
-                differs.append("strategy")
+        old = state.get("key", {})
+        # settings the checkpoint predates count as their defaults, as for train's own checkpoints
+        differs = self.config.resume_differs(old.get("train", {}))
+        if old.get("strategy") != self.settings.strategy:
+            differs.append("strategy")
+        if differs:
             raise ConfigError(f"run config out: {self.settings.out} holds the checkpoint of a fleet with other "
                               f"settings ({', '.join(differs)}); use another out, or the same settings to resume")
         self.load(state["tensors"])

@@ -2,7 +2,8 @@
 validation points and final evaluation, the fleet server's global model and ``edge-alast eval`` all use it."""
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,3 +37,21 @@ def evaluate(model, samples, preprocess, batch_size: int, device: str, autocast=
     if not count:
         return None, None
     return correct / count, loss_sum / count
+
+
+@contextmanager
+def train_view(model, keep_ratios: Sequence[float], count_prefix: bool = False, token_multiple: int = 1):
+    """Within the block, the model drops tokens in eval mode as ALaST training did with ``keep_ratios`` (per block,
+    e.g. a run's mean keep ratios): evaluating under it measures how much of a gap between training and evaluation
+    comes from the token view (evaluation otherwise sees every token). No block trains; yields the patch handle
+    (its ``tokens_in`` are the tokens each block saw in the last batch)."""
+    from ..alast.patch import apply_patch
+    from ..alast.policy import StepPlan
+
+    handle = apply_patch(model, token_multiple=token_multiple, eval_view=True)
+    try:
+        handle.set_plan(StepPlan(keep_ratios=tuple(float(r) for r in keep_ratios),
+                                 trainable=(False,) * len(keep_ratios), count_prefix=count_prefix))
+        yield handle
+    finally:
+        handle.remove()

@@ -396,7 +396,7 @@ def _find_checkpoint(config: TrainConfig, run_dir: Path, precision: str,
         if config.resume:
             raise ConfigError(f"--resume: no valid checkpoint in {run_dir}")
         return None, notes
-    differs = sorted(k for k, v in config.resume_key(precision).items() if checkpoint["config"].get(k) != v)
+    differs = config.resume_differs(checkpoint["config"], precision)
     if differs:
         raise ConfigError(f"--out: {run_dir} holds a checkpoint of a run with other settings "
                           f"({', '.join(differs)}); use another --out, or the same settings to resume")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .. import __version__
 from ..adapters.lora import merge_lora
-from ..alast.policy import PolicyCaps
+from ..alast.policy import PolicyCaps, anneal_plan, anneal_progress
 from ..atomic import atomic_write_json, open_nofollow
 from ..config import TrainConfig
 from ..device.allocator import allocator_in_use
@@ -94,7 +94,7 @@ class LoopState:
 
 def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
           should_stop: Callable[[], bool] | None = None, *, start: dict | None = None,
-          return_state: bool = False) -> TrainResult:
+          return_state: bool = False, should_finish: Callable[[], bool] | None = None) -> TrainResult:
     """Fine-tune ``config.model`` on ``config.data`` and write the run folder ``config.out``.
 
     Args:
@@ -107,6 +107,8 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
             (ALaST budgets carried from this node's previous round); ``proximal_mu``, FedProx's mu: the objective
             adds ``mu/2 * |w - w_start|^2`` over the trainable tensors (metric ``loss/proximal``).
         return_state: Also return the trainable tensors and the policy state (:class:`TrainResult`).
+        should_finish: Polled after each step; True ends the run there as a finished one (evaluated, saved,
+            summary ``finished_early_at`` = the steps done), e.g. a benchmark stopping a run at its plateau.
 
     Returns:
         The summary (as written to ``summary.json``), the run folder and the loop's history.
@@ -143,7 +145,7 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
     emit(started)
 
     # ---------------------------------------------------------------- training loop
-    interrupted = False
+    interrupted, finished_early = False, None
     peaks = PeakTracker()
     peaks.interval_peak()  # from here on, each reading is one step's own peak
     last_save = time.monotonic()
@@ -164,6 +166,8 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
                          **pruning_summary(run.model, stage.pruning, run.base_params)})
                 t0 = time.perf_counter()
                 plan = stage.policy.decide(loop.caps)
+                # alast.anneal_last: over the run's last steps, keep ratios rise to 1 (a function of the step alone)
+                plan = anneal_plan(plan, anneal_progress(step, run.total_steps, run.alast.anneal_last), loop.caps)
                 budgets = stage.policy.budgets  # as decided: observe() replaces them
                 stage.handle.set_plan(plan)
                 x, y = loader.get(step)
@@ -173,7 +177,9 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
                 loss, terms = _forward_backward_step(run, stage, loop.scaler, autocast, x.to(run.device),
                                                      y.to(run.device), step, proximal)
                 t_compute = time.perf_counter()
-                stage.policy.observe(stage.handle.step_deltas(), stage.handle.step_streams())
+                plan = stage.handle.applied_plan()  # live budgets (coauthors) moved the keep ratios within the forward
+                stage.policy.observe(stage.handle.step_deltas(stage.policy.delta_reduction),
+                                     stage.handle.step_streams())
                 if config.trim_memory:
                     trim_heap()
                 step_peak = _step_peak(peaks, run.device)
@@ -194,6 +200,10 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
                 if config.eval_every and loop.step % config.eval_every == 0:  # a point of the validation curve
                     log(_validation_point(run, stage, loop, autocast, warn))
                 metrics.flush()
+                if should_finish is not None and should_finish() and loop.step < run.total_steps:
+                    finished_early = loop.step
+                    log({"event": "finish", "step": loop.step, "steps": run.total_steps})
+                    break
                 if should_stop is not None and should_stop() and loop.step < run.total_steps:
                     _save(config, run, stage, loop, emit)
                     interrupted = True
@@ -241,6 +251,7 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
 
     # ---------------------------------------------------------------- summary
     summary = _summary(config, run, stage, loop, val_accuracy, val_loss, pruned, peaks, train_peak)
+    summary["finished_early_at"] = finished_early  # should_finish ended the run after this many steps (else None)
     atomic_write_json(run.run_dir / "summary.json", summary)
 
     # ---------------------------------------------------------------- export

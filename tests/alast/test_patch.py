@@ -170,3 +170,56 @@ def test_remove_restores_model():
 def test_rejects_models_without_vit_blocks():
     with pytest.raises(TypeError, match="blocks"):
         apply_patch(torch.nn.Linear(2, 2))
+
+
+def test_coauthors_budgets_move_within_the_forward_that_measures_them():
+    """Each block's keep ratio is Eq. 6 applied to the batch-summed delta that this very forward measured (their
+    torch.norm(cls_out - cls_in) ** 2), and the kept count is int(b * N), N counting the class token; the policy's
+    budgets after observing the step are the ratios the forward used."""
+    from edge_alast.alast.policy import AlastConfig, AlastPolicy
+
+    model = tiny_model("vit").train()
+    depth = len(model.blocks)
+    policy = AlastPolicy(depth, AlastConfig(update="coauthors", alpha=2e-3, seed=0))
+    handle = apply_patch(model)
+    inputs = []
+    for blk in model.blocks:
+        blk.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach()))
+    for _ in range(2):  # the second step starts from the first step's deltas
+        inputs.clear()
+        plan = policy.decide()
+        handle.set_plan(plan)
+        model(torch.randn(3, 3, 32, 32))
+        expected = []
+        for i, blk in enumerate(model.blocks):
+            with torch.no_grad():
+                out = blk.__class__.forward(blk, inputs[i])
+            delta = torch.norm(out[:, 0] - inputs[i][:, 0], p=2).item() ** 2  # their measure, batch sum
+            budget = max(0.5, min(plan.live.budgets[i] + (delta - plan.live.prev_deltas[i]) * 2e-3, 1.0))
+            expected.append(budget)
+            if i + 1 < depth:
+                n = inputs[i].shape[1]  # every token entering block i, the class token included
+                assert inputs[i + 1].shape[1] == 1 + min(n - 1, int(budget * n)), i
+        assert handle.applied_plan().keep_ratios == pytest.approx(tuple(expected), rel=1e-5)
+        assert handle.step_deltas("sum") == pytest.approx(
+            [d * 3 for d in handle.step_deltas()], rel=1e-5)  # batch sum = 3 x batch mean
+        policy.observe(handle.step_deltas("sum"))
+        assert policy.budgets == pytest.approx(expected, rel=1e-5)
+    assert any(b < 1.0 for b in expected)  # tokens were really dropped in the last step
+
+
+def test_eval_view_drops_tokens_in_eval_mode():
+    from edge_alast.training.evaluate import train_view
+
+    model = tiny_model("vit").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = model(x)
+        with train_view(model, [1.0] * 3):
+            assert_close(model(x), reference)  # every token: the same model
+        with train_view(model, [0.5] * 3) as handle:
+            dropped = model(x)
+            assert handle.tokens_in == [17, 9, 5]  # 16 patches -> 8 -> 4, plus the class token
+    assert not torch.allclose(dropped, reference)
+    assert_close(model(x), reference)  # the view is removed on leaving
+    assert all(p.requires_grad for p in model.parameters())

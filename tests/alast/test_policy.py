@@ -95,10 +95,14 @@ def test_count_kept():
     assert count_kept(5, 0.5, multiple=8) == 2
 
 
-@pytest.mark.parametrize("field,value", [("b_min", 0.0), ("b_init", 0.4), ("alpha", -1.0), ("k_trainable", 13),
-                                          ("sampling", "random"), ("temperature", 0.0)])
-def test_invalid_config_names_field(field, value):
-    with pytest.raises(ValueError, match=field):
+@pytest.mark.parametrize("field,value,named", [
+    ("b_min", 0.0, "--alast-b-min"), ("b_init", 0.4, "--alast-b-init"), ("alpha", -1.0, "alast.alpha"),
+    ("k_trainable", 13, "--alast-k-trainable"), ("sampling", "random", "alast.sampling"),
+    ("temperature", 0.0, "alast.temperature"), ("anneal_last", 1.0, "--alast-anneal-last"),
+    ("freeze", "no", "--alast-freeze")])
+def test_invalid_config_names_field(field, value, named):
+    """The error names the flag where the field has one, else the run-file key."""
+    with pytest.raises(ValueError, match=named):
         AlastPolicy(12, AlastConfig(**{field: value}))
 
 
@@ -207,3 +211,99 @@ def test_static_and_random_baselines_keep_their_ratios():
     assert len(seen) == 6  # every pair of 4 blocks is drawn
     with pytest.raises(ValueError, match="keep_ratios"):
         AlastPolicy(4, AlastConfig(update="random"))
+
+
+# ---------------------------------------------------------------------------------------------- co-authors' code
+# Federico-Alvetreti/Split-Learning_ADC, methods/alast.py at 4b02f27 (Delta_Block): each block starts with
+# budget 0.9 and delta 0; in every forward, delta = torch.norm(cls_out - cls_in, p=2).item() ** 2 over the whole
+# batch (the batch *sum* of the per-image squared norms), budget = max(0.5, min(budget + (delta - previous) * alfa, 1))
+# with alfa = the learning rate, then int(budget * N) patch tokens are kept, N = x.shape[1] counting the class token.
+
+def test_coauthors_update_reproduces_their_arithmetic_by_hand():
+    from edge_alast.alast.policy import LiveBudgets
+
+    p = AlastPolicy(2, AlastConfig(update="coauthors"), lr=0.01)
+    assert p.alpha == 0.01 and p.delta_reduction == "sum"  # their alfa = lr, on batch sums
+    plan = p.decide()
+    assert plan.count_prefix and isinstance(plan.live, LiveBudgets)
+    # Step 0, batch of 2 images. Block 0: per-image squared CLS changes 1.0 and 2.0 -> batch sum 3.0.
+    # Block 1: 15.0 and 25.0 -> 40.0. Their previous delta is 0, so the first step already moves the budgets:
+    #   block 0: 0.9 + (3.0 - 0) * 0.01 = 0.93;  block 1: 0.9 + (40.0 - 0) * 0.01 = 1.3 -> clipped to 1.0
+    # and the same forward keeps int(0.93 * 65) = int(60.45) = 60 of 64 patch tokens after block 0 (65 tokens in).
+    assert plan.live.keep_ratio(0, 3.0) == pytest.approx(0.93)
+    assert plan.live.keep_ratio(1, 40.0) == 1.0
+    assert count_kept(64, 0.93, count_prefix=1) == 60
+    assert count_kept(64, 0.93) == 59  # reference: floor(0.93 * 64) = floor(59.52)
+    p.observe([3.0, 40.0])
+    assert p.budgets == pytest.approx([0.93, 1.0])  # what the forward used
+    # Step 1: block 0 sum 1.0 -> 0.93 + (1.0 - 3.0) * 0.01 = 0.91; block 1 sum 0.0 -> 1.0 + (0 - 40) * 0.01 = 0.6
+    live = p.decide().live
+    assert (live.keep_ratio(0, 1.0), live.keep_ratio(1, 0.0)) == pytest.approx((0.91, 0.6))
+    p.observe([1.0, 0.0])
+    assert p.budgets == pytest.approx([0.91, 0.6])
+    # Step 2: block 1 sum 0.0 again -> 0.6 + (0 - 0) * 0.01 = 0.6 (the telescoped form b0 + alpha * delta^t)
+    p.observe([1.0, 0.0])
+    assert p.budgets == pytest.approx([0.91, 0.6])
+
+
+def test_reference_differs_from_coauthors_on_the_first_step():
+    ref = AlastPolicy(2, AlastConfig(update="reference", alpha=0.01))
+    ref.observe([3.0, 40.0])  # reference: the first step only records delta^0
+    assert ref.budgets == [0.9, 0.9] and ref.decide().live is None and not ref.decide().count_prefix
+
+
+def test_coauthors_token_count_at_112px_keeps_more_than_reference():
+    """At 112 px (64 patches + class token), every budget 0.9. Theirs, int(0.9 * N) with N all tokens:
+    65 -> int(58.5) = 58 patches, then N = 59 -> 53, 54 -> 48, 49 -> 44, 45 -> 40, 41 -> 36, 37 -> 33, 34 -> 30,
+    31 -> 27, 28 -> 25, 26 -> 23: block 11 sees 23 patches + the class token. Reference, floor(0.9 * patches):
+    64 -> 57 -> 51 -> 45 -> 40 -> 36 -> 32 -> 28 -> 25 -> 22 -> 19 -> 17."""
+    from edge_alast.alast.policy import tokens_per_block
+
+    theirs = tokens_per_block(65, 1, [0.9] * 12, count_prefix=True)
+    ours = tokens_per_block(65, 1, [0.9] * 12)
+    assert theirs[:12] == [65, 59, 54, 49, 45, 41, 37, 34, 31, 28, 26, 24]
+    assert ours[:12] == [65, 58, 52, 46, 41, 37, 33, 29, 26, 23, 20, 18]
+
+
+def test_coauthors_state_resumes_with_its_zero_first_delta():
+    p = AlastPolicy(3, AlastConfig(update="coauthors", seed=2), lr=0.01)
+    assert p.prev_deltas == [0.0, 0.0, 0.0]
+    p.observe([1.0, 2.0, 3.0])
+    q = AlastPolicy(3, AlastConfig(update="coauthors", seed=2), lr=0.01)
+    q.load_state_dict(p.state_dict())
+    assert q.decide() == p.decide()
+
+
+# ---------------------------------------------------------------------------------------------- ablations, remedy
+def test_freezing_only_keeps_every_token():
+    p = AlastPolicy(4, AlastConfig(b_init=1.0, b_min=1.0, seed=0), lr=1.0)
+    for _ in range(3):
+        plan = p.decide()
+        assert plan.keep_ratios == (1.0,) * 4 and sum(plan.trainable) == 3
+        p.observe([5.0, 0.1, 100.0, 3.0])  # Eq. 6 cannot move a budget clipped to [1, 1]
+
+
+def test_no_freeze_trains_every_block_and_still_drops_tokens():
+    p = AlastPolicy(4, AlastConfig(freeze=False, seed=0))
+    assert p.k == 4 and p.trainable_count() == 4
+    plan = p.decide()
+    assert plan.trainable == (True,) * 4 and plan.keep_ratios == (0.9,) * 4
+    assert p.trainable_count(PolicyCaps(lowest_trainable=1)) == 3  # caps still bound it
+
+
+def test_anneal_progress_and_plan():
+    from edge_alast.alast.policy import LiveBudgets, anneal_plan, anneal_progress
+
+    # 10 steps, the last 20 % = steps 8 and 9 (0-based): 0 before, 0.5, then 1 at the last step
+    assert [anneal_progress(s, 10, 0.2) for s in range(10)] == [0.0] * 8 + [0.5, 1.0]
+    assert anneal_progress(9, 10, 0.0) == 0.0
+    plan = StepPlan(keep_ratios=(0.6, 1.0), trainable=(True, False))
+    assert anneal_plan(plan, 0.0) is plan
+    assert anneal_plan(plan, 0.5).keep_ratios == pytest.approx((0.8, 1.0))
+    assert anneal_plan(plan, 1.0).keep_ratios == (1.0, 1.0)  # exactly: every token
+    assert anneal_plan(plan, 0.5).trainable == plan.trainable  # freezing is not annealed
+    # under a planner's cap the ratios rise to the cap, never past it
+    assert anneal_plan(plan, 1.0, PolicyCaps(max_keep=(0.7, 0.7))).keep_ratios == (0.7, 1.0)
+    live = StepPlan((0.9, 0.9), (True, True), live=LiveBudgets((0.9, 0.9), (0.0, 0.0), 0.1, 0.5))
+    assert anneal_plan(live, 1.0).live.keep_ratio(0, 0.0) == 1.0  # live budgets anneal too
+    assert anneal_plan(live, 0.5).live.keep_ratio(0, -2.0) == pytest.approx(0.5 * 0.7 + 0.5)

@@ -299,6 +299,8 @@ def test_a_real_file_size_limit_while_checkpointing_is_exit_6(image_folder, tmp_
     assert "checkpoint at step 2: disk full writing" in proc.stderr
     assert "RuntimeError" in proc.stderr or "File too large" in proc.stderr
     assert checkpoints(tmp_path / "r") == [] and not list((tmp_path / "r").glob(".*.tmp"))
+
+
 @pytest.mark.parametrize("args,option", [(["eval", "{tmp}", "--data", "{tmp}", "--batch-size", "0"], "--batch-size"),
                                          (["demo-data", "{tmp}/d", "--size", "0"], "--size"),
                                          (["demo-data", "{tmp}/d", "--per-class", "0"], "--per-class")])
@@ -306,3 +308,58 @@ def test_eval_and_demo_data_refuse_out_of_range_numbers_before_doing_anything(tm
     result = CliRunner().invoke(main, [a.format(tmp=tmp_path) for a in args])
     assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output
     assert not (tmp_path / "d").exists()
+
+
+def _step_lines(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"event": "step"' in x]
+
+
+def test_ablation_flags_reach_the_plan(image_folder, tmp_path):
+    """Freezing only (--alast-b-init 1 --alast-b-min 1: every token, K of 4 blocks) and token dropping only
+    (--no-alast-freeze: every block, fewer tokens), from the command line on a 4-block model."""
+    deep = {**TINY_ARGS, "depth": 4}
+    freezing = tmp_path / "freezing"
+    result = CliRunner().invoke(main, ["train", "--config", str(run_file(tmp_path, image_folder, freezing,
+                                                                          model_args=deep)),
+                                       "--alast-b-init", "1", "--alast-b-min", "1", "--alast-k-trainable", "2"])
+    assert result.exit_code == 0, result.output
+    for r in _step_lines(freezing):
+        assert r["tokens/per_block"] == [17] * 4 and len(r["blocks/trainable"]) == 2
+    tokens = tmp_path / "tokens"
+    result = CliRunner().invoke(main, ["train", "--config", str(run_file(tmp_path, image_folder, tokens,
+                                                                          model_args=deep)), "--no-alast-freeze"])
+    assert result.exit_code == 0, result.output
+    for r in _step_lines(tokens):
+        assert r["blocks/trainable"] == [0, 1, 2, 3] and r["tokens/per_block"][-1] < 17
+    assert json.loads((tokens / "config.json").read_text())["config"]["alast"]["freeze"] is False
+    result = CliRunner().invoke(main, ["train", "--config", str(run_file(tmp_path, image_folder, tmp_path / "bad")),
+                                       "--alast-anneal-last", "1.5"])
+    assert result.exit_code == 2 and "--alast-anneal-last: must be in [0, 1)" in result.output
+
+
+def test_eval_train_view_uses_the_runs_mean_keep_ratios(image_folder, tmp_path):
+    out = tmp_path / "r"
+    assert CliRunner().invoke(main, ["train", "--config", str(run_file(tmp_path, image_folder, out))]).exit_code == 0
+    steps = _step_lines(out)
+    means = [sum(r["plan/keep_ratio"][i] for r in steps) / len(steps) for i in range(3)]
+    plain = json.loads(CliRunner().invoke(main, ["eval", str(out), "--data", str(image_folder), "--json"]).stdout)
+    result = CliRunner().invoke(main, ["eval", str(out), "--data", str(image_folder), "--json", "--train-view"])
+    assert result.exit_code == 0, result.output
+    viewed = json.loads(result.stdout)
+    assert viewed["view"] == "train" and plain["view"] == "all tokens" and "keep_ratios" not in plain
+    assert viewed["keep_ratios"] == pytest.approx(means, abs=1e-6) and max(means) < 1.0
+    assert viewed["loss"] != plain["loss"]  # fewer tokens, another output
+    (out / "metrics.jsonl").write_text("")
+    result = CliRunner().invoke(main, ["eval", str(out), "--data", str(image_folder), "--train-view"])
+    assert result.exit_code == 2 and "--train-view" in result.output and "no training steps" in result.output
+
+
+def test_sigusr1_asks_train_to_finish_and_sigterm_to_stop():
+    from edge_alast.cli.common import FinishOnSignal, StopOnSignal
+
+    with StopOnSignal() as stop, FinishOnSignal() as finish:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert finish() and not stop()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop()
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # the handlers before are back

@@ -236,6 +236,8 @@ def test_bad_metadata_is_exit_2_naming_the_file_and_field(tmp_path, override, me
     assert result.exit_code == 2, result.output
     assert "m.onnx: metadata edge_alast." in result.output and message in result.output
     assert "Traceback" not in result.output
+
+
 def test_predict_names_each_unreadable_file_and_classifies_the_others(finished_run, tmp_path):
     from edge_alast.cli.deploy import predict as predict_cmd
 

@@ -667,3 +667,73 @@ def test_too_many_files_failing_at_use_is_a_data_error(data_with_hidden_damage, 
     with pytest.raises(DataError, match=r"--data: 1 of 13 image files .* unreadable \(more than 5%\); "
                                         r"first: .*damaged\.jpg"):
         train(tiny_config(data, tmp_path / "r", val_data=str(val), batch_size=13, max_bad_fraction=0.05))
+
+
+def _steps(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if json.loads(x)["event"] == "step"]
+
+
+def test_anneal_last_ends_on_every_token_and_resumes_exactly(image_folder, tmp_path):
+    """alast.anneal_last 0.5 of 6 steps: steps 4-6 raise the keep ratios linearly (1/3, 2/3, 1 of the way to 1), so
+    the last step keeps every token; interrupting in the window and resuming gives the same plans and losses."""
+    anneal = {"anneal_last": 0.5, "seed": 3}
+    reference = train(tiny_config(image_folder, tmp_path / "ref", steps=6, alast=anneal)).summary
+    steps = _steps(tmp_path / "ref")
+    for r in steps[:3]:
+        assert all(k == b for k, b in zip(r["plan/keep_ratio"], r["budget/raw"]))  # before the window: the budgets
+    for r, t in zip(steps[3:], (1 / 3, 2 / 3, 1.0)):
+        assert r["plan/keep_ratio"] == pytest.approx([b + (1 - b) * t for b in r["budget/raw"]], abs=1e-6)
+    assert steps[-1]["plan/keep_ratio"] == [1.0, 1.0, 1.0] and steps[-1]["tokens/per_block"] == [17, 17, 17]
+    assert steps[0]["tokens/per_block"][-1] < 17
+    calls = iter(range(100))
+    train(tiny_config(image_folder, tmp_path / "r", steps=6, alast=anneal), should_stop=lambda: next(calls) == 3)
+    resumed = train(tiny_config(image_folder, tmp_path / "r", steps=6, alast=anneal)).summary
+    assert [r["plan/keep_ratio"] for r in _steps(tmp_path / "r")] == [r["plan/keep_ratio"] for r in steps]
+    assert _losses(tmp_path / "r") == pytest.approx(_losses(tmp_path / "ref"), rel=1e-6)
+    assert resumed["val_loss"] == pytest.approx(reference["val_loss"], rel=1e-6)
+
+
+def test_coauthors_run_uses_their_setup_and_logs_the_ratios_it_applied(image_folder, tmp_path):
+    config = tiny_config(image_folder, tmp_path / "c", steps=4, alast={"update": "coauthors", "alpha": 1e-3})
+    assert (config.optimizer, config.weight_decay, config.train_embeddings) == ("adam", 0.0, True)
+    explicit = tiny_config(image_folder, tmp_path / "x", alast={"update": "coauthors"}, optimizer="adamw",
+                           weight_decay=0.05, train_embeddings=False)
+    assert (explicit.optimizer, explicit.weight_decay, explicit.train_embeddings) == ("adamw", 0.05, False)
+    assert (tiny_config(image_folder, tmp_path / "d").optimizer, tiny_config(image_folder, tmp_path / "d").weight_decay
+            ) == ("adamw", 0.05)  # every other update keeps the project's defaults
+    summary = train(config).summary
+    assert summary["alast_update"] == "coauthors"
+    steps = _steps(tmp_path / "c")
+    # the budgets a step used are the ones the next step starts from (updated in the same forward, no lag)
+    for now, after in zip(steps, steps[1:]):
+        assert now["plan/keep_ratio"] == pytest.approx(after["budget/raw"], abs=1e-6)
+    assert steps[-1]["plan/keep_ratio"] == pytest.approx(summary["budgets"], abs=1e-6)
+    for r in steps:  # int(b * N), N counting the class token
+        tokens, keep = r["tokens/per_block"], r["plan/keep_ratio"]
+        for i in range(2):
+            assert tokens[i + 1] == 1 + min(tokens[i] - 1, int(keep[i] * tokens[i]))
+
+
+def test_coauthors_run_resumes_exactly(image_folder, tmp_path):
+    alast = {"update": "coauthors", "alpha": 1e-3}
+    train(tiny_config(image_folder, tmp_path / "ref", steps=5, alast=alast))
+    calls = iter(range(100))
+    train(tiny_config(image_folder, tmp_path / "r", steps=5, alast=alast), should_stop=lambda: next(calls) == 1)
+    train(tiny_config(image_folder, tmp_path / "r", steps=5, alast=alast))
+    assert _losses(tmp_path / "r") == pytest.approx(_losses(tmp_path / "ref"), rel=1e-6)
+    flat = lambda run: [k for r in _steps(run) for k in r["plan/keep_ratio"]]  # noqa: E731
+    assert flat(tmp_path / "r") == pytest.approx(flat(tmp_path / "ref"))
+
+
+def test_should_finish_ends_the_run_as_a_finished_one(image_folder, tmp_path):
+    """A benchmark stopping a run at its plateau keeps the model: evaluated, saved, summary, no checkpoint needed."""
+    calls = iter(range(100))
+    result = train(tiny_config(image_folder, tmp_path / "r", steps=6), should_finish=lambda: next(calls) == 1)
+    summary = result.summary
+    assert summary["steps"] == 2 and summary["finished_early_at"] == 2 and summary["val_accuracy"] is not None
+    assert (tmp_path / "r" / "model.safetensors").exists() and "interrupted" not in summary
+    lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["event"] == "step"] == [1, 2]
+    assert [(r["step"], r["steps"]) for r in lines if r["event"] == "finish"] == [(2, 6)]
+    assert train(tiny_config(image_folder, tmp_path / "p", steps=2)).summary["finished_early_at"] is None

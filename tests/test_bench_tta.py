@@ -1,0 +1,122 @@
+"""tools/bench_tta.py's protocol on synthetic curves: smoothing, plateau, the FLOP budget, accuracy at equal time
+and FLOPs, how a run ended, the cache key and the run order. No training here."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO
+
+sys.path.insert(0, str(REPO / "tools"))
+import bench_tta as bt  # noqa: E402
+
+
+def evals(accs, seconds=10.0, flops=1e12):
+    """Evaluation lines every ``seconds`` training seconds and ``flops`` FLOPs."""
+    return [{"step": 25 * (i + 1), "val_accuracy": a, "elapsed_seconds": seconds * (i + 1),
+             "flops_total": flops * (i + 1)} for i, a in enumerate(accs)]
+
+
+def test_smoothing_trailing_and_centred():
+    assert bt.smooth([0.0, 3.0, 6.0, 3.0], 3) == pytest.approx([0.0, 1.5, 3.0, 4.0])
+    # centred: (0+3)/2, (0+3+6)/3, (3+6+3)/3, (6+3)/2
+    assert bt.smooth_centred([0.0, 3.0, 6.0, 3.0], 3) == pytest.approx([1.5, 3.0, 4.0, 4.5])
+    assert bt.smooth([1.0, 2.0], 1) == [1.0, 2.0]
+
+
+def test_plateau_on_the_smoothed_curve_not_on_single_evaluations():
+    # A rising curve, then flat at 0.80 with +-0.02 noise. Window 3, patience 2, min gain 0.005.
+    # trailing means: 0.5, 0.6, 0.7, 0.8, 0.8067, 0.7933, 0.8067, 0.7933
+    accs = [0.5, 0.7, 0.9, 0.8, 0.82, 0.78, 0.82, 0.78]
+    # at i = 6 the last two means (0.7933, 0.8067) have not beaten the best before them (0.8067) by 0.005
+    assert bt.plateau_at(accs, window=3, patience=2, min_gain=0.005) == 6
+    assert bt.plateau_at(accs[:6], window=3, patience=2, min_gain=0.005) is None
+    steady = [0.1 * i for i in range(10)]  # always gaining: never a plateau
+    assert bt.plateau_at(steady, window=3, patience=4, min_gain=0.005) is None
+    assert bt.plateau_value(accs, 3) == pytest.approx((0.78 + 0.82 + 0.78) / 3)
+    assert bt.plateau_value([], 3) is None
+
+
+def test_budget_is_a_multiple_of_fulls_flops_at_its_plateau():
+    runs = [{"evals": evals([0.5, 0.8, 0.8]), "stop_index": 1},  # plateaued at 2e12
+            {"evals": evals([0.5, 0.7, 0.8, 0.8]), "stop_index": 3}]  # at 4e12
+    assert bt.budget_flops(runs, 1.5) == pytest.approx(1.5 * 3e12)
+    assert bt.point_of_plateau({"evals": evals([0.5, 0.6])}) == evals([0.5, 0.6])[-1]  # no stop index: the last
+    assert bt.budget_flops([], 1.5) is None
+
+
+def test_value_at_equal_time_and_flops():
+    curve = evals([0.5, 0.7, 0.7, 0.9], seconds=10.0, flops=2e12)
+    # centred means (window 3): 0.6, 0.6333, 0.7667, 0.8
+    assert bt.value_at(curve, 10.0, "elapsed_seconds", 3, "max") == pytest.approx(0.6)
+    assert bt.value_at(curve, 15.0, "elapsed_seconds", 3, "max") == pytest.approx((0.6 + 0.63333) / 2, abs=1e-4)
+    assert bt.value_at(curve, 5e12, "flops_total", 3, "max") == pytest.approx((0.63333 + 0.76667) / 2, abs=1e-4)
+    assert bt.value_at(curve, 5.0, "elapsed_seconds", 3, "max") is None  # before the first evaluation
+    # past the end: a run that plateaued stays at its plateau value, one cut off by budget/max is unknown
+    assert bt.value_at(curve, 99.0, "elapsed_seconds", 3, "plateau") == pytest.approx((0.7 + 0.7 + 0.9) / 3)
+    assert bt.value_at(curve, 99.0, "elapsed_seconds", 3, "budget") is None
+    assert bt.value_at([], 1.0, "elapsed_seconds", 3, "plateau") is None
+
+
+def test_how_a_run_ended():
+    assert [bt.ended_as(s) for s in ("plateau", "budget", None)] == ["plateau", "budget", "max"]
+
+
+def test_cache_key_covers_config_protocol_and_code(tmp_path):
+    config, protocol = {"method": "alast", "seed": 0}, {"window": 3, "budget_flops": 1e12}
+    code = {"commit": "a" * 40, "dirty": False}
+    path = tmp_path / "run.json"
+    import json
+    path.write_text(json.dumps({"key": bt.cache_key(config, protocol, code), "evals": []}))
+    assert bt.cached(path, bt.cache_key(config, protocol, code)) is not None
+    assert bt.cached(path, bt.cache_key({**config, "seed": 1}, protocol, code)) is None
+    assert bt.cached(path, bt.cache_key(config, {**protocol, "budget_flops": 2e12}, code)) is None
+    assert bt.cached(path, bt.cache_key(config, protocol, {"commit": "b" * 40, "dirty": False})) is None
+    assert bt.cached(path, bt.cache_key(config, protocol, {**code, "dirty": True, "diff_sha256": "x"})) is None
+    assert bt.cached(tmp_path / "missing.json", bt.cache_key(config, protocol, code)) is None
+
+
+def test_code_version_names_the_commit_and_an_uncommitted_change(tmp_path):
+    plain = tmp_path / "plain"
+    (plain / "edge_alast").mkdir(parents=True)
+    (plain / "edge_alast" / "a.py").write_text("x = 1\n")
+    no_git = bt.code_version(plain)  # not a repository: a hash of the files
+    assert no_git["commit"] is None and no_git["dirty"] and len(no_git["tree_sha256"]) == 64
+    tmp_path = tmp_path / "repo"
+    tmp_path.mkdir()
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    (tmp_path / "edge_alast").mkdir()
+    (tmp_path / "edge_alast" / "a.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "c", "--allow-empty")
+    git("add", "edge_alast")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "code")
+    clean = bt.code_version(tmp_path)
+    assert len(clean["commit"]) == 40 and clean["dirty"] is False and "diff_sha256" not in clean
+    (tmp_path / "edge_alast" / "a.py").write_text("x = 2\n")
+    one = bt.code_version(tmp_path)
+    (tmp_path / "edge_alast" / "a.py").write_text("x = 3\n")
+    other = bt.code_version(tmp_path)
+    assert one["dirty"] and other["dirty"] and one["commit"] == clean["commit"]
+    assert one["diff_sha256"] != other["diff_sha256"]  # two uncommitted states never share a cache entry
+    (tmp_path / "elsewhere.txt").write_text("not code")  # changes outside edge_alast/ do not count
+    (tmp_path / "edge_alast" / "a.py").write_text("x = 1\n")
+    assert bt.code_version(tmp_path) == clean
+
+
+def test_run_order_puts_full_first_and_dependencies_before_their_users():
+    order = bt.run_order(["random", "alast-anneal", "head"])
+    assert order[0] == "full"
+    assert order.index("alast-relative") < order.index("random")
+    assert order.index("alast-reference") < order.index("alast-anneal")
+    # the remedy runs as many steps as its source run had at its last evaluation (stopped there, it ran a step on)
+    source = {"steps": 412, "evals": evals([0.5, 0.6])[:1] + [{"step": 400}]}
+    settings = bt.resolve(bt.METHODS["alast-anneal"], REPO / "runs", 2, {"alast-reference": source})
+    assert settings["steps"] == 400 and settings["alast"]["anneal_last"] == 0.2
+    static = bt.resolve(bt.METHODS["static"], REPO / "runs", 1, {})
+    assert static["alast"]["from_run"] == str(REPO / "runs" / "alast-relative-s1")
