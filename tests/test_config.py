@@ -148,7 +148,7 @@ def test_a_fleet_run_config_without_lr_leaves_it_to_the_method():
     # every section is checked whatever the method: lora.targets and light_peft of a head or alast run
     (dict(method="head", lora={"targets": ["qkv", "head"]}), "--lora-targets: must be a non-empty subset"),
     (dict(method="alast", light_peft={"rank_keep_ratio": 2.0}), "light_peft.rank_keep_ratio: must be in (0, 1]"),
-    (dict(method="lora", alast={"b_min": 3.0}), "alast.b_min: must be in (0, 1]"),
+    (dict(method="lora", alast={"b_min": 3.0}), "--alast-b-min: must be in (0, 1]"),
 ])
 def test_non_finite_and_out_of_range_values_name_the_field(config, message):
     with pytest.raises(ConfigError) as e:
