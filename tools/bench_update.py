@@ -192,7 +192,8 @@ def run_scenario(name: str, args, data: Path, env: dict, code: dict, cache: dict
         init_file.write_text(json.dumps(init, indent=1))
     result = {"init": init, "sequences": {}}
     # -- the sequences
-    for method, replay in SEQUENCES:
+    for method, replay in [(m, r) for m, r in SEQUENCES if m in args.methods.split(",")
+                           and ("on" if r else "off") in args.replay.split(",")]:
         seq = seq_name(method, replay)
         folder = base / seq.replace(", ", "-").replace("+", "-").replace(" ", "-")
         options = ["--method", method, "--steps", str(args.steps), "--profile", args.profile, "--precision", "fp32",
@@ -318,6 +319,8 @@ def main(argv=None) -> int:
     ap.add_argument("--weights", type=Path)
     ap.add_argument("--workdir", type=Path)
     ap.add_argument("--scenarios", default="class,domain")
+    ap.add_argument("--methods", default="alast,full")
+    ap.add_argument("--replay", default="on,off", help="sequences with replay (on), without (off), or both")
     ap.add_argument("--img-size", type=int, default=56)
     ap.add_argument("--steps", type=int, default=30, help="training steps per update")
     ap.add_argument("--init-steps", type=int, default=60, help="steps of the run the store starts from")
