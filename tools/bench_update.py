@@ -92,6 +92,7 @@ def build_data(root: Path, args) -> dict:
     done = root / "done.json"
     spec = {"init": args.init_images, "holdout": args.holdout_images, "test": args.test_images,
             "scenarios": {k: v["updates"] for k, v in SCENARIOS.items()}}
+    spec = json.loads(json.dumps(spec))  # tuples as lists, as read back
     if done.is_file() and json.loads(done.read_text()) == spec:
         return spec
     shutil.rmtree(root, ignore_errors=True)
@@ -166,8 +167,8 @@ def run_scenario(name: str, args, data: Path, env: dict, code: dict, cache: dict
     base.mkdir(parents=True, exist_ok=True)
     common = ["--img-size", str(args.img_size)]
     # -- the first model and its store, shared by the scenario's sequences
-    init_key = digest({"code": code, "img_size": args.img_size, "weights": str(args.weights),
-                       "init_steps": args.init_steps, "init_method": args.init_method,
+    init_key = digest({"code": [code["edge_alast_tree"], code["dirty"]], "img_size": args.img_size,
+                       "weights": str(args.weights), "init_steps": args.init_steps, "init_method": args.init_method,
                        "data": [args.init_images, args.holdout_images]})
     init_file = base / "init.json"
     init = json.loads(init_file.read_text()) if init_file.is_file() else None
