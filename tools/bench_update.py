@@ -222,7 +222,12 @@ def run_scenario(name: str, args, data: Path, env: dict, code: dict, cache: dict
             print(f"[{name}] {seq} u{i}: {len(classes)} classes x {per_class} images, {domain}", flush=True)
             run = cli(["update", str(folder / "store"), "--data", str(data / name / f"u{i}"), *options],
                       folder / f"u{i}.log", env)
-            while run["exit_code"] == 75:  # interrupted (e.g. this benchmark was stopped): the same command resumes
+            attempts = 1  # wall time and RSS are the last attempt's: a resumed update's are of its rest only
+            for _ in range(3):  # 75: interrupted (this benchmark was stopped) or busy; the same command resumes
+                if run["exit_code"] != 75:
+                    break
+                attempts += 1
+                time.sleep(5)
                 run = cli(["update", str(folder / "store"), "--data", str(data / name / f"u{i}"), *options],
                           folder / f"u{i}.log", env)
             record = next((e for e in reversed(run["events"]) if e.get("event") == "update"), None)
@@ -236,7 +241,7 @@ def run_scenario(name: str, args, data: Path, env: dict, code: dict, cache: dict
                      "holdout": {k: ({m: v.get(m) for m in ("accuracy", "old_accuracy", "new_accuracy", "images")}
                                      if v else None) for k, v in record["figures"].items()},
                      "counts": record["data"], "train": record["train"], "disk_bytes": record["disk_bytes"],
-                     "process": {k: v for k, v in run.items() if k != "events"},
+                     "process": {**{k: v for k, v in run.items() if k != "events"}, "attempts": attempts},
                      "test": {"seen_classes": seen_classes, "seen_domains": seen_domains,
                               "accuracy_seen": accuracy(pdc, seen_domains, seen_classes),
                               "accuracy_first": accuracy(pdc, [sc["first_domain"]], sc["first_classes"]),
