@@ -172,6 +172,8 @@ def run_scenario(name: str, args, data: Path, env: dict, code: dict, cache: dict
                        "data": [args.init_images, args.holdout_images]})
     init_file = base / "init.json"
     init = json.loads(init_file.read_text()) if init_file.is_file() else None
+    if args.cached_only and (not init or init.get("key") != init_key):
+        return None
     if not init or init.get("key") != init_key:
         shutil.rmtree(base, ignore_errors=True)
         base.mkdir(parents=True)
@@ -206,6 +208,8 @@ def run_scenario(name: str, args, data: Path, env: dict, code: dict, cache: dict
         seq_key = digest({"init": init_key, "options": options, "updates": sc["updates"],
                           "test": args.test_images})
         meta = folder / "sequence.json"
+        if args.cached_only and not (meta.is_file() and json.loads(meta.read_text()).get("key") == seq_key):
+            continue
         if not (meta.is_file() and json.loads(meta.read_text()).get("key") == seq_key):
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
@@ -219,6 +223,8 @@ def run_scenario(name: str, args, data: Path, env: dict, code: dict, cache: dict
             if done.is_file():
                 updates.append(json.loads(done.read_text()))
                 continue
+            if args.cached_only:
+                break
             print(f"[{name}] {seq} u{i}: {len(classes)} classes x {per_class} images, {domain}", flush=True)
             run = cli(["update", str(folder / "store"), "--data", str(data / name / f"u{i}"), *options],
                       folder / f"u{i}.log", env)
@@ -345,6 +351,8 @@ def main(argv=None) -> int:
                          "old ones, so the default 0.02 refuses it (1: only the overall check guards)")
     ap.add_argument("--profile", default="laptop_cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cached-only", action="store_true",
+                    help="run nothing: collect the updates finished so far (a sequence stops at its first missing)")
     ap.add_argument("--json-out", type=Path)
     ap.add_argument("--markdown", type=Path, metavar="FILE", help="print the tables of a --json-out file and exit")
     args = ap.parse_args(argv)
@@ -367,7 +375,9 @@ def main(argv=None) -> int:
                          if k not in ("cache_file", "json_out", "markdown")},
                "code": code, "host": host, "scenarios": {}}
     for name in filter(None, args.scenarios.split(",")):
-        results["scenarios"][name] = run_scenario(name, args, data, env, code, cache)
+        scenario = run_scenario(name, args, data, env, code, cache)
+        if scenario is not None:
+            results["scenarios"][name] = scenario
     print(markdown(results))
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
