@@ -53,7 +53,7 @@ def update_results():
                 "reasons": [] if decision == "published" else ["holdout accuracy 0.2500 is below current's 0.5125"],
                 "holdout": {"candidate": {"accuracy": cand, "old_accuracy": 0.0}, "current": {
                     "accuracy": cur, "old_accuracy": 0.68, "images": 80}},
-                "process": {"wall_seconds": 70.4, "peak_rss_bytes": 853 * MiB, "loadavg_before": 7.3,
+                "process": {"wall_seconds": 70.4, "cpu_seconds": 23.8, "peak_rss_bytes": 853 * MiB, "loadavg_before": 7.3,
                             "loadavg_after": 7.6},
                 "test": {"accuracy_seen": seen, "accuracy_first": first}}
 
@@ -118,7 +118,8 @@ CASES = {
     "bench_update": (update_results(), ["Measured at commit `0123456789`", "| init | classes 0-5 | 72.5 / 72.5 |",
                                         "| u1 | +6,7 x 50, clean | 55.6 / 45.8 P | 54.4 / 72.5 k |",
                                         "| alast, no replay | u1 | kept (4): holdout accuracy 0.2500 is below",
-                                        "| 25.0 / 51.2 | 0.0 / 68.0 | 80 | 54.4 | 72.5 | 70 | 853 | 7.3–7.6 |"]),
+                                        "| 25.0 / 51.2 | 0.0 / 68.0 | 80 | 54.4 | 72.5 | 70 | 24 | 853 | 7.3–7.6 |",
+                                        "2 processes (updates, first runs, store inits): 2 min wall, 1 min CPU"]),
 }
 
 

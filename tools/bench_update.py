@@ -313,8 +313,8 @@ def markdown(results: dict) -> str:
                            f"{'P' if u['decision'] == 'published' else 'k'}")
             out(f"| u{i + 1} | {data} | " + " | ".join(row) + " |")
         out(f"\n| {name} | update | decision (exit) | holdout cand / cur | holdout old classes cand / cur | "
-            f"holdout images | test seen | test first | wall s | peak RSS MiB | load avg before–after |")
-        out("|---|---|---|---|---|---|---|---|---|---|---|")
+            f"holdout images | test seen | test first | wall s | CPU s | peak RSS MiB | load avg before–after |")
+        out("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for seq in seqs:
             for u in sc["sequences"][seq]["updates"]:
                 cand, cur = u["holdout"].get("candidate") or {}, u["holdout"].get("current") or {}
@@ -325,8 +325,15 @@ def markdown(results: dict) -> str:
                 out(f"| {seq} | u{u['update']} | {decision} | {_pct(cand.get('accuracy'))} / "
                     f"{_pct(cur.get('accuracy'))} | {_pct(cand.get('old_accuracy'))} / {_pct(cur.get('old_accuracy'))}"
                     f" | {cur.get('images', '–')} | {_pct(u['test']['accuracy_seen'])} | "
-                    f"{_pct(u['test']['accuracy_first'])} | {p['wall_seconds']:.0f} | "
+                    f"{_pct(u['test']['accuracy_first'])} | {p['wall_seconds']:.0f} | {p['cpu_seconds']:.0f} | "
                     f"{p['peak_rss_bytes'] / 2**20:.0f} | {p['loadavg_before']:.1f}–{p['loadavg_after']:.1f} |")
+    procs = [u["process"] for sc in results["scenarios"].values() for s in sc["sequences"].values()
+             for u in s["updates"]]
+    procs += [p for sc in results["scenarios"].values() for p in (sc["init"].get("train"), sc["init"].get("store_init"))
+              if p]
+    if procs:
+        out(f"\n{len(procs)} processes (updates, first runs, store inits): {sum(p['wall_seconds'] for p in procs) / 60:.0f} "
+            f"min wall, {sum(p['cpu_seconds'] for p in procs) / 60:.0f} min CPU (user + system).")
     return "\n".join(lines)
 
 
