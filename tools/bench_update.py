@@ -371,9 +371,10 @@ def main(argv=None) -> int:
         ap.error("--weights and --workdir are required")
     args.weights, args.workdir = args.weights.resolve(), args.workdir.resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    lock = open(args.workdir / ".lock", "w")  # two runs on one workdir would apply an update twice to a store
+    lock = open(args.workdir / ".lock", "a")  # two runs on one workdir would apply an update twice to a store
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if not args.cached_only:  # which only reads
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         raise SystemExit(f"--workdir: {args.workdir} is in use by another bench_update run")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
