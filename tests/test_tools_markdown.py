@@ -115,7 +115,7 @@ CASES = {
                                     "predicted_peak_bytes": 580 * MiB}}],
                       ["| S/14 112 b16 full | 12 | 1100 | 1000 | +10.0 | bench |",
                        "60 % ceiling case: ceiling 600 MiB, predicted 580 MiB, measured 550 MiB: PASS"]),
-    "bench_update": (update_results(), ["Measured at commit `0123456789`", "| init | classes 0-5 | 72.5 / 72.5 |",
+    "bench_update": (update_results(), ["Measured with edge_alast/ as of commit `0123456789`", "| init | classes 0-5 | 72.5 / 72.5 |",
                                         "| u1 | +6,7 x 50, clean | 55.6 / 45.8 P | 54.4 / 72.5 k |",
                                         "| alast, no replay | u1 | kept (4): holdout accuracy 0.2500 is below",
                                         "| 25.0 / 51.2 | 0.0 / 68.0 | 80 | 54.4 | 72.5 | 70 | 24 | 853 | 7.3–7.6 |",

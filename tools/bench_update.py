@@ -280,9 +280,9 @@ def markdown(results: dict) -> str:
     """The tables of a --json-out file: accuracy after each update per sequence, then every update in detail."""
     setup, lines = results["setup"], []
     out = lines.append
-    out(f"Measured at commit `{results['code']['commit'][:10]}` (edge_alast/ tree "
-        f"`{results['code']['edge_alast_tree'][:10]}`{', with uncommitted changes' if results['code']['dirty'] else ''}"
-        f"), {setup['img_size']} px, {setup['steps']} steps per update (batch: the profile's), "
+    out(f"Measured with edge_alast/ as of commit `{results['code']['commit'][:10]}` (its tree "
+        f"`{results['code']['edge_alast_tree'][:10]}`, the cache key"
+        f"{'; with uncommitted changes' if results['code']['dirty'] else ''}), {setup['img_size']} px, {setup['steps']} steps per update (batch: the profile's), "
         f"`--profile {setup['profile']} --precision fp32`, replay cap {setup['replay_images']} images "
         f"(\"no replay\": `--replay-max-images 0`), gate `--tolerance 0`, `--max-old-drop {setup['max_old_drop']}` "
         f"(class-incremental: `--max-old-drop {setup['class_max_old_drop']}`), seed "
