@@ -53,8 +53,8 @@ def update_results():
                 "reasons": [] if decision == "published" else ["holdout accuracy 0.2500 is below current's 0.5125"],
                 "holdout": {"candidate": {"accuracy": cand, "old_accuracy": 0.0}, "current": {
                     "accuracy": cur, "old_accuracy": 0.68, "images": 80}},
-                "process": {"wall_seconds": 70.4, "cpu_seconds": 23.8, "peak_rss_bytes": 853 * MiB, "loadavg_before": 7.3,
-                            "loadavg_after": 7.6},
+                "process": {"wall_seconds": 70.4, "cpu_seconds": 23.8, "peak_rss_bytes": 853 * MiB,
+                            "loadavg_before": 7.3, "loadavg_after": 7.6},
                 "test": {"accuracy_seen": seen, "accuracy_first": first}}
 
     setup = {"img_size": 56, "steps": 30, "profile": "laptop_cpu", "replay_images": 200, "max_old_drop": 0.02,
@@ -115,7 +115,8 @@ CASES = {
                                     "predicted_peak_bytes": 580 * MiB}}],
                       ["| S/14 112 b16 full | 12 | 1100 | 1000 | +10.0 | bench |",
                        "60 % ceiling case: ceiling 600 MiB, predicted 580 MiB, measured 550 MiB: PASS"]),
-    "bench_update": (update_results(), ["Measured with edge_alast/ as of commit `0123456789`", "| init | classes 0-5 | 72.5 / 72.5 |",
+    "bench_update": (update_results(), ["Measured with edge_alast/ as of commit `0123456789`",
+                                        "| init | classes 0-5 | 72.5 / 72.5 |",
                                         "| u1 | +6,7 x 50, clean | 55.6 / 45.8 P | 54.4 / 72.5 k |",
                                         "| alast, no replay | u1 | kept (4): holdout accuracy 0.2500 is below",
                                         "| 25.0 / 51.2 | 0.0 / 68.0 | 80 | 54.4 | 72.5 | 70 | 24 | 853 | 7.3–7.6 |",

@@ -282,7 +282,8 @@ def markdown(results: dict) -> str:
     out = lines.append
     out(f"Measured with edge_alast/ as of commit `{results['code']['commit'][:10]}` (its tree "
         f"`{results['code']['edge_alast_tree'][:10]}`, the cache key"
-        f"{'; with uncommitted changes' if results['code']['dirty'] else ''}), {setup['img_size']} px, {setup['steps']} steps per update (batch: the profile's), "
+        f"{'; with uncommitted changes' if results['code']['dirty'] else ''}), {setup['img_size']} px, "
+        f"{setup['steps']} steps per update (batch: the profile's), "
         f"`--profile {setup['profile']} --precision fp32`, replay cap {setup['replay_images']} images "
         f"(\"no replay\": `--replay-max-images 0`), gate `--tolerance 0`, `--max-old-drop {setup['max_old_drop']}` "
         f"(class-incremental: `--max-old-drop {setup['class_max_old_drop']}`), seed "
@@ -333,8 +334,9 @@ def markdown(results: dict) -> str:
     procs += [p for sc in results["scenarios"].values() for p in (sc["init"].get("train"), sc["init"].get("store_init"))
               if p]
     if procs:
-        out(f"\n{len(procs)} processes (updates, first runs, store inits): {sum(p['wall_seconds'] for p in procs) / 60:.0f} "
-            f"min wall, {sum(p['cpu_seconds'] for p in procs) / 60:.0f} min CPU (user + system).")
+        wall = sum(p["wall_seconds"] for p in procs) / 60
+        out(f"\n{len(procs)} processes (updates, first runs, store inits): {wall:.0f} min wall, "
+            f"{sum(p['cpu_seconds'] for p in procs) / 60:.0f} min CPU (user + system).")
     return "\n".join(lines)
 
 
