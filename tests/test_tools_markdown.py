@@ -61,6 +61,27 @@ def attack_results():
                        "fedmedian": run([0.3, 0.45], "node3", {"node3": 1})}}
 
 
+def update_results():
+    def step(i, decision, seen, first, cand, cur):
+        return {"update": i, "data": {"classes": [6, 7], "per_class": 50, "domain": "clean"},
+                "exit_code": 0 if decision == "published" else 4, "decision": decision,
+                "reasons": [] if decision == "published" else ["holdout accuracy 0.2500 is below current's 0.5125"],
+                "holdout": {"candidate": {"accuracy": cand, "old_accuracy": 0.0}, "current": {
+                    "accuracy": cur, "old_accuracy": 0.68, "images": 80}},
+                "process": {"wall_seconds": 70.4, "cpu_seconds": 23.8, "peak_rss_bytes": 853 * MiB,
+                            "loadavg_before": 7.3, "loadavg_after": 7.6},
+                "test": {"accuracy_seen": seen, "accuracy_first": first}}
+
+    setup = {"img_size": 56, "steps": 30, "profile": "laptop_cpu", "replay_images": 200, "max_old_drop": 0.02,
+             "class_max_old_drop": 1.0, "seed": 0, "test_images": 20, "init_method": "head", "init_steps": 60,
+             "init_images": 40}
+    return {"setup": setup, "code": {"commit": "0123456789abcdef", "edge_alast_tree": "fedcba9876543210",
+                                     "dirty": None}, "host": "x86_64, 2 CPUs",
+            "scenarios": {"class": {"init": {"test_accuracy_first": 0.725}, "sequences": {
+                "alast+replay": {"updates": [step(1, "published", 0.556, 0.458, 0.5125, 0.5125)]},
+                "alast, no replay": {"updates": [step(1, "kept", 0.544, 0.725, 0.25, 0.5125)]}}}}}
+
+
 CASES = {
     "benchmark": ({"full": summary(0.658, 3.27, 2530, 596), "alast": summary(0.764, 1.79, 1541, 309)},
                   ["| method | val acc | Δ full (pts)", "| alast | 0.764 | +10.6 | 1.79 | 0.55 |"]),
@@ -137,6 +158,12 @@ CASES = {
                                     "predicted_peak_bytes": 580 * MiB}}],
                       ["| S/14 112 b16 full | 12 | 1100 | 1000 | +10.0 | bench |",
                        "60 % ceiling case: ceiling 600 MiB, predicted 580 MiB, measured 550 MiB: PASS"]),
+    "bench_update": (update_results(), ["Measured with edge_alast/ as of commit `0123456789`",
+                                        "| init | classes 0-5 | 72.5 / 72.5 |",
+                                        "| u1 | +6,7 x 50, clean | 55.6 / 45.8 P | 54.4 / 72.5 k |",
+                                        "| alast, no replay | u1 | kept (4): holdout accuracy 0.2500 is below",
+                                        "| 25.0 / 51.2 | 0.0 / 68.0 | 80 | 54.4 | 72.5 | 70 | 24 | 853 | 7.3–7.6 |",
+                                        "2 processes (updates, first runs, store inits): 2 min wall, 1 min CPU"]),
 }
 
 

@@ -661,7 +661,8 @@ def update(store_root: str | os.PathLike, data: str | os.PathLike, config: Updat
     config.validate()
     tick = tick or (lambda: None)
     emit = on_event or (lambda event: None)
-    store = Store(store_root, key=read_device_key(config.device_key))
+    # Absolute: the training folder links to the store's replay and holdout images by their paths under its root.
+    store = Store(Path(store_root).absolute(), key=read_device_key(config.device_key))
     with store.locked():
         return _Update(store, Path(data).absolute(), config, emit, should_stop, tick).run()
 

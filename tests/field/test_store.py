@@ -218,6 +218,20 @@ def test_holdout_images_are_not_in_the_training_folder(store, tmp_path):
         == "published"
 
 
+def test_relative_store_path_links_replay_and_holdout_images_that_resolve(store, tmp_path, monkeypatch):
+    # The training and validation folders are symlinks into the store; a relative STORE made them relative to
+    # the process's working directory, so they dangled and the trainer skipped them (no replay) without a word.
+    make_image_folder(tmp_path / "new", ("a", "c"), per_class=6, seed=31)
+    monkeypatch.chdir(tmp_path)
+    stops = iter([True])
+    result = update("store", "new", UpdateConfig(**FAST), should_stop=lambda: next(stops, True))
+    assert result.decision == "interrupted"
+    links = [p for p in (store / "work").rglob("*") if p.is_symlink()]
+    replayed = {i["sha256"] for i in replay.items(Store(store).state()["replay"])}
+    assert replayed and replayed <= {p.stem for p in (store / "work" / "train").rglob("*") if p.is_symlink()}
+    assert links and all(p.exists() for p in links), [str(p) for p in links if not p.exists()][:3]
+
+
 # ---------------------------------------------------------------- replay
 
 def test_replay_caps_hold_and_every_class_stays_represented():
