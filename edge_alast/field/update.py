@@ -410,6 +410,10 @@ class _Update:
             raise DataError(f"--data: {self.data} is not a folder")
         key = {"parent": current.name, "data": str(self.data), "data_digest": data_digest(self.data),
                "options": self.config.resume_key()}
+        if marker is None:
+            done = self.already_applied(current, key)
+            if done is not None:
+                return done
         if marker is None or marker["key"] != key:
             if marker is not None:
                 self.emit({"event": "warning", "message": f"{self.work}: an update of other data, options or "
@@ -445,6 +449,24 @@ class _Update:
                           version=store.next_name() if decision["publish"] else None)
             self.save(marker)
         return self.finish(marker)
+
+    def already_applied(self, current: Version, key: dict[str, Any]) -> UpdateResult | None:
+        """The result of this very update when the newest history line is it: same folder, same files, same
+        options, and current is what it left. A kill after the work folder was removed (the update complete) must
+        not start the same update again from its own result (it would train on the replay alone and could publish
+        a second version of the same images)."""
+        last = next((r for r in reversed(self.store.history()) if r.get("event") == "update"), None)
+        if last is None or last.get("data", {}).get("dir") != key["data"] or \
+                last["data"].get("digest") != key["data_digest"] or last.get("options") != key["options"]:
+            return None
+        left = last.get("version") if last.get("decision") == "published" else last.get("parent")
+        if left != current.name:
+            return None
+        record = {**last, "already_applied": True, "current": current.name}
+        self.emit({"event": "warning", "message": f"--data: {self.data} was already applied by update "
+                                                  f"{last.get('id')} ({last.get('decision')}); nothing to do"})
+        self.emit(record)
+        return UpdateResult(last["decision"], record)
 
     # ------------------------------------------------------------------------ 1. prepare
     def prepare(self, current: Version) -> dict[str, Any]:

@@ -202,6 +202,15 @@ def test_good_update_is_published_with_figures_and_history(store, tmp_path):
     assert result.record["data"]["train_new"] + result.record["data"]["holdout_new"] == 24
     start = next(e for e in events if e["event"] == "start")
     assert start["train_images"] == result.record["data"]["train_new"] + result.record["data"]["replayed"]
+    # The same command again (e.g. the daemon restarted after a kill that came once the update was complete):
+    # nothing trains, nothing is published twice, the first decision is reported again.
+    again = update(store, tmp_path / "new", UpdateConfig(**{**FAST, "steps": 10}), on_event=events.append)
+    assert again.decision == "published" and again.exit_code == 0 and again.record["already_applied"]
+    assert again.record["id"] == result.record["id"] and again.record["version"] == "v0002"
+    assert s.version_names() == ["v0001", "v0002"] and [r["event"] for r in s.history()].count("update") == 1
+    # other options are another update: it runs
+    other = update(store, tmp_path / "new", UpdateConfig(**{**FAST, "steps": 4}))
+    assert "already_applied" not in other.record
 
 
 def test_holdout_images_are_not_in_the_training_folder(store, tmp_path):
