@@ -275,18 +275,14 @@ def json_lines(text: str) -> list[dict]:
     return out
 
 
-VERSIONS = """
-import json, platform, sys
-import torch, torchvision, timm, onnx, onnxruntime
-try:
-    import onnxruntime.training  # noqa: F401
-    ort_training = True
-except ImportError:
-    ort_training = False
-print(json.dumps({"machine": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
-                  "cuda": torch.version.cuda, "torchvision": torchvision.__version__, "timm": timm.__version__,
-                  "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "ort_training": ort_training}))
-"""
+MACHINE = "import json, platform; print(json.dumps({'machine': platform.machine(), 'python': platform.python_version()}))"
+
+
+def installed_version(site: Path, package: str) -> str | None:
+    """The version of ``package`` the site folder holds (from its .dist-info folder's name)."""
+    for d in site.glob(f"{package.replace('-', '_')}-*.dist-info"):
+        return d.name[len(package) + 1:-len(".dist-info")]
+    return None
 
 
 def check_one(guest: Guest, constraints: Path, work: Path) -> tuple[Checks, dict]:
@@ -294,19 +290,13 @@ def check_one(guest: Guest, constraints: Path, work: Path) -> tuple[Checks, dict
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
 
-    # ---- the interpreter and the stack
-    done, t = guest.run(["-c", VERSIONS], timeout=600)
+    # ---- the interpreter (no import of torch: that is doctor's)
+    done, t = guest.run(["-c", MACHINE], timeout=600)
     info = (json_lines(done.stdout) or [{}])[-1]
-    want_torch = pinned(constraints, "torch")
     c.record("machine", done.returncode == 0 and info.get("machine") == "aarch64",
              f"platform.machine() = {info.get('machine')!r}, Python {info.get('python')}", t, done.stderr)
-    c.record("stack", done.returncode == 0 and info.get("torch", "").split("+")[0] == want_torch
-             and not info.get("cuda") and not info.get("ort_training"),
-             f"torch {info.get('torch')} (CUDA {info.get('cuda')}; pinned {want_torch}), torchvision "
-             f"{info.get('torchvision')}, timm {info.get('timm')}, onnx {info.get('onnx')}, onnxruntime "
-             f"{info.get('onnxruntime')} (training build: {info.get('ort_training')})", 0, done.stderr)
 
-    # ---- doctor
+    # ---- doctor: the text a user reads, then the probed facts, checked against the constraints file
     done, t = guest.cli("doctor", timeout=900)
     (work / "doctor.txt").write_text(done.stdout)
     problems = re.search(r"^(\d+) problems?$", done.stdout, re.M)
@@ -315,15 +305,24 @@ def check_one(guest: Guest, constraints: Path, work: Path) -> tuple[Checks, dict
              done.stdout + done.stderr)
     done, t = guest.cli("doctor", "--json", timeout=900)
     try:
-        report = json.loads(done.stdout)
-    except json.JSONDecodeError:
-        report = {}
-    facts = report.get("facts", {})
-    machine = facts.get("platform", {}).get("machine")
-    c.record("doctor-json", done.returncode == 0 and machine == "aarch64"
-             and bool(facts.get("allocators", {}).get("tcmalloc")),
-             f"exit {done.returncode}, facts.platform.machine = {machine!r}, tcmalloc "
-             f"{facts.get('allocators', {}).get('tcmalloc')}", t, done.stdout[-2000:] + done.stderr)
+        facts = json.loads(done.stdout).get("facts", {})
+    except (json.JSONDecodeError, AttributeError):
+        facts = {}
+    torch_info, ort = facts.get("torch", {}), facts.get("onnxruntime", {})
+    versions = facts.get("versions", {})
+    info.update(torch=torch_info.get("version"), cuda=torch_info.get("cuda"), timm=versions.get("timm"),
+                onnx=versions.get("onnx"), onnxruntime=ort.get("version"), ort_training=ort.get("training"),
+                torchvision=installed_version(guest.site, "torchvision"))
+    want = {name: pinned(constraints, name) for name in ("torch", "timm", "onnx", "onnxruntime")}
+    got = {"torch": (info["torch"] or "").split("+")[0], "timm": info["timm"], "onnx": info["onnx"],
+           "onnxruntime": info["onnxruntime"]}
+    tcmalloc = facts.get("allocators", {}).get("tcmalloc")
+    c.record("doctor-json", done.returncode == 0 and facts.get("platform", {}).get("machine") == "aarch64"
+             and got == want and not info["cuda"] and ort.get("training") is False and bool(tcmalloc),
+             f"exit {done.returncode}, machine {facts.get('platform', {}).get('machine')!r}, torch {info['torch']} "
+             f"(CUDA {info['cuda']}), timm {info['timm']}, onnx {info['onnx']}, onnxruntime {info['onnxruntime']} "
+             f"(training build: {info['ort_training']}; pinned: {want}), tcmalloc {tcmalloc}", t,
+             done.stdout[-2000:] + done.stderr)
 
     # ---- demo data
     done, t = guest.cli("demo-data", "--per-class", "8", "--size", str(IMG_SIZE), work / "data", timeout=600)
