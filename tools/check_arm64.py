@@ -18,10 +18,11 @@ torch) it:
    pyproject.toml are unchanged; this checkout's package is reinstalled into it on every run;
 3. runs, each through ``qemu-aarch64-static -L ROOTFS ROOTFS/usr/bin/python3.11`` (there is no binfmt_misc here,
    so nothing arm64 can be started except through qemu): ``platform.machine()``, ``edge-alast doctor`` (text and
-   ``--json``), ``demo-data``, a tiny ``train`` (vit_tiny_patch16_224 at 32 px, 3 steps, no export), ``export``,
-   ``export --format ort-training`` (must exit 2 on aarch64), ``predict --json`` and ``eval --json``, and checks
-   each result: exit codes, the files written, the manifest's parity, predict's JSON, eval against train's own
-   evaluation.
+   ``--json``: no problem, and torch, timm, onnx and onnxruntime at the constraints file's pins, no CUDA, no ORT
+   training build, tcmalloc found), ``demo-data``, a tiny ``train`` (vit_tiny_patch16_224 at 32 px, 3 steps, no
+   export), ``export``, ``export --format ort-training`` (must exit 2 on aarch64), ``predict --json`` and ``eval
+   --json``, and checks each result: exit codes, the files written, the manifest's parity, predict's JSON, eval
+   against train's own evaluation.
 
 ``train --allocator auto`` re-executes itself with ``LD_PRELOAD`` when the allocator is not already tcmalloc; an
 arm64 interpreter cannot be re-executed here (the host kernel cannot run it), so the check starts ``train`` with
