@@ -92,9 +92,9 @@ def ensure_host_tools() -> str:
     return shutil.which("qemu-aarch64-static") or "/usr/bin/qemu-aarch64-static"
 
 
-def apt_mirror() -> str:
+def apt_mirror(apt_dir: Path = Path("/etc/apt")) -> str:
     """The Debian mirror apt uses on this host for SUITE (sources.list or deb822 .sources), else deb.debian.org."""
-    files = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
+    files = [apt_dir / "sources.list", *sorted((apt_dir / "sources.list.d").glob("*"))]
     for f in files:
         try:
             text = f.read_text()
@@ -197,10 +197,18 @@ def uv_install(uv: str, target: Path, constraints: Path, wheel: Path, *extra: st
         sys.exit(f"error: installing for aarch64 under {constraints.name} failed:\n{done.stderr[-3000:]}")
 
 
+def site_key(constraints_text: str, pyproject_text: str) -> str:
+    """What a site folder was installed from: the constraints' requirement lines (comments and blank lines do not
+    count) and pyproject.toml."""
+    lines = [ln.split("#", 1)[0].strip() for ln in constraints_text.splitlines()]
+    pins = "\n".join(sorted(ln for ln in lines if ln))
+    return hashlib.sha256((pins + "\0" + pyproject_text).encode()).hexdigest()[:12]
+
+
 def prepare_site(cache: Path, uv: str, constraints: Path, wheel: Path) -> tuple[Path, bool]:
     """The site folder for ``constraints``: the project and its dependencies for aarch64 cp311. Reused while the
     constraints file and pyproject.toml are the same; the project itself is reinstalled from ``wheel`` each time."""
-    key = hashlib.sha256(constraints.read_bytes() + (REPO / "pyproject.toml").read_bytes()).hexdigest()[:12]
+    key = site_key(constraints.read_text(), (REPO / "pyproject.toml").read_text())
     name = constraints.stem
     site = cache / "sites" / f"{name}-{key}"
     reused = (site / READY).exists()
