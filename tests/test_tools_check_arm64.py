@@ -46,3 +46,14 @@ def test_site_key_follows_pins_and_pyproject_not_comments():
     assert check_arm64.site_key("onnx==1.17.0  # why\n\n# other words\ntorch==2.10.0\n", "[project]") == key
     assert check_arm64.site_key("torch==2.5.1\nonnx==1.17.0\n", "[project]") != key
     assert check_arm64.site_key("torch==2.10.0\nonnx==1.17.0\n", "[project]\nx") != key
+
+
+def test_a_new_site_removes_only_its_own_constraints_earlier_sites(tmp_path, monkeypatch):
+    sites = tmp_path / "sites"
+    for name in ("aarch64-0123456789ab", "aarch64-0123456789ab.partial", "aarch64-oldest-ba9876543210"):
+        (sites / name).mkdir(parents=True)
+    constraints = tmp_path / "aarch64.txt"
+    constraints.write_text("torch==2.10.0\n")
+    monkeypatch.setattr(check_arm64, "uv_install", lambda uv, target, *a: target.mkdir(parents=True))
+    site, reused = check_arm64.prepare_site(tmp_path, "uv", constraints, tmp_path / "x.whl")
+    assert not reused and sorted(p.name for p in sites.iterdir()) == sorted([site.name, "aarch64-oldest-ba9876543210"])

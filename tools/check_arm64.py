@@ -213,8 +213,9 @@ def prepare_site(cache: Path, uv: str, constraints: Path, wheel: Path) -> tuple[
     site = cache / "sites" / f"{name}-{key}"
     reused = (site / READY).exists()
     if not reused:
-        for old in (cache / "sites").glob(f"{name}-*"):
-            shutil.rmtree(old, ignore_errors=True)
+        for old in (cache / "sites").glob(f"{name}-*"):  # this file's earlier sites (not aarch64-oldest's for aarch64)
+            if re.fullmatch(rf"{re.escape(name)}-[0-9a-f]{{12}}(\.partial)?", old.name):
+                shutil.rmtree(old, ignore_errors=True)
         partial = site.with_name(site.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         uv_install(uv, partial, constraints, wheel)
