@@ -11,7 +11,7 @@ WEIGHTS ?= $(wildcard $(SHARED_WEIGHTS))
 DEMO_DIR ?= runs/demo
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: bench-peft bench-tta demo test bench assets clean
+.PHONY: bench-peft bench-tta demo test bench assets clean check-arm64
 
 # torch is installed first and alone, pinned: an unpinned resolve pulls a CUDA build with GBs of nvidia-* wheels.
 # Every later install runs under the same constraints file, so nothing swaps torch or onnxruntime-training.
@@ -67,6 +67,14 @@ bench-tta: $(STAMP) assets
 	$(BIN)/pip install --quiet -c $(CONSTRAINTS) scikit-learn
 	$(BIN)/python tools/bench_tta.py --weights $(SHARED_WEIGHTS) --img-size 112 --seeds 0,1,2 \
 		--datasets fmnist,digits --out runs/tta
+
+# The README's Raspberry Pi install (requirements/aarch64.txt) and the oldest torch claimed
+# (requirements/aarch64-oldest.txt), each installed for aarch64 and run under qemu-aarch64-static in a Debian
+# bookworm arm64 userland: doctor, demo-data, a tiny train, export, predict, eval (tools/check_arm64.py). Needs root
+# the first time (apt-get install qemu-user-static debootstrap; debootstrap); reuses ARM64_CACHE afterwards.
+ARM64_CACHE ?= /var/cache/edge-alast-arm64
+check-arm64:
+	$(PYTHON) tools/check_arm64.py --cache $(ARM64_CACHE)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -126,6 +126,45 @@ def _name_of(path: str | None) -> str | None:
 _tuned = False  # set by tune_glibc
 
 
+class _LinkMap(ctypes.Structure):
+    """The public head of glibc's ``struct link_map`` (<link.h>): one loaded object, in load order."""
+
+
+_LinkMap._fields_ = [("l_addr", ctypes.c_size_t), ("l_name", ctypes.c_char_p), ("l_ld", ctypes.c_void_p),
+                     ("l_next", ctypes.POINTER(_LinkMap)), ("l_prev", ctypes.POINTER(_LinkMap))]
+RTLD_DI_LINKMAP = 2
+
+
+def _malloc_definer(maps: str) -> str | None:
+    """The mapped file of the first loaded object that defines ``malloc`` itself, walking the dynamic linker's
+    list from the program (the program, then ``LD_PRELOAD`` libraries, then its libraries: the order in which the
+    global lookup binds), or None where that list cannot be read (not glibc)."""
+    try:
+        program = ctypes.CDLL(None)
+        dlinfo = getattr(program, "dlinfo", None) or ctypes.CDLL("libdl.so.2").dlinfo  # glibc < 2.34: libdl
+        node = ctypes.POINTER(_LinkMap)()
+        if dlinfo(ctypes.c_void_p(program._handle), RTLD_DI_LINKMAP, ctypes.byref(node)) != 0:
+            return None
+    except (OSError, AttributeError):
+        return None
+    while node:
+        name = node.contents.l_name
+        node = node.contents.l_next
+        if not name:  # the program itself
+            continue
+        try:
+            address = ctypes.cast(ctypes.CDLL(name.decode()).malloc, ctypes.c_void_p).value
+        except (OSError, AttributeError, UnicodeDecodeError):
+            continue
+        owner = _mapping_of(address, maps) if address else None
+        try:  # compared as files: under qemu -L the maps name the host path, l_name the guest's
+            if owner and os.path.samefile(owner, name.decode()):
+                return owner
+        except OSError:
+            continue
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def allocator_in_use() -> str:
     """The allocator serving this process's ``malloc``: ``tcmalloc``, ``jemalloc``, ``glibc`` (``glibc-tuned``
@@ -145,6 +184,10 @@ def allocator_in_use() -> str:
             owner = _mapping_of(address, maps) if address else None
         except (OSError, AttributeError, ValueError):
             owner = None
+        if not (_name_of(owner) or (owner and re.search(r"/libc[.-]", owner))):
+            # A non-PIE executable (Debian's and Raspberry Pi OS's /usr/bin/python3.11) that calls malloc gets a
+            # canonical PLT entry, and the global lookup answers with that address inside the executable itself.
+            owner = _malloc_definer(maps) or owner
         name = _name_of(owner)
         if name:
             return name

@@ -85,6 +85,40 @@ def test_allocator_in_use_sees_an_ld_preload(name):
     assert _in_use_in_subprocess(clean_env(LD_PRELOAD=path)) == name
 
 
+def _non_pie_python() -> str | None:
+    """A system Python built as a non-PIE executable (ELF type EXEC), as Debian's and Raspberry Pi OS's
+    /usr/bin/python3.11 are, or None."""
+    for path in ("/usr/bin/python3.11", "/usr/bin/python3"):
+        try:
+            with open(path, "rb") as f:
+                head = f.read(18)
+        except OSError:
+            continue
+        if head[:4] == b"\x7fELF" and int.from_bytes(head[16:18], sys.byteorder) == 2:
+            return path
+    return None
+
+
+@pytest.mark.parametrize("name", ["tcmalloc", "jemalloc"])
+def test_allocator_in_use_sees_an_ld_preload_in_a_non_pie_python(name):
+    # There the global lookup of malloc answers with the program's own PLT entry, not the preloaded library's
+    # (found by make check-arm64: Raspberry Pi OS's python3.11 under --allocator auto reported glibc).
+    path = require_library(name)
+    python = _non_pie_python()
+    if python is None:
+        pytest.skip("no non-PIE system Python here (Debian's /usr/bin/python3.11 is one)")
+    code = ("import ctypes, os; from pathlib import Path\n"
+            "from edge_alast.device.allocator import _mapping_of, allocator_in_use\n"
+            "address = ctypes.cast(ctypes.CDLL(None).malloc, ctypes.c_void_p).value\n"
+            "owner = _mapping_of(address, Path('/proc/self/maps').read_text())\n"
+            "print(os.path.realpath(owner) == os.path.realpath(os.readlink('/proc/self/exe')), allocator_in_use())")
+    for preload, want in ((path, name), ("", "glibc")):
+        env = clean_env(PYTHONPATH=str(REPO), **({"LD_PRELOAD": preload} if preload else {}))
+        proc = subprocess.run([python, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split() == ["True", want], (preload, proc.stdout)
+
+
 def test_allocator_in_use_is_glibc_without_a_preload_and_after_mallopt():
     assert _in_use_in_subprocess(clean_env()) == "glibc"
     code = ("from edge_alast.device.allocator import allocator_in_use, tune_glibc\n"
