@@ -347,7 +347,10 @@ class TrainConfig:
                                     help="Comma-separated block indices whose activations are recomputed in "
                                          "backward (e.g. 0,1).")
     token_multiple: int = option(1, min=1)
-    trim_memory: bool = True
+    # Return freed memory to the OS after each step (malloc_trim / tcmalloc's ReleaseFreeMemory). None: only when
+    # a memory ceiling is planned, where the guard reads each step's own peak; elsewhere it cost a full step 0.1 s
+    # plus re-faulting the pages (tools/bench_overhead.py, docs/benchmarks.md).
+    trim_memory: bool | None = None
     allocator: str = option("auto", flag="--allocator", choices=ALLOCATORS,
                             help="malloc of the training process: auto (tcmalloc when installed, else glibc with "
                                  "a warning), tcmalloc or jemalloc by name, or glibc to keep the system's. The CLI "
@@ -440,7 +443,7 @@ class TrainConfig:
 
     # Fields that may change between an interrupted run and its resumption without changing the result.
     RESUME_FREE = ("resume", "checkpoint_every_seconds", "checkpoint_every_steps", "out", "eval_every", "eval_images",
-                   "loader_threads", "allocator", "device_key")
+                   "loader_threads", "allocator", "device_key", "trim_memory")
 
     def resume_key(self, precision: str | None = None) -> dict[str, Any]:
         """The settings a checkpoint must share with this config to be resumed by it; ``precision``: the one

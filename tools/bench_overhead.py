@@ -29,6 +29,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import yaml
+
 PLAIN = r"""
 import json, sys, time
 import edge_alast._compat  # only its torchvision import fix: a CUDA torchvision beside the CPU torch
@@ -117,11 +119,15 @@ def one_run(args, kind: str, index: int, classes: int) -> dict:
         payload = {"model": args.model, "weights": args.weights, "img_size": args.img_size,
                    "batch_size": args.batch_size, "steps": args.steps, "threads": args.threads, "classes": classes}
         return {"kind": kind, "pair": index, **run_child(PLAIN, payload, env)}
-    out = Path(tempfile.mkdtemp(prefix=f"overhead-{kind}-"))
-    config = {"data": args.data, "val_data": args.val_data, "out": str(out), "method": kind, "model": args.model,
+    method, _, overrides = kind.partition(":")  # e.g. full:trim_memory=false
+    out = Path(tempfile.mkdtemp(prefix=f"overhead-{method}-"))
+    config = {"data": args.data, "val_data": args.val_data, "out": str(out), "method": method, "model": args.model,
               "weights": args.weights, "img_size": args.img_size, "batch_size": args.batch_size,
               "steps": args.steps, "lr": 3e-5, "precision": "fp32", "export": False,
               "augment": "none", "resume": False, "train_embeddings": False}
+    for item in filter(None, overrides.split(",")):
+        name, _, value = item.partition("=")
+        config[name] = yaml.safe_load(value)
     return {"kind": kind, "pair": index, **run_child(EDGE, {"config": config}, env)}
 
 
@@ -173,7 +179,9 @@ def main(argv=None) -> int:
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--allocator", default="tcmalloc", choices=("tcmalloc", "jemalloc", "system"))
-    ap.add_argument("--methods", default="full,alast")
+    ap.add_argument("--methods", default="full,alast",
+                    help="edge-alast runs: a method, or METHOD:KEY=VALUE,... with run-file overrides "
+                         "(e.g. full:trim_memory=false)")
     ap.add_argument("--json-out", type=Path)
     ap.add_argument("--markdown", type=Path, metavar="FILE", help="print the table of a --json-out file and exit")
     args = ap.parse_args(argv)

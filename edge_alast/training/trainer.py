@@ -146,6 +146,9 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
 
     # ---------------------------------------------------------------- training loop
     interrupted, finished_early = False, None
+    # Trimming the heap each step keeps RSS between steps low, which a memory ceiling's guard needs; without a
+    # ceiling it only costs time (the freed pages are faulted in again by the next step).
+    trim = config.trim_memory if config.trim_memory is not None else run.guard is not None
     peaks = PeakTracker()
     peaks.interval_peak()  # from here on, each reading is one step's own peak
     last_save = time.monotonic()
@@ -180,7 +183,7 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
                 plan = stage.handle.applied_plan()  # live budgets (coauthors) moved the keep ratios within the forward
                 stage.policy.observe(stage.handle.step_deltas(stage.policy.delta_reduction),
                                      stage.handle.step_streams())
-                if config.trim_memory:
+                if trim:
                     trim_heap()
                 step_peak = _step_peak(peaks, run.device)
                 if run.guard is not None:  # near the ceiling: the caps for the steps that follow

@@ -737,3 +737,20 @@ def test_should_finish_ends_the_run_as_a_finished_one(image_folder, tmp_path):
     assert [r["step"] for r in lines if r["event"] == "step"] == [1, 2]
     assert [(r["step"], r["steps"]) for r in lines if r["event"] == "finish"] == [(2, 6)]
     assert train(tiny_config(image_folder, tmp_path / "p", steps=2)).summary["finished_early_at"] is None
+
+
+def test_the_heap_is_trimmed_each_step_only_under_a_memory_ceiling_unless_asked(image_folder, tmp_path, monkeypatch):
+    """Trimming costs time without a ceiling (tools/bench_overhead.py); the guard needs it under one."""
+    from edge_alast.device.memory import rss_bytes
+    from edge_alast.training import trainer
+
+    calls = []
+    monkeypatch.setattr(trainer, "trim_heap", lambda: calls.append(1) or True)
+    train(tiny_config(image_folder, tmp_path / "free", export=False))
+    assert calls == []
+    train(tiny_config(image_folder, tmp_path / "asked", export=False, trim_memory=True))
+    assert len(calls) == 3  # tiny_config: 3 steps
+    calls.clear()
+    train(tiny_config(image_folder, tmp_path / "ceiling", export=False,
+                      profile=profile_file(tmp_path, rss_bytes() + 2 * 2**30)))
+    assert len(calls) == 3
