@@ -347,6 +347,10 @@ class TrainConfig:
                                     help="Comma-separated block indices whose activations are recomputed in "
                                          "backward (e.g. 0,1).")
     token_multiple: int = option(1, min=1)
+    compile: str = option("auto", flag="--compile", choices=("auto", "on", "off"),  # = training.compiled.COMPILE_MODES
+                          help="Compile each transformer block with torch.compile: on, off, or auto (on where the "
+                               "device profile's compile field says it was measured to pay off; otherwise off: on "
+                               "the 2-core x86 CPU measured, compile time was not won back in 200 steps).")
     # Return freed memory to the OS after each step (malloc_trim / tcmalloc's ReleaseFreeMemory). None: only when
     # a memory ceiling is planned, where the guard reads each step's own peak; elsewhere it cost a full step 0.1 s
     # plus re-faulting the pages (tools/bench_overhead.py, docs/benchmarks.md).
@@ -415,6 +419,8 @@ class TrainConfig:
         def bad(key: str, why: str) -> ConfigError:
             return ConfigError(f"{self.name(key)}: {why}")
 
+        if isinstance(self.compile, bool):  # a run file's `compile: on` / `off`, which YAML reads as true / false
+            self.compile = "on" if self.compile else "off"
         for f in dataclasses.fields(self):
             choices, value = f.metadata.get("choices"), getattr(self, f.name)
             if choices and value is not None and value not in choices:
@@ -443,7 +449,7 @@ class TrainConfig:
 
     # Fields that may change between an interrupted run and its resumption without changing the result.
     RESUME_FREE = ("resume", "checkpoint_every_seconds", "checkpoint_every_steps", "out", "eval_every", "eval_images",
-                   "loader_threads", "allocator", "device_key", "trim_memory")
+                   "loader_threads", "allocator", "device_key", "trim_memory", "compile")
 
     def resume_key(self, precision: str | None = None) -> dict[str, Any]:
         """The settings a checkpoint must share with this config to be resumed by it; ``precision``: the one

@@ -81,10 +81,13 @@ for i, r in enumerate(steps):
     step = r["time/step_seconds"]
     rows.append({"wall": wall, "step": step, "data": r["time/data_seconds"], "compute": r["time/compute_seconds"],
                  "in_step_rest": step - r["time/data_seconds"] - r["time/compute_seconds"],
-                 "outside_step": (wall - step) if wall is not None else None, "flops": r["flops/step"]})
+                 "outside_step": (wall - step) if wall is not None else None, "flops": r["flops/step"],
+                 "graphs": r.get("compile/graphs")})
 print("ROWS " + json.dumps(rows))
 print("SUMMARY " + json.dumps({k: result.summary.get(k) for k in ("allocator", "train_flops_per_step",
-                                                                   "train_flops_per_second", "flop_utilization")}))
+                                                                   "train_flops_per_second", "flop_utilization",
+                                                                   "compile", "peak_rss_bytes",
+                                                                   "train_peak_rss_bytes")}))
 """
 
 

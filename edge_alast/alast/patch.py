@@ -61,7 +61,7 @@ class AlastHandle:
         for i, blk in enumerate(self.blocks):
             attn = getattr(blk, "attn", None)
             if isinstance(getattr(attn, "qkv", None), (nn.Linear, LoRALinear)) and hasattr(attn, "num_heads"):
-                self._hooks.append(attn.qkv.register_forward_hook(partial(self._on_qkv, i)))
+                self._hooks.append(attn.qkv.register_forward_hook(partial(self._qkv_hook, i)))
             else:
                 self._unscored.add(i)
             self._hooks.append(blk.register_forward_hook(partial(self._on_block, i)))
@@ -74,6 +74,16 @@ class AlastHandle:
         return self.plan is not None and (self.model.training or self.eval_view)
 
     # -- hooks --------------------------------------------------------------------------------------------------
+    def _qkv_hook(self, i: int, module: nn.Module, args, out: torch.Tensor) -> None:
+        # Calls the instance's ``_on_qkv``: :meth:`eager_hooks` replaces it by a compiler-disabled one, so that a
+        # compiled block (``--compile``) runs this hook in eager Python and never guards on the plan.
+        self._on_qkv(i, module, args, out)
+
+    def eager_hooks(self) -> None:
+        """Keep the hook inside each block's ``forward`` (on ``attn.qkv``) out of ``torch.compile``'s graphs: it
+        reads the plan, whose keep ratios would otherwise become guards that recompile the block every step."""
+        self._on_qkv = torch.compiler.disable(type(self)._on_qkv.__get__(self))
+
     def _on_qkv(self, i: int, module: nn.Module, args, out: torch.Tensor) -> None:
         if not self._active() or (self.plan.keep_ratios[i] >= 1.0 and self.plan.live is None):
             return

@@ -41,7 +41,7 @@ _REQUIRED = (
     "default_precision",
 )
 _OPTIONAL = {"fast_precisions": [], "threads": None, "flop_ceiling_per_step": None, "target_step_seconds": None,
-             "host_match": []}
+             "host_match": [], "compile": None}
 _ALIAS_FIELDS = ("name", "description", "alias_of")
 
 # Units a memory size may be written in. Decimal and binary prefixes both appear in spec sheets, so both are
@@ -98,6 +98,8 @@ class DeviceProfile:
         host_match: Words that identify the hardware the profile describes, matched case-insensitively against
             the host's architecture and board model (:func:`match_host`; ``edge-alast doctor``).
         alias_of: For a profile loaded through an alias, the name of the profile it stands for.
+        compile: Whether compiling the blocks (``--compile auto``) paid off on this hardware, as measured by
+            ``tools/bench_compile.py``; None where it was not measured (``auto`` then stays eager).
     """
 
     name: str
@@ -114,6 +116,7 @@ class DeviceProfile:
     source: str
     alias_of: str | None = None
     host_match: tuple[str, ...] = ()
+    compile: bool | None = None
 
     def flop_ceiling(self, precision: str) -> float | None:
         """FLOP budget for one training step at ``precision``, or None if the profile sets no ceiling.
@@ -185,6 +188,12 @@ def _positive_float(source: str, name: str, value: Any) -> float:
     if number is None or not math.isfinite(number) or number <= 0:
         raise _field_error(source, name, "a positive number", value)
     return number
+
+
+def _bool(source: str, name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _field_error(source, name, "true or false", value)
+    return value
 
 
 def _optional(source: str, name: str, value: Any, check) -> Any:
@@ -293,6 +302,7 @@ def parse_profile(data: Mapping[str, Any], source: str) -> DeviceProfile:
         default_precision=default_precision,
         source=source,
         host_match=tuple(w.strip() for w in host_match),
+        compile=_optional(source, "compile", values["compile"], _bool),
     )
 
 

@@ -35,6 +35,7 @@ from ..model.build import create_model, data_config, load_weights
 from ..device.planner import RunPlan, plan_run
 from ..alast.policy import PolicyCaps, make_policy, tokens_per_block
 from ..device.precision import resolve_precision
+from .compiled import resolve_compile
 from ..device.profiles import DeviceProfile, ProfileError, load_profile
 from ..alast.support import check_model
 from ..model.trainable import TrainableSet
@@ -73,6 +74,8 @@ class Run:
         checkpoint: The checkpoint to resume from (None: start at step 0); the trainer drops it once restored.
         resume_notes: Checkpoints passed over, in words.
         device_key: The ``--device-key`` that signs and checks checkpoints (None: plain sha256).
+        compile, compile_reason: Whether each stage compiles its blocks (``--compile``), and why
+            (:func:`edge_alast.training.compiled.resolve_compile`).
         bad_images: Training files that failed to decode when used, counted against ``--max-bad-fraction`` with the
             scan's skips (checkpointed); ``val_bad_images`` the same for validation (the same record when the
             validation images are a split of ``--data``).
@@ -107,6 +110,8 @@ class Run:
     val_bad_images: BadImages | None = None
     cuda_memory_cap_bytes: int | None = None
     device_key: bytes | None = None
+    compile: bool = False
+    compile_reason: str = ""
 
     @property
     def final_eval_samples(self) -> list:
@@ -152,6 +157,7 @@ def setup_run(config: TrainConfig) -> Run:
               if config.eval_every else [],
               alast=alast, baseline=baseline, bad_images=data.bad_images, val_bad_images=data.val_bad_images,
               device_key=device_key)
+    run.compile, run.compile_reason = resolve_compile(config.compile, profile.compile if profile else None)
     if profile is not None:
         _plan(run, profile)
     _find_resume_point(run)

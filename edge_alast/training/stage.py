@@ -20,6 +20,7 @@ from ..device.memory import trim_heap
 from ..methods import ESTIMATE, FINETUNE
 from ..alast.patch import AlastHandle, apply_patch
 from ..alast.policy import AlastPolicy, StaticPolicy, make_policy
+from .compiled import CompiledBlocks
 from .run import Run
 from ..model.names import is_embedding
 from ..model.trainable import TrainableSet
@@ -35,6 +36,7 @@ class Stage:
         end_step: The step at which the next stage begins (None: this stage runs to the end).
         recorder: Light-PEFT's importance recorder (estimation stage only).
         pruning: What Light-PEFT's pruning kept (the stage after it), else None.
+        compiled: The blocks' compiled forwards (``--compile``), removed with the patch when the stage closes.
     """
 
     name: str
@@ -47,6 +49,7 @@ class Stage:
     end_step: int | None = None
     recorder: ImportanceRecorder | None = None
     pruning: dict | None = None
+    compiled: CompiledBlocks | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -68,7 +71,9 @@ class Stage:
         """Remove the patch and the importance recorder's hooks; the model computes as timm's again."""
         if self.recorder is not None:
             self.recorder.stop()
-        self.handle.remove()
+        self.handle.remove()  # first: it restores the forwards it wrapped (recomputation) to the compiled ones
+        if self.compiled is not None:
+            self.compiled.remove()
 
     def free(self) -> None:
         """Drop the optimizer's state (moments), e.g. before an export on a small device."""
@@ -116,6 +121,7 @@ def _build(run: Run, name: str, trainable: TrainableSet, flop_counter: StepFlopC
     config = run.config
     policy = make_policy(run.spec, name, run.depth, run.alast, lr=config.lr)
     handle = apply_patch(run.model, token_multiple=config.token_multiple, trainable=trainable)
+    compiled = CompiledBlocks(run.model, handle) if run.compile else None
     # One optimizer over every parameter that can ever train, created once per stage: freezing leaves grads None
     # so the optimizer skips those parameters and keeps their state (never edits param groups).
     params = list(trainable.parameters(run.model))
@@ -128,7 +134,7 @@ def _build(run: Run, name: str, trainable: TrainableSet, flop_counter: StepFlopC
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: factor(s + first_step))
     return Stage(name=name, trainable=trainable, handle=handle, policy=policy, optimizer=optimizer,
                  scheduler=scheduler, flop_counter=flop_counter, end_step=end_step, recorder=recorder,
-                 pruning=pruning)
+                 pruning=pruning, compiled=compiled)
 
 
 def lr_factor(config, total_steps: int):

@@ -309,7 +309,8 @@ def _start_event(config: TrainConfig, run: Run, first_step: int) -> dict:
             "batch_size": run.order.batch_size, "precision": run.precision, "allocator": allocator_in_use(),
             "device": run.device, "profile": run.profile.name if run.profile else None,
             "train_images": len(run.train_samples), "val_images": len(run.val_samples), "classes": run.classes,
-            "run_dir": str(run.run_dir), "resumed_from_step": first_step}
+            "run_dir": str(run.run_dir), "resumed_from_step": first_step,
+            "compile": run.compile, "compile_reason": run.compile_reason}
 
 
 # -------------------------------------------------------------------------------------------- one step
@@ -375,6 +376,8 @@ def _step_record(run: Run, stage: Stage, loop: LoopState, plan, budgets: list[fl
         "mem/rss_bytes": rss_bytes(), "mem/step_peak_bytes": history["step_peak_bytes"][-1],
         "mem/peak_rss_bytes": peaks.lifetime_peak(),
     }
+    if stage.compiled is not None:  # graphs compiled so far: a rise after the first steps is a recompilation
+        record["compile/graphs"] = stage.compiled.graphs
     # "loss" stays the cross-entropy, comparable across methods; each penalty has its own name
     record.update({name: float(term.detach()) for name, term in terms.items()})
     return record
@@ -477,6 +480,8 @@ def _summary(config: TrainConfig, run: Run, stage: Stage, loop: LoopState, val_a
         "predicted_flops_per_step": memory_plan.predicted_flops_per_step if memory_plan else None,
         "planner_notes": list(memory_plan.notes) if memory_plan else [],
         "alast_update": run.alast.update if run.spec.alast else None,
+        "compile": {"on": run.compile, "reason": run.compile_reason,
+                    "graphs": stage.compiled.graphs if stage.compiled is not None else 0},
         "baseline": run.baseline,
         "classes": run.classes,
         "warnings": run.warnings,
