@@ -7,7 +7,8 @@ Per run:
 - step s: the median wall time between consecutive steps over the second half of the run (compiled graphs are
   all made by then: ALaST recompiles when its token counts first change and when a block first freezes);
 - compile s: the run's training time above ``steps`` x that median (the first step's compile, and every
-  recompilation after it);
+  recompilation after it), with an empty inductor cache (``TORCHINDUCTOR_CACHE_DIR`` a new folder per run), as on a
+  device's first compiled run; ``--warm-cache`` shares one cache folder, as later runs on the same device would;
 - graphs: graphs ``torch.compile`` made during training (``summary.json``'s ``compile.graphs``);
 - peak RSS: the training loop's whole-process peak.
 
@@ -23,8 +24,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -53,7 +56,8 @@ def markdown(results: dict) -> str:
     code = setup["code"]
     lines = [f"{setup['model']} @ {setup['img_size']} px, batch {setup['batch_size']}, fp32, {setup['threads']} "
              f"thread(s), allocator {setup['allocator']}, {setup['steps']} steps per run, {setup['pairs']} "
-             f"alternating pair(s); medians over the pairs; code {(code['commit'] or '?')[:7]}"
+             f"alternating pair(s), {'a shared' if setup.get('warm_cache') else 'an empty'} inductor cache per compiled "
+             f"run; medians over the pairs; code {(code['commit'] or '?')[:7]}"
              f"{' + uncommitted changes' if code['dirty'] else ''}\n",
              f"| method | step s, eager | step s, compiled | × eager | compile s | graphs | peak RSS MiB, eager | "
              f"peak RSS MiB, compiled | pays off in {setup['typical_steps']} steps |",
@@ -87,6 +91,8 @@ def main(argv=None) -> int:
     ap.add_argument("--allocator", default="tcmalloc", choices=("tcmalloc", "jemalloc", "system"))
     ap.add_argument("--methods", default="full,alast,lora")
     ap.add_argument("--typical-steps", type=int, default=200, help="the run length compile time is amortised over")
+    ap.add_argument("--warm-cache", action="store_true",
+                    help="let compiled runs share inductor's on-disk cache (default: an empty one per run)")
     ap.add_argument("--json-out", type=Path)
     ap.add_argument("--markdown", type=Path, metavar="FILE", help="print the table of a --json-out file and exit")
     args = ap.parse_args(argv)
@@ -103,6 +109,8 @@ def main(argv=None) -> int:
     for pair in range(args.pairs):
         for method in methods:
             for mode in ("off", "on"):
+                if not args.warm_cache:  # read by the child: it copies this environment
+                    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
                 run = one_run(args, f"{method}:compile={mode}", pair, classes)
                 results["runs"].append(run)
                 m = measure(run)
