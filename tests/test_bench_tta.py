@@ -120,3 +120,14 @@ def test_run_order_puts_full_first_and_dependencies_before_their_users():
     assert settings["steps"] == 400 and settings["alast"]["anneal_last"] == 0.2
     static = bt.resolve(bt.METHODS["static"], REPO / "runs", 1, {})
     assert static["alast"]["from_run"] == str(REPO / "runs" / "alast-relative-s1")
+
+
+def test_a_method_at_another_learning_rate_keeps_its_settings_and_dependencies():
+    assert bt.settings_of("alast-reference@lr1e-4") == {**bt.METHODS["alast-reference"], "lr": 1e-4}
+    assert bt.settings_of("full") is bt.METHODS["full"]
+    assert bt.needs("alast-anneal@lr1e-4") == {"alast-reference"}
+    assert bt.run_order(["alast-reference@lr1e-4"]) == ["full", "alast-reference@lr1e-4"]
+    with pytest.raises(SystemExit):
+        bt.main(["--weights", "w", "--methods", "full@lrfast"])
+    with pytest.raises(KeyError):
+        bt.settings_of("fulll@lr1e-4")

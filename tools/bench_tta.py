@@ -29,7 +29,8 @@ co-authors' code; ``alast-relative``), the ``static`` and ``random`` baselines b
 at its FLOPs per step, the ablations ``alast-freeze-only`` (every token, K blocks: b_init = b_min = 1) and
 ``alast-tokens-only`` (every block trains, tokens dropped), the remedy ``alast-anneal`` (reference with keep
 ratios annealed to 1 over the last 20 % of the steps its seed's reference run took; it runs exactly that many
-steps), and the adapter methods. Learning rates: each method's default (``--lr`` sets one for all).
+steps), and the adapter methods; ``NAME@lrVALUE`` is NAME at another learning rate, for the sweep (e.g.
+``full@lr1e-4,alast-reference@lr1e-4``: same budget, from full at its own rate). Learning rates: each method's default (``--lr`` sets one for all).
 Embeddings are frozen for every method (``full`` included) except ``alast-coauthors``, which reproduces the
 co-authors' set-up (embeddings trained, Adam without weight decay). Data sets: Fashion-MNIST
 (``apt-get install dataset-fashion-mnist``) and scikit-learn's ``load_digits``, written as ImageFolders.
@@ -82,6 +83,7 @@ METHODS = {
 }
 DEFAULT_METHODS = ("full", "head", "alast-reference", "alast-coauthors", "alast-relative", "static", "random",
                    "alast-freeze-only", "alast-tokens-only", "alast-anneal")
+LR_SUFFIX = "@lr"  # "NAME@lrVALUE": method NAME at learning rate VALUE (the learning-rate sweep), e.g. full@lr1e-4
 FRACTIONS = (0.25, 0.5, 1.0)  # of full's time / FLOPs to plateau
 ENDINGS = ("plateau", "budget", "max")
 
@@ -306,10 +308,27 @@ def resolve(settings: dict, dataset_dir: Path, seed: int, done: dict[str, dict])
     return fill(settings)
 
 
+def settings_of(name: str) -> dict:
+    """A method's run-file settings: ``METHODS[name]``, or for ``NAME@lrVALUE`` those of NAME at that learning
+    rate (its runs then refer to NAME's runs of the same seed, at the method's own learning rate)."""
+    base, _, lr = name.partition(LR_SUFFIX)
+    if base not in METHODS:
+        raise KeyError(name)
+    return {**METHODS[base], "lr": float(lr)} if lr else METHODS[base]
+
+
 def needs(name: str) -> set[str]:
     """The methods whose runs ``name``'s settings refer to."""
-    text = json.dumps(METHODS[name])
+    text = json.dumps(settings_of(name))
     return {m for m in METHODS if f"{{run:{m}}}" in text or f"{{steps:{m}}}" in text}
+
+
+def _lr_ok(name: str) -> bool:
+    lr = name.partition(LR_SUFFIX)[2]
+    try:
+        return not lr or 0 < float(lr) <= 1
+    except ValueError:
+        return False
 
 
 def run_order(methods: Sequence[str]) -> list[str]:
@@ -447,9 +466,10 @@ def main(argv=None) -> int:
     if not args.weights:
         ap.error("--weights is required")
     methods = args.methods.split(",")
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m.partition(LR_SUFFIX)[0] not in METHODS or not _lr_ok(m)]
     if unknown:
-        ap.error(f"--methods: unknown {', '.join(unknown)} (known: {', '.join(METHODS)})")
+        ap.error(f"--methods: unknown {', '.join(unknown)} (known: {', '.join(METHODS)}, each also as "
+                 f"NAME{LR_SUFFIX}VALUE with VALUE in (0, 1])")
     if args.eval_images < 1000:
         print(f"warning: --eval-images {args.eval_images} < 1000: the protocol evaluates on at least 1000 images or "
               "the whole validation set", file=sys.stderr)
@@ -467,7 +487,7 @@ def main(argv=None) -> int:
             budget = None if name == "full" else budget_flops(results[(dataset, "full")], args.budget_factor)
             for seed in seeds:
                 done = {m: results[(dataset, m)][seeds.index(seed)] for m in needs(name)}
-                settings = resolve(METHODS[name], dataset_dir, seed, done)
+                settings = resolve(settings_of(name), dataset_dir, seed, done)
                 fixed = "steps" in settings  # a run of a given length (the remedy): no plateau or budget stop
                 config = {"data": str(root / "train"), "val_data": str(root / "val"), "model": args.model,
                           "weights": args.weights, "img_size": args.img_size, "batch_size": args.batch_size,
