@@ -2,6 +2,7 @@
 import dataclasses
 
 import pytest
+import yaml
 
 from edge_alast.config import (AlastConfig, LightPeftConfig, LoraConfig, TrainConfig, field_name, parse_number)
 from edge_alast.errors import ConfigError
@@ -26,6 +27,16 @@ def test_yaml_1_1_number_strings_are_numbers(text, value):
     assert parse_number(text) == value
     assert cfg(lr=text).lr == value
     assert TrainConfig.from_dict({"data": "d", "out": "o", "alast": {"alpha": text}}).alast.alpha == value
+
+
+def test_compile_on_and_off_in_a_run_file_are_the_modes_not_booleans(tmp_path):
+    # YAML 1.1 reads a bare on/off as true/false
+    for text, mode in (("on", "on"), ("off", "off"), ("auto", "auto")):
+        config = TrainConfig.from_dict(yaml.safe_load(f"data: d\nout: o\ncompile: {text}\n"))
+        config.validate()
+        assert config.compile == mode
+    with pytest.raises(ConfigError, match="--compile: must be one of auto, on, off, got 'always'"):
+        cfg(compile="always").validate()
 
 
 @pytest.mark.parametrize("bad", ["fast", True, "nan", None])

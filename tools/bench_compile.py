@@ -54,10 +54,11 @@ def pays_off(off: dict, on: dict, typical_steps: int) -> bool:
 def markdown(results: dict) -> str:
     setup, runs = results["setup"], results["runs"]
     code = setup["code"]
+    cache = ("a shared inductor cache" if setup.get("warm_cache") else "an empty inductor cache per compiled run"
+             if "warm_cache" in setup else "inductor's default on-disk cache (left warm by earlier runs)")
     lines = [f"{setup['model']} @ {setup['img_size']} px, batch {setup['batch_size']}, fp32, {setup['threads']} "
              f"thread(s), allocator {setup['allocator']}, {setup['steps']} steps per run, {setup['pairs']} "
-             f"alternating pair(s), {'a shared' if setup.get('warm_cache') else 'an empty'} inductor cache per compiled "
-             f"run; medians over the pairs; code {(code['commit'] or '?')[:7]}"
+             f"alternating pair(s), {cache}; medians over the pairs; code {(code['commit'] or '?')[:7]}"
              f"{' + uncommitted changes' if code['dirty'] else ''}\n",
              f"| method | step s, eager | step s, compiled | × eager | compile s | graphs | peak RSS MiB, eager | "
              f"peak RSS MiB, compiled | pays off in {setup['typical_steps']} steps |",

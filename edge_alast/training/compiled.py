@@ -48,6 +48,21 @@ def resolve_compile(mode: str, profile_compile: bool | None) -> tuple[bool, str]
     return False, "auto: not measured for this device (no profile, or its compile field unset), so eager"
 
 
+def missing_toolchain(device: str) -> str | None:
+    """What ``torch.compile`` lacks to compile for ``device`` here, in words (None: nothing). Inductor builds C++
+    kernels for the CPU with the system's compiler, and Triton kernels for CUDA."""
+    import importlib.util
+    import os
+    import shutil
+
+    if device == "cuda":
+        return None if importlib.util.find_spec("triton") else "Triton (the CUDA kernels' compiler) is not installed"
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+    if not any(shutil.which(n) for n in names):
+        return f"no C++ compiler ({', '.join(names)}) is on PATH for its CPU kernels (e.g. apt-get install g++)"
+    return None
+
+
 def _graphs() -> int:
     from torch._dynamo.utils import counters
     return int(counters["stats"]["unique_graphs"])

@@ -35,7 +35,7 @@ from ..model.build import create_model, data_config, load_weights
 from ..device.planner import RunPlan, plan_run
 from ..alast.policy import PolicyCaps, make_policy, tokens_per_block
 from ..device.precision import resolve_precision
-from .compiled import resolve_compile
+from .compiled import missing_toolchain, resolve_compile
 from ..device.profiles import DeviceProfile, ProfileError, load_profile
 from ..alast.support import check_model
 from ..model.trainable import TrainableSet
@@ -158,8 +158,19 @@ def setup_run(config: TrainConfig) -> Run:
               alast=alast, baseline=baseline, bad_images=data.bad_images, val_bad_images=data.val_bad_images,
               device_key=device_key)
     run.compile, run.compile_reason = resolve_compile(config.compile, profile.compile if profile else None)
+    missing = missing_toolchain(device) if run.compile else None
+    if missing and config.compile == "on":
+        raise ConfigError(f"--compile on: torch.compile cannot build kernels here: {missing}; or use --compile off")
+    if missing:  # auto, from a profile measured elsewhere: eager, said so
+        run.compile, run.compile_reason = False, f"auto: the profile enables it, but {missing}"
+        run.warnings.append(f"--compile auto stays eager: {missing}")
     if profile is not None:
         _plan(run, profile)
+    if run.compile and run.plan is not None and run.plan.memory_ceiling_bytes:
+        run.warnings.append("--compile: the planner's memory model is calibrated on eager blocks, and compiled runs "
+                            "peaked 70-100 MiB higher where measured (docs/benchmarks.md#compiled-steps); the memory "
+                            "guard still reads each step's real peak and tightens the caps if it comes near the "
+                            "ceiling")
     _find_resume_point(run)
     run.total_steps = _total_steps(config, run.order)
     return run

@@ -208,6 +208,7 @@ INVALID = [
     ("fast-repeated", _set("fast_precisions", ["bf16", "bf16"]), "fast_precisions"),
     ("threads-zero", _set("threads", 0), "threads"),
     ("threads-float", _set("threads", 2.5), "threads"),
+    ("compile-text", _set("compile", "yes"), "compile"),
     ("batch-text", _set("default_batch_size", "16"), "default_batch_size"),
     ("precision-unknown", _set("default_precision", "fp64"), "default_precision"),
     ("precision-not-fast", _set("default_precision", "bf16"), "default_precision"),
