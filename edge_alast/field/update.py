@@ -60,7 +60,8 @@ class UpdateConfig:
                          help="Fine-tuning method of the candidate (Light-PEFT is not offered: its pruned model does "
                               "not load into the store's architecture).")
     steps: int = option(100, flag="--steps", help="Training steps of the candidate.")
-    lr: float = option(3e-5, flag="--lr", help="Learning rate.")
+    lr: float | None = option(None, flag="--lr", help="Learning rate in (0, 1]; default: the method's, as for train "
+                                                      "(3e-5 for full/alast, 1e-3 for head and the adapter methods).")
     batch_size: int | None = option(None, flag="--batch-size", help="Batch size; default: the profile's (16 "
                                                                     "without one).")
     profile: str | None = option(None, flag="--profile", help="Device profile: shipped name, 'auto', or a YAML path.")
@@ -118,8 +119,8 @@ class UpdateConfig:
                 raise bad(key, "must be >= 1")
         if self.batch_size is not None and self.batch_size < 1:
             raise bad("batch_size", "must be >= 1")
-        if not self.lr > 0:
-            raise bad("lr", "must be > 0")
+        if self.lr is not None and not 0 < self.lr <= 1:
+            raise bad("lr", "must be in (0, 1]")
         if not 0.0 < self.holdout_fraction < 1.0:
             raise bad("holdout_fraction", "must be in (0, 1)")
         for key in ("replay_max_images", "replay_max_bytes"):

@@ -350,7 +350,9 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(store, tmp_path):
         ([str(tmp_path), "--data", str(unreadable)], 2, "is not a model store"),
         ([str(store), "--data", str(unreadable), "--holdout-fraction", "1.5"], 2, "--holdout-fraction"),
         ([str(store), "--data", str(unreadable), "--method", "light-peft"], 2, "--method"),
+        ([str(store), "--data", str(unreadable), "--lr", "2"], 2, "--lr: must be in (0, 1]"),
     ]
+    assert UpdateConfig().lr is None  # the method's default, as train resolves it (1e-3 for the adapter methods)
     for args, code, message in cases:
         result = runner.invoke(main, ["update", *args])
         assert result.exit_code == code, (args, result.output)
