@@ -88,6 +88,12 @@ CASES = {
     # full plateaus at 40 s / 4 TFLOPs (4 evaluations); final = mean of the last 2 evaluations (window 2). The
     # curve's moving average over 2 evaluations: at 50 % of full's time (20 s) alast has (0.70+0.80)/2 = 0.75; at
     # 100 % (40 s) (0.80+0.81)/2 = 0.805, and full (0.86+0.87)/2 = 0.865.
+    "benchmark--setup": ({"_setup": {"model": "vit_small_patch14_dinov2", "img_size": 224, "batch_size": 16,
+                                     "steps": 80, "lr": 3e-5, "precision": "fp32", "seed": 0, "set": [],
+                                     "method_set": ["alast-lora:lr=0.001"], "allocator": "tcmalloc",
+                                     "code": {"commit": "e2e46e8" + "0" * 33, "dirty": False}},
+                          "full": summary(0.658, 3.27, 2530, 596), "alast": summary(0.764, 1.79, 1541, 309)},
+                         ["allocator tcmalloc", "measured at `e2e46e8`", "| alast | 0.764 | +10.6 | 1.79 | 0.55 |"]),
     "bench_tta": ({"fmnist/full": [tta_run(0, [0.80, 0.85, 0.86, 0.87]), tta_run(1, [0.80, 0.85, 0.86, 0.87])],
                    "fmnist/alast-reference": [
                        {**tta_run(0, [0.70, 0.80, 0.80, 0.81, 0.83, 0.84], "budget", 6e12),

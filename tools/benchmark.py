@@ -26,6 +26,9 @@ import yaml
 
 from edge_alast.runfolder import METRICS_FILE, SUMMARY_FILE, read_json, read_metrics, steady
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_tta import code_version  # noqa: E402  (the last commit touching edge_alast/, and whether it differs)
+
 
 def parse_value(text: str):
     return yaml.safe_load(text)
@@ -87,9 +90,21 @@ def fmt_table(rows: list[tuple[str, dict]], reference: dict | None) -> str:
     return "\n".join(lines)
 
 
+def setup_line(setup: dict) -> str:
+    """What the table was measured with: the settings, the allocator the runs used and the code version."""
+    code = setup.get("code") or {}
+    return (f"{setup['model']} @ {setup['img_size']}px, batch {setup['batch_size']}, {setup['steps']} steps, lr "
+            f"{setup['lr']}, {setup['precision']}, seed {setup['seed']}, allocator {setup.get('allocator', '?')}; "
+            f"settings: {json.dumps(setup['set'])}; per method: {json.dumps(setup['method_set'])}; measured at "
+            f"`{(code.get('commit') or '?')[:7]}`{' + uncommitted changes' if code.get('dirty') else ''}")
+
+
 def markdown(results: dict) -> str:
-    """The table of a ``--json-out`` file (method -> summary), ratios against ``full`` when it ran."""
-    return fmt_table(list(results.items()), results.get("full"))
+    """The table of a ``--json-out`` file (method -> summary, and ``_setup`` in files written since it was kept),
+    ratios against ``full`` when it ran."""
+    rows = {k: v for k, v in results.items() if not k.startswith("_")}
+    table = fmt_table(list(rows.items()), rows.get("full"))
+    return f"{setup_line(results['_setup'])}\n\n{table}" if "_setup" in results else table
 
 
 def main(argv=None) -> int:
@@ -156,13 +171,14 @@ def main(argv=None) -> int:
         results.append((name, run_method(name, cfg, workdir)))
         print(f"  {name}: acc {results[-1][1]['val_accuracy']:.3f}, {results[-1][1]['mean_step_seconds']:.2f} s/step",
               file=sys.stderr, flush=True)
-    reference = dict(results).get("full")
-    print(f"\n{args.model} @ {args.img_size}px, batch {args.batch_size}, {args.steps} steps, lr {args.lr}, "
-          f"{args.precision}, seed {args.seed}; settings: {json.dumps(args.set)}; per method: "
-          f"{json.dumps(args.method_set)}\n")
-    print(fmt_table(results, reference))
+    allocators = sorted({str(s.get("allocator")) for _, s in results})
+    setup = {"model": args.model, "img_size": args.img_size, "batch_size": args.batch_size, "steps": args.steps,
+             "lr": args.lr, "precision": args.precision, "seed": args.seed, "set": args.set,
+             "method_set": args.method_set, "allocator": ",".join(allocators), "code": code_version()}
+    stored = {"_setup": setup, **{n: s for n, s in results}}
+    print("\n" + markdown(stored))
     if args.json_out:
-        args.json_out.write_text(json.dumps({n: s for n, s in results}, indent=2))
+        args.json_out.write_text(json.dumps(stored, indent=2))
     return 0
 
 
