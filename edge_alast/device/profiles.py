@@ -334,7 +334,12 @@ def _parse_alias(data: Mapping[str, Any], source: str) -> DeviceProfile:
 
 
 def _profiles_root():
-    """The shipped profile folder: the installed package's resources, else ``device_profiles/`` in the checkout."""
+    """The shipped profile folder: ``device_profiles/`` of the source tree this package runs from, else the installed
+    package's resources. The source tree comes first: an editable install maps ``edge_alast.device_profiles`` to the
+    checkout it was installed from, which another checkout of the code (a git worktree) must not read."""
+    checkout = Path(__file__).resolve().parents[2] / "device_profiles"
+    if (checkout / "__init__.py").is_file():
+        return checkout
     try:
         root = importlib.resources.files("edge_alast.device_profiles")
         if root.is_dir():

@@ -484,3 +484,16 @@ def test_cli_validate(tmp_path):
     assert "'device'" in bad.output and "bad.yaml" in bad.output
     syntax = runner.invoke(profiles_cli, ["validate", str(_write(tmp_path, "a: [", "syntax.yaml"))])
     assert syntax.exit_code == 2 and "invalid YAML" in syntax.output
+
+
+def test_a_second_checkout_reads_its_own_profiles_not_the_installed_ones(tmp_path):
+    """An editable install maps edge_alast.device_profiles to the checkout it came from; code run from another
+    checkout (a git worktree running a benchmark) must read the profiles beside it."""
+    import shutil
+
+    repo = Path(P.__file__).resolve().parents[2]
+    shutil.copytree(repo / "edge_alast", tmp_path / "edge_alast", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(repo / "device_profiles", tmp_path / "device_profiles")
+    out = subprocess.run([sys.executable, "-c", "from edge_alast.device.profiles import _profiles_root; "
+                          "print(_profiles_root())"], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(tmp_path / "device_profiles")
