@@ -21,7 +21,8 @@ saved). Every ALaST run's final model is then evaluated again with its training-
 (``edge-alast eval --train-view``): the third table sets it against the all-token accuracy. A run is cached in ``OUT/DATASET/NAME-sSEED.json``
 under a key of its config, the protocol settings that stop it (budget included) and the code version (the last
 git commit touching ``edge_alast/``, whether that folder differs from it, and a hash of the difference): a rerun
-skips only runs of the same settings on the same code. ``results.json`` holds every run; ``--markdown FILE`` prints
+skips only runs of the same settings on the same code, and a run it started and lost (the benchmark stopped, the machine
+went down) continues from its last checkpoint, which ends it where it would have ended (resume is exact). ``results.json`` holds every run; ``--markdown FILE`` prints
 the tables from it, running nothing.
 
 Methods: ``full``, ``head``, ALaST with each update (``alast-reference``, the default; ``alast-coauthors``, the
@@ -241,7 +242,14 @@ def run(config: dict, out: Path, protocol: dict, code: dict) -> dict:
         return hit
     out.parent.mkdir(parents=True, exist_ok=True)
     path = out.with_suffix(".yaml")
-    path.write_text(yaml.safe_dump({**config, "out": str(out), "resume": False}))
+    # A run this tool started and lost (the benchmark stopped, the machine went down) continues from its last
+    # checkpoint when that was written under the same key: resume is exact, so it stops where it would have.
+    started = out / "bench_key.json"
+    resume = None if started.is_file() and json.loads(started.read_text()) == key else False  # None: train resumes
+    if resume is False:                                                # a checkpoint of its settings if there is one
+        out.mkdir(parents=True, exist_ok=True)
+        started.write_text(json.dumps(key))
+    path.write_text(yaml.safe_dump({**config, "out": str(out), "resume": resume}))
     proc = subprocess.Popen([sys.executable, "-m", "edge_alast.cli", "train", "--config", str(path), "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     evals, stopped_by, stop_index = [], None, None
@@ -250,6 +258,9 @@ def run(config: dict, out: Path, protocol: dict, code: dict) -> dict:
             event = json.loads(line)
         except ValueError:
             continue
+        if event.get("event") == "start" and event.get("resumed_from_step"):  # the curve up to the checkpoint
+            evals = [e for e in read_metrics(out / METRICS_FILE)
+                     if e.get("event") == "eval" and "step" in e and e["step"] <= event["resumed_from_step"]]
         if event.get("event") != "eval" or "step" not in event or stopped_by:
             continue
         evals.append(event)
