@@ -235,7 +235,9 @@ def test_estimation_prunes_the_same_heads_units_and_ranks_as_before_the_hooks(dr
     assert spec["heads"] == expected["heads"]
     assert [sorted(set(range(96)) - set(u)) for u in spec["units"]] == expected["dropped_units"]
     assert spec["adapters"] == expected["adapters"]
-    assert importance == pytest.approx(expected["importance"], abs=1e-6)
+    # Recorded (rounded to 6 places) with 2 threads; one thread sums in another order and moves them by up to 1e-5
+    # relative, far below what would change a pruning decision or reveal a different metric.
+    assert importance == pytest.approx(expected["importance"], rel=1e-4)
 
 
 def test_mask_penalty_is_l1_of_masks():
