@@ -131,3 +131,29 @@ def test_a_method_at_another_learning_rate_keeps_its_settings_and_dependencies()
         bt.main(["--weights", "w", "--methods", "full@lrfast"])
     with pytest.raises(KeyError):
         bt.settings_of("fulll@lr1e-4")
+
+
+def test_each_seeds_budget_comes_from_its_own_full_run(tmp_path, monkeypatch):
+    """A seed's runs get 1.5x what that seed's full needed, so running seeds one at a time (two lanes) or together
+    gives them the same cache key."""
+    monkeypatch.setattr(bt, "write_fmnist", lambda root, train, val: tmp_path / "data")
+    monkeypatch.setattr(bt, "code_version", lambda: {"commit": "0" * 40, "dirty": False})
+    full_flops = {0: 2e12, 1: 4e12}
+    budgets = {}
+
+    def fake_run(config, out, protocol, code):
+        budgets[(config["method"], config["seed"])] = protocol["budget_flops"]
+        flops = full_flops[config["seed"]] if config["method"] == "full" else 1e12
+        return {"key": {"config": config, "protocol": protocol, "code": code}, "config": config, "ended": "plateau",
+                "evals": [{**e, "val_images": 1000} for e in evals([0.5, 0.8], flops=flops / 2)],
+                "stop_index": 1, "steps": 50, "all_evals": 2,
+                "peak_rss_bytes": 1, "flops_per_step": 1.0}
+    monkeypatch.setattr(bt, "run", fake_run)
+    assert bt.main(["--weights", "w", "--seeds", "0,1", "--datasets", "fmnist", "--methods", "head",
+                    "--out", str(tmp_path / "tta")]) == 0
+    assert budgets == {("full", 0): None, ("full", 1): None, ("head", 0): pytest.approx(3e12),
+                       ("head", 1): pytest.approx(6e12)}
+    budgets.clear()
+    assert bt.main(["--weights", "w", "--seeds", "1", "--datasets", "fmnist", "--methods", "head",
+                    "--out", str(tmp_path / "tta")]) == 0
+    assert budgets[("head", 1)] == pytest.approx(6e12)

@@ -3,9 +3,10 @@
 The protocol (issue 21), in order:
 
 1. ``full`` runs first, every seed, until its validation curve plateaus (or ``--max-steps``).
-2. Every other method runs until it plateaus or has spent a common budget of training FLOPs, ``--budget-factor``
-   (1.5) x the mean FLOPs full needed to plateau on that data set, or ``--max-steps``: a method with cheaper steps
-   gets more of them. Each run ends as ``plateau``, ``budget`` or ``max`` (the ``ended`` column).
+2. Every other method runs until it plateaus or has spent a budget of training FLOPs, ``--budget-factor`` (1.5) x
+   the FLOPs full needed to plateau on the same data set and seed, or ``--max-steps``: a method with cheaper steps
+   gets more of them. The budget is per seed, so a seed's runs keep their cache key whichever other seeds an
+   invocation names. Each run ends as ``plateau``, ``budget`` or ``max`` (the ``ended`` column).
 3. Plateau: the moving average of the last ``--window`` evaluations has not gained ``--min-gain`` over ``--patience``
    evaluations. Evaluations use ``--eval-images`` (1000) validation images, or the whole validation set when it
    is smaller (digits: 400).
@@ -119,8 +120,8 @@ def plateau_value(accuracies: Sequence[float], window: int) -> float | None:
 
 
 def budget_flops(full_runs: Sequence[dict], factor: float) -> float | None:
-    """The common FLOP budget: ``factor`` x the mean over seeds of the training FLOPs full had spent at the
-    evaluation where it plateaued (its last evaluation where it never did)."""
+    """The FLOP budget: ``factor`` x the mean over ``full_runs`` (main passes one seed's run) of the training FLOPs
+    full had spent at the evaluation where it plateaued (its last evaluation where it never did)."""
     spent = [point_of_plateau(r)["flops_total"] for r in full_runs if r["evals"]]
     return factor * statistics.mean(spent) if spent else None
 
@@ -390,8 +391,8 @@ def markdown(stored: dict) -> str:
                    if code else f"{len(codes)} code versions (rerun for one)")
         t_full = [point_of_plateau(r)["elapsed_seconds"] for r in full]
         f_full = [point_of_plateau(r)["flops_total"] for r in full]
-        budget = next((r["key"]["protocol"].get("budget_flops") for runs in results.values() for r in runs
-                       if r["key"]["protocol"].get("budget_flops")), None)
+        budgets = {r["config"]["seed"]: r["key"]["protocol"]["budget_flops"] for runs in results.values()
+                   for r in runs if r["key"]["protocol"].get("budget_flops")}  # one per seed
         out.append(f"\n{dataset}: {cfg['model']} @ {cfg['img_size']}px, batch {cfg['batch_size']}, eval every "
                    f"{cfg['eval_every']} steps on {first['evals'][0]['val_images'] if first['evals'] else '?'} "
                    f"images, plateau = the mean of {window} evaluations gains < {protocol['min_gain']} over "
@@ -399,7 +400,8 @@ def markdown(stored: dict) -> str:
         if full:
             out.append(f"full plateaus at {mean_std(t_full, fmt='{:.0f}')} training s, "
                        f"{mean_std(f_full, 1e12, '{:.1f}')} TFLOPs; budget for the others "
-                       f"{'-' if budget is None else f'{budget / 1e12:.1f}'} TFLOPs.\n")
+                       f"{mean_std(list(budgets.values()), 1e12, '{:.1f}')} TFLOPs (each seed's from its own "
+                       f"full run).\n")
         out.append("| method | final acc (mean of last evals) | ended | steps | training s | TFLOPs | "
                    "GFLOPs/step | peak RSS MiB |")
         out.append("|---|---|---|---|---|---|---|---|")
@@ -495,8 +497,9 @@ def main(argv=None) -> int:
         root, dataset_dir = data[dataset](), args.out / dataset
         seeds = list(map(int, args.seeds.split(",")))
         for name in order:  # full for every seed first: its plateau sets the budget
-            budget = None if name == "full" else budget_flops(results[(dataset, "full")], args.budget_factor)
             for seed in seeds:
+                full_run = results[(dataset, "full")][seeds.index(seed)] if name != "full" else None
+                budget = None if full_run is None else budget_flops([full_run], args.budget_factor)
                 done = {m: results[(dataset, m)][seeds.index(seed)] for m in needs(name)}
                 settings = resolve(settings_of(name), dataset_dir, seed, done)
                 fixed = "steps" in settings  # a run of a given length (the remedy): no plateau or budget stop
