@@ -157,3 +157,30 @@ def test_each_seeds_budget_comes_from_its_own_full_run(tmp_path, monkeypatch):
     assert bt.main(["--weights", "w", "--seeds", "1", "--datasets", "fmnist", "--methods", "head",
                     "--out", str(tmp_path / "tta")]) == 0
     assert budgets[("head", 1)] == pytest.approx(6e12)
+
+
+def run_of(accs, ended="plateau", seconds=10.0):
+    return {"evals": evals(accs, seconds=seconds), "ended": ended}
+
+
+def test_the_stated_rule_takes_the_fastest_candidate_unless_its_plateau_is_lower_than_its_spread():
+    # full plateaus at 40 s on both seeds, so the rule's budget is 20 s (the second evaluation, smoothed over 2).
+    full = [run_of([0.5, 0.7, 0.8, 0.8]), run_of([0.5, 0.7, 0.8, 0.8])]
+    fast_low = [run_of([0.70, 0.74, 0.74]), run_of([0.70, 0.74, 0.75])]           # 0.72 at 20 s, plateau ~0.74
+    slow_high = [run_of([0.5, 0.6, 0.8, 0.82, 0.83]), run_of([0.5, 0.6, 0.8, 0.80, 0.85])]  # 0.55 at 20 s, ~0.82
+    results = {"full": full, "alast-relative": fast_low, "alast-anneal": slow_high}
+    rows, winner, why = bt.choose_default(results, t_ref=40.0, window=2)
+    assert [r["name"] for r in rows] == ["alast-relative", "alast-anneal"]  # ordered by accuracy at 20 s
+    assert rows[0]["at"] == pytest.approx(0.72) and rows[1]["at"] == pytest.approx(0.55)
+    assert winner == "alast-anneal" and "alast-relative ranked higher" in why  # 0.74 is 0.08 below, spread 0.004
+    # the same plateaus within the fast one's spread: the fast one is the default
+    wide = [run_of([0.70, 0.74, 0.60]), run_of([0.70, 0.74, 0.88])]  # plateau 0.67 and 0.81: sd 0.099
+    _, winner, _ = bt.choose_default({"full": full, "alast-relative": wide, "alast-anneal": slow_high}, 40.0, 2)
+    assert winner == "alast-relative"
+    # one seed: no spread, no decision; an ablation or a control is never a candidate
+    rows, winner, why = bt.choose_default({"full": full[:1], "alast-freeze-only": fast_low[:1],
+                                           "random": fast_low[:1], "alast-reference": slow_high[:1]}, 40.0, 2)
+    assert [r["name"] for r in rows] == ["alast-reference"] and winner is None and "1 seed" in why
+    # a candidate missing a seed full ran does not count
+    rows, _, _ = bt.choose_default({"full": full, "alast-relative": fast_low[:1], "alast-anneal": slow_high}, 40.0, 2)
+    assert [r["name"] for r in rows] == ["alast-anneal"]

@@ -85,6 +85,10 @@ METHODS = {
 }
 DEFAULT_METHODS = ("full", "head", "alast-reference", "alast-coauthors", "alast-relative", "static", "random",
                    "alast-freeze-only", "alast-tokens-only", "alast-anneal")
+# The methods the stated rule chooses the default from (issue 21, set before the runs): ALaST's updates and the remedy.
+# Not the ablations (they locate a gap), nor random (a control), nor the learning-rate variants (they set the rate).
+DEFAULT_CANDIDATES = ("alast-reference", "alast-coauthors", "alast-relative", "static", "alast-anneal")
+DEFAULT_AT = 0.5  # the rule's budget: a share of full's time to plateau
 LR_SUFFIX = "@lr"  # "NAME@lrVALUE": method NAME at learning rate VALUE (the learning-rate sweep), e.g. full@lr1e-4
 FRACTIONS = (0.25, 0.5, 1.0)  # of full's time / FLOPs to plateau
 ENDINGS = ("plateau", "budget", "max")
@@ -442,7 +446,52 @@ def markdown(stored: dict) -> str:
             cells += [mean_std([value_at(r["evals"], f * f_ref, "flops_total", window, r["ended"]) for r in runs])
                       for f in FRACTIONS]
             out.append(f"| {name} | " + " | ".join(cells) + " |")
+        rows, winner, why = choose_default(results, t_ref, window)
+        if rows:
+            out.append(f"\nThe default by the stated rule: best accuracy at equal training time at "
+                       f"{DEFAULT_AT:.0%} of full's time to plateau, unless its plateau is below the best candidate "
+                       f"plateau by more than its seed spread (candidates: {', '.join(DEFAULT_CANDIDATES)}).\n")
+            out.append(f"| candidate | seeds | acc @ {DEFAULT_AT:.0%} s | plateau acc | seed spread (sd) |")
+            out.append("|---|---|---|---|---|")
+            for row in rows:
+                spread = "-" if row["spread"] is None else f"{row['spread']:.3f}"
+                out.append(f"| {row['name']} | {row['seeds']} | {row['at']:.3f} | {row['plateau']:.3f} | {spread} |")
+            out.append(f"\n**Default: {winner}** ({why}).\n" if winner else f"\n**No default chosen:** {why}.\n")
     return "\n".join(out)
+
+
+def choose_default(results: dict[str, list[dict]], t_ref: float, window: int) -> tuple[list[dict], str | None, str]:
+    """The stated rule: of :data:`DEFAULT_CANDIDATES`, the one with the best mean accuracy at equal training time at
+    ``DEFAULT_AT`` of full's time to plateau, unless its plateau accuracy is below the best candidate plateau by
+    more than its own seed spread (standard deviation over seeds); then the next by that accuracy. Only candidates
+    run on every seed full ran count, and the rule needs two seeds or more (one seed has no spread).
+
+    Returns one row per candidate (name, seeds, mean accuracy at the budget, plateau mean and spread), the winner
+    (None when the rule cannot decide) and the reason in words."""
+    seeds = len(results.get("full", []))
+    rows = []
+    for name in DEFAULT_CANDIDATES:
+        runs = results.get(name, [])
+        at = [value_at(r["evals"], DEFAULT_AT * t_ref, "elapsed_seconds", window, r["ended"]) for r in runs]
+        plateaus = [plateau_value([e["val_accuracy"] for e in r["evals"]], window) for r in runs]
+        if not runs or len(runs) < seeds or None in at or None in plateaus:
+            continue
+        rows.append({"name": name, "seeds": len(runs), "at": statistics.mean(at), "plateau": statistics.mean(plateaus),
+                     "spread": statistics.stdev(plateaus) if len(plateaus) > 1 else None})
+    rows.sort(key=lambda row: -row["at"])
+    if not rows:
+        return rows, None, "no candidate was run on every seed"
+    if seeds < 2:
+        return rows, None, f"{seeds} seed: no seed spread, so the rule cannot decide yet"
+    best_plateau = max(row["plateau"] for row in rows)
+    for row in rows:
+        if best_plateau - row["plateau"] <= row["spread"]:
+            passed = [r["name"] for r in rows[:rows.index(row)]]
+            why = (f"best accuracy at {DEFAULT_AT:.0%} of full's time" if not passed else
+                   f"{', '.join(passed)} ranked higher at {DEFAULT_AT:.0%} of full's time but plateau(s) lower than "
+                   f"the best candidate's by more than their seed spread")
+            return rows, row["name"], why
+    return rows, None, "every candidate's plateau is below the best by more than its spread"  # unreachable: the best
 
 
 # -------------------------------------------------------------------------------------------- main
