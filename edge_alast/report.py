@@ -550,6 +550,14 @@ def _resources_figure(d: _Drawer, run: RunRecord) -> Figure:
     return Figure(f"{_slug(run.name)}_resources.png", "Step time and memory", caption, d.png(fig))
 
 
+def _accuracy_range(accuracies: list[float], margin: float = 0.03) -> tuple[float, float]:
+    """The overlay's accuracy axis: the range the runs reached, with a margin, within [0, 1]: runs compared are
+    often a few points apart, which a fixed 0-1 axis flattens."""
+    if not accuracies:
+        return -0.02, 1.02
+    return max(-0.02, min(accuracies) - margin), min(1.02, max(accuracies) + margin)
+
+
 def _overlay_figure(d: _Drawer, runs: list[RunRecord]) -> Figure:
     fig = d.figure(13, 4.6)
     axes = fig.subplots(1, 3)
@@ -575,9 +583,11 @@ def _overlay_figure(d: _Drawer, runs: list[RunRecord]) -> Figure:
     axes[0].set_xlabel("training wall-clock (s, sum of step times)")
     axes[1].set_xlabel("cumulative training TFLOPs (forward + backward)")
     axes[2].set_xlabel("training wall-clock (s, sum of step times)")
+    accuracies = [e["val_accuracy"] for r in runs for e in r.evals]
+    accuracies += [r.summary["val_accuracy"] for r in runs if (r.summary or {}).get("val_accuracy") is not None]
     for ax in axes[:2]:
         ax.set_ylabel("validation accuracy")
-        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylim(*_accuracy_range(accuracies))
     axes[2].set_ylabel("training loss")
     axes[0].set_title("accuracy vs time")
     axes[1].set_title("accuracy vs compute")
@@ -594,7 +604,8 @@ def _overlay_figure(d: _Drawer, runs: list[RunRecord]) -> Figure:
     caption = ("Validation accuracy of each run against its training wall-clock (left) and its cumulative training "
                "FLOPs (middle), one line per run; right: the training loss against wall-clock (runs of 60 steps or "
                "more: thin per step, thick a moving mean over 5 % of the run). Wall-clock is the sum of step times, "
-               "so runs measured on different machines or under different load are not comparable on the left.")
+               "so runs measured on different machines or under different load are not comparable on the left. The "
+               "accuracy axes span the range the runs reached.")
     return Figure("overlay.png", "Runs compared", caption, d.png(fig))
 
 

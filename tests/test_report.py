@@ -168,3 +168,10 @@ def test_missing_matplotlib_names_the_extra(tmp_path):
     assert f"error: {MATPLOTLIB_MISSING}" in proc.stderr
     assert "pip install 'edge-alast[report]'" in MATPLOTLIB_MISSING
     assert not (tmp_path / "rep").exists()
+
+
+def test_the_overlay_accuracy_axis_spans_what_the_runs_reached():
+    from edge_alast.report import _accuracy_range
+    assert _accuracy_range([0.78, 0.88, 0.83]) == pytest.approx((0.75, 0.91))
+    assert _accuracy_range([0.01, 0.995]) == pytest.approx((-0.02, 1.02))  # clipped to the 0-1 frame
+    assert _accuracy_range([]) == (-0.02, 1.02)
