@@ -184,3 +184,14 @@ def test_the_stated_rule_takes_the_fastest_candidate_unless_its_plateau_is_lower
     # a candidate missing a seed full ran does not count
     rows, _, _ = bt.choose_default({"full": full, "alast-relative": fast_low[:1], "alast-anneal": slow_high}, 40.0, 2)
     assert [r["name"] for r in rows] == ["alast-anneal"]
+
+
+def test_a_fixed_length_run_that_finished_keeps_its_final_value_after_its_end():
+    """The remedy runs a given number of steps (no plateau stop): once done, its model is what it has."""
+    curve = evals([0.6, 0.8, 0.9])
+    fixed = {"ended": "max", "evals": curve, "key": {"protocol": {"stop_at_plateau": False}}}
+    capped = {"ended": "max", "evals": curve, "key": {"protocol": {"stop_at_plateau": True}}}
+    assert bt.ending(fixed) == "fixed" and bt.ending(capped) == "max"
+    assert bt.value_at(curve, 99.0, "elapsed_seconds", 3, bt.ending(fixed)) == pytest.approx((0.6 + 0.8 + 0.9) / 3)
+    assert bt.value_at(curve, 99.0, "elapsed_seconds", 3, bt.ending(capped)) is None  # cut off: may have risen
+    assert bt.endings([fixed, capped]) == "fixed 1, max 1"

@@ -6,7 +6,8 @@ The protocol (issue 21), in order:
 2. Every other method runs until it plateaus or has spent a budget of training FLOPs, ``--budget-factor`` (1.5) x
    the FLOPs full needed to plateau on the same data set and seed, or ``--max-steps``: a method with cheaper steps
    gets more of them. The budget is per seed, so a seed's runs keep their cache key whichever other seeds an
-   invocation names. Each run ends as ``plateau``, ``budget`` or ``max`` (the ``ended`` column).
+   invocation names. Each run ends as ``plateau``, ``budget`` or ``max`` (the ``ended`` column); a run of a
+   given length (the remedy) that took all its steps shows ``fixed``.
 3. Plateau: the moving average of the last ``--window`` evaluations has not gained ``--min-gain`` over ``--patience``
    evaluations. Evaluations use ``--eval-images`` (1000) validation images, or the whole validation set when it
    is smaller (digits: 400).
@@ -14,7 +15,8 @@ The protocol (issue 21), in order:
    evaluation).
 5. Accuracy at equal training time and at equal FLOPs, at 25/50/100 % of full's mean time (and FLOPs) to plateau:
    the smoothed curve (centred moving average over ``--window`` evaluations), interpolated linearly; a run that
-   stopped at its plateau before that point counts with its plateau value, one that ended otherwise shows ``-``.
+   stopped at its plateau (or a ``fixed`` run that finished) before that point counts with its plateau value, one
+   that ended otherwise shows ``-``.
 
 Each run is its own ``edge-alast train`` process with ``--eval-every``; the tool stops it with SIGUSR1 when it
 plateaus or reaches the budget, which ends the run as a finished one (evaluated on the whole validation set, model
@@ -91,7 +93,7 @@ DEFAULT_CANDIDATES = ("alast-reference", "alast-coauthors", "alast-relative", "s
 DEFAULT_AT = 0.5  # the rule's budget: a share of full's time to plateau
 LR_SUFFIX = "@lr"  # "NAME@lrVALUE": method NAME at learning rate VALUE (the learning-rate sweep), e.g. full@lr1e-4
 FRACTIONS = (0.25, 0.5, 1.0)  # of full's time / FLOPs to plateau
-ENDINGS = ("plateau", "budget", "max")
+ENDINGS = ("plateau", "budget", "fixed", "max")
 
 
 # -------------------------------------------------------------------------------------------- the protocol (pure)
@@ -138,7 +140,8 @@ def point_of_plateau(result: dict) -> dict:
 def value_at(evals: Sequence[dict], x: float, key: str, window: int, ended: str) -> float | None:
     """The smoothed accuracy at ``x`` (``key``: ``elapsed_seconds`` or ``flops_total``), interpolated linearly
     between evaluations. Before the first evaluation: None. After the last: the plateau value if the run stopped at
-    its plateau (it would stay there), else None (it was cut off, it may have gone on rising)."""
+    its plateau (it would stay there) or was a run of a given length that finished (``fixed``: its model is done),
+    else None (it was cut off, it may have gone on rising)."""
     if not evals:
         return None
     xs = [float(e[key]) for e in evals]
@@ -146,13 +149,21 @@ def value_at(evals: Sequence[dict], x: float, key: str, window: int, ended: str)
     if x < xs[0]:
         return None
     if x > xs[-1]:
-        return plateau_value([e["val_accuracy"] for e in evals], window) if ended == "plateau" else None
+        return plateau_value([e["val_accuracy"] for e in evals], window) if ended in ("plateau", "fixed") else None
     return float(np.interp(x, xs, ys))
 
 
 def ended_as(stopped_by: str | None) -> str:
     """How a run ended: ``plateau`` or ``budget`` (stopped by this tool), else ``max`` (it ran all its steps)."""
     return stopped_by if stopped_by in ("plateau", "budget") else "max"
+
+
+def ending(result: dict) -> str:
+    """How a stored run ended, for the tables: ``fixed`` where a run of a given length (the remedy: no plateau or
+    budget stop) took all its steps, as it was meant to; else its ``ended``."""
+    if result["ended"] == "max" and not result.get("key", {}).get("protocol", {}).get("stop_at_plateau", True):
+        return "fixed"
+    return result["ended"]
 
 
 def code_version(root: Path = REPO) -> dict:
@@ -373,7 +384,7 @@ def mean_std(values: list[float | None], scale: float = 1.0, fmt: str = "{:.3f}"
 
 
 def endings(runs: list[dict]) -> str:
-    counts = {e: sum(r["ended"] == e for r in runs) for e in ENDINGS}
+    counts = {e: sum(ending(r) == e for r in runs) for e in ENDINGS}
     return ", ".join(f"{e} {n}" for e, n in counts.items() if n)
 
 
@@ -436,14 +447,15 @@ def markdown(stored: dict) -> str:
         pct = [f"{f:.0%}" for f in FRACTIONS]
         out.append(f"\nAccuracy (smoothed curve) at equal training time and at equal FLOPs, as shares of full's "
                    f"time to plateau ({t_ref:.0f} s) and FLOPs to plateau ({f_ref / 1e12:.1f} TFLOPs); '-': the "
-                   "run ended before that point without a plateau.\n")
+                   "run ended before that point without a plateau (a `fixed` run, one of a given length, keeps its "
+                   "final value).\n")
         out.append("| method | " + " | ".join(f"acc @ {p} s" for p in pct) + " | "
                    + " | ".join(f"acc @ {p} FLOPs" for p in pct) + " |")
         out.append("|---|" + "---|" * (2 * len(FRACTIONS)))
         for name, runs in results.items():
-            cells = [mean_std([value_at(r["evals"], f * t_ref, "elapsed_seconds", window, r["ended"]) for r in runs])
+            cells = [mean_std([value_at(r["evals"], f * t_ref, "elapsed_seconds", window, ending(r)) for r in runs])
                      for f in FRACTIONS]
-            cells += [mean_std([value_at(r["evals"], f * f_ref, "flops_total", window, r["ended"]) for r in runs])
+            cells += [mean_std([value_at(r["evals"], f * f_ref, "flops_total", window, ending(r)) for r in runs])
                       for f in FRACTIONS]
             out.append(f"| {name} | " + " | ".join(cells) + " |")
         rows, winner, why = choose_default(results, t_ref, window)
@@ -472,7 +484,7 @@ def choose_default(results: dict[str, list[dict]], t_ref: float, window: int) ->
     rows = []
     for name in DEFAULT_CANDIDATES:
         runs = results.get(name, [])
-        at = [value_at(r["evals"], DEFAULT_AT * t_ref, "elapsed_seconds", window, r["ended"]) for r in runs]
+        at = [value_at(r["evals"], DEFAULT_AT * t_ref, "elapsed_seconds", window, ending(r)) for r in runs]
         plateaus = [plateau_value([e["val_accuracy"] for e in r["evals"]], window) for r in runs]
         if not runs or len(runs) < seeds or None in at or None in plateaus:
             continue
