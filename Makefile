@@ -65,8 +65,8 @@ bench-peft: $(STAMP) assets
 # adapter methods, 3 seeds on Fashion-MNIST and scikit-learn's digits at 112 px (hours on 2 cores).
 bench-tta: $(STAMP) assets
 	$(BIN)/pip install --quiet -c $(CONSTRAINTS) scikit-learn
-	$(BIN)/python tools/bench_tta.py --weights $(SHARED_WEIGHTS) --img-size 112 --seeds 0,1,2 \
-		--datasets fmnist,digits --out runs/tta
+	OMP_NUM_THREADS=1 $(BIN)/python tools/bench_tta.py --weights $(SHARED_WEIGHTS) --img-size 112 --seeds 0,1,2 \
+		--datasets fmnist,digits --jobs 2 --out runs/tta
 
 # The README's Raspberry Pi install (requirements/aarch64.txt) and the oldest torch claimed
 # (requirements/aarch64-oldest.txt), each installed for aarch64 and run under qemu-aarch64-static in a Debian

@@ -2,6 +2,7 @@
 and FLOPs, how a run ended, the cache key and the run order. No training here."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -141,7 +142,7 @@ def test_each_seeds_budget_comes_from_its_own_full_run(tmp_path, monkeypatch):
     full_flops = {0: 2e12, 1: 4e12}
     budgets = {}
 
-    def fake_run(config, out, protocol, code):
+    def fake_run(config, out, protocol, code, cores=None):
         budgets[(config["method"], config["seed"])] = protocol["budget_flops"]
         flops = full_flops[config["seed"]] if config["method"] == "full" else 1e12
         return {"key": {"config": config, "protocol": protocol, "code": code}, "config": config, "ended": "plateau",
@@ -195,3 +196,32 @@ def test_a_fixed_length_run_that_finished_keeps_its_final_value_after_its_end():
     assert bt.value_at(curve, 99.0, "elapsed_seconds", 3, bt.ending(fixed)) == pytest.approx((0.6 + 0.8 + 0.9) / 3)
     assert bt.value_at(curve, 99.0, "elapsed_seconds", 3, bt.ending(capped)) is None  # cut off: may have risen
     assert bt.endings([fixed, capped]) == "fixed 1, max 1"
+
+
+def test_jobs_run_seeds_at_once_each_chain_on_its_own_cores(tmp_path, monkeypatch):
+    monkeypatch.setattr(bt.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert bt.core_shares(2) == [{0, 2}, {1, 3}] and bt.core_shares(1) == [None]
+    with pytest.raises(SystemExit, match="only 4 usable"):
+        bt.core_shares(5)
+    monkeypatch.setattr(bt, "write_fmnist", lambda root, train, val: tmp_path / "data")
+    monkeypatch.setattr(bt, "code_version", lambda: {"commit": "0" * 40, "dirty": False})
+    used = {}
+
+    def fake_run(config, out, protocol, code, cores=None):
+        used.setdefault(config["seed"], set()).add(frozenset(cores))
+        return {"key": {"config": config, "protocol": protocol, "code": code}, "config": config, "ended": "plateau",
+                "evals": [{**e, "val_images": 1000} for e in evals([0.5, 0.8])], "stop_index": 1, "steps": 50,
+                "all_evals": 2, "peak_rss_bytes": 1, "flops_per_step": 1.0}
+    monkeypatch.setattr(bt, "run", fake_run)
+    assert bt.main(["--weights", "w", "--seeds", "3,4", "--datasets", "fmnist", "--methods", "head", "--jobs", "2",
+                    "--out", str(tmp_path / "tta")]) == 0
+    assert used == {3: {frozenset({0, 2})}, 4: {frozenset({1, 3})}}  # every run of a seed on its chain's cores
+    stored = json.loads((tmp_path / "tta" / "results.json").read_text())
+    assert [r["config"]["seed"] for r in stored["fmnist/head"]] == [3, 4]  # in the order the seeds were named
+
+
+def test_a_pinned_child_runs_on_its_cores_only():
+    core = min(bt.os.sched_getaffinity(0))
+    out = subprocess.run([sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
+                         capture_output=True, text=True, check=True, preexec_fn=bt._pinned({core}))
+    assert out.stdout.strip() == f"[{core}]"

@@ -26,7 +26,8 @@ under a key of its config, the protocol settings that stop it (budget included) 
 git commit touching ``edge_alast/``, whether that folder differs from it, and a hash of the difference): a rerun
 skips only runs of the same settings on the same code, and a run it started and lost (the benchmark stopped, the machine
 went down) continues from its last checkpoint, which ends it where it would have ended (resume is exact). ``results.json`` holds every run; ``--markdown FILE`` prints
-the tables from it, running nothing.
+the tables from it, running nothing. ``--jobs N`` runs N seeds at once, each seed's chain of runs pinned to its
+share of the CPU cores (the figures in docs/benchmarks.md: ``--jobs 2`` with ``OMP_NUM_THREADS=1`` on 2 cores).
 
 Methods: ``full``, ``head``, ALaST with each update (``alast-reference``, the default; ``alast-coauthors``, the
 co-authors' code; ``alast-relative``), the ``static`` and ``random`` baselines built from each seed's relative run
@@ -39,8 +40,9 @@ Embeddings are frozen for every method (``full`` included) except ``alast-coauth
 co-authors' set-up (embeddings trained, Adam without weight decay). Data sets: Fashion-MNIST
 (``apt-get install dataset-fashion-mnist``) and scikit-learn's ``load_digits``, written as ImageFolders.
 
-    python tools/bench_tta.py --weights ../shared/assets/vit_small_patch14_dinov2.imgfocus.safetensors \\
-        --img-size 112 --seeds 0,1,2 --datasets fmnist,digits --out runs/tta
+    OMP_NUM_THREADS=1 python tools/bench_tta.py --weights \\
+        ../shared/assets/vit_small_patch14_dinov2.imgfocus.safetensors --img-size 112 --seeds 0,1,2 \\
+        --datasets fmnist,digits --jobs 2 --out runs/tta
     python tools/bench_tta.py --markdown runs/tta/results.json   # the tables again, from the results file
 """
 from __future__ import annotations
@@ -49,10 +51,13 @@ import argparse
 import hashlib
 import json
 import os
+import queue
 import signal
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from itertools import repeat
 from pathlib import Path
 from typing import Sequence
 
@@ -248,7 +253,23 @@ def counted(evals: list[dict], config: dict) -> list[dict]:
     return [e for e in evals if e["step"] > pruned_at]
 
 
-def run(config: dict, out: Path, protocol: dict, code: dict) -> dict:
+def core_shares(jobs: int) -> list[set[int] | None]:
+    """The CPU cores each of ``jobs`` concurrent chains is pinned to (the usable cores dealt out in turn), or one
+    ``None`` (not pinned) for a single job or where the platform cannot pin."""
+    if jobs == 1 or not hasattr(os, "sched_getaffinity"):
+        return [None] * jobs
+    usable = sorted(os.sched_getaffinity(0))
+    if len(usable) < jobs:
+        raise SystemExit(f"--jobs {jobs}: only {len(usable)} usable CPU cores")
+    return [set(usable[k::jobs]) for k in range(jobs)]
+
+
+def _pinned(cores: set[int] | None):
+    """A ``preexec_fn`` that pins the child to ``cores`` (None: no pinning)."""
+    return None if cores is None else (lambda: os.sched_setaffinity(0, cores))
+
+
+def run(config: dict, out: Path, protocol: dict, code: dict, cores: set[int] | None = None) -> dict:
     """Train until plateau, budget or ``config["steps"]``; the run's eval curve, how it ended and its peak (cached
     in ``OUT.json`` under :func:`cache_key`)."""
     done = out.with_suffix(".json")
@@ -267,7 +288,8 @@ def run(config: dict, out: Path, protocol: dict, code: dict) -> dict:
         started.write_text(json.dumps(key))
     path.write_text(yaml.safe_dump({**config, "out": str(out), "resume": resume}))
     proc = subprocess.Popen([sys.executable, "-m", "edge_alast.cli", "train", "--config", str(path), "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            preexec_fn=_pinned(cores))
     evals, stopped_by, stop_index = [], None, None
     for line in proc.stdout:
         try:
@@ -302,18 +324,19 @@ def run(config: dict, out: Path, protocol: dict, code: dict) -> dict:
               "peak_rss_bytes": max((r["mem/peak_rss_bytes"] for r in steps), default=None),
               "flops_per_step": sum(r["flops/step"] for r in steps) / max(1, len(steps)),
               "final_val_accuracy": summary.get("val_accuracy"),  # the final model, every token, whole val set
-              "train_view": train_view(out, config) if summary and METHOD_SPECS[config["method"]].alast else None,
+              "train_view": train_view(out, config, cores) if summary and METHOD_SPECS[config["method"]].alast
+              else None,
               "torch_threads": os.environ.get("OMP_NUM_THREADS")}
     done.write_text(json.dumps(result, indent=1))
     return result
 
 
-def train_view(run_dir: Path, config: dict) -> dict:
+def train_view(run_dir: Path, config: dict, cores: set[int] | None = None) -> dict:
     """The run's final model evaluated on the whole validation set with its training-time token view (each block
     at its mean keep ratio: ``edge-alast eval --train-view``), to set against its all-token accuracy."""
     proc = subprocess.run([sys.executable, "-m", "edge_alast.cli", "eval", str(run_dir), "--data", config["val_data"],
                            "--json", "--train-view", "--batch-size", str(config["batch_size"])],
-                          capture_output=True, text=True, cwd=REPO)
+                          capture_output=True, text=True, cwd=REPO, preexec_fn=_pinned(cores))
     if proc.returncode != 0:
         raise SystemExit(f"eval --train-view {run_dir} failed ({proc.returncode}):\n{proc.stdout[-2000:]}"
                          f"{proc.stderr[-2000:]}")
@@ -507,6 +530,31 @@ def choose_default(results: dict[str, list[dict]], t_ref: float, window: int) ->
 
 
 # -------------------------------------------------------------------------------------------- main
+def seed_runs(args: argparse.Namespace, order: Sequence[str], base_protocol: dict, dataset: str, root: Path,
+              seed: int, cores: set[int] | None) -> dict[str, dict]:
+    """One seed's runs of one data set, in ``order`` (full first: its plateau sets the seed's budget)."""
+    dataset_dir, mine = args.out / dataset, {}
+    for name in order:
+        budget = None if name == "full" else budget_flops([mine["full"]], args.budget_factor)
+        settings = resolve(settings_of(name), dataset_dir, seed, {m: mine[m] for m in needs(name)})
+        fixed = "steps" in settings  # a run of a given length (the remedy): no plateau or budget stop
+        config = {"data": str(root / "train"), "val_data": str(root / "val"), "model": args.model,
+                  "weights": args.weights, "img_size": args.img_size, "batch_size": args.batch_size,
+                  "steps": args.max_steps, "seed": seed, "precision": "fp32", "eval_every": args.eval_every,
+                  "eval_images": args.eval_images, "export": False, "augment": "none", **settings}
+        if args.lr is not None:
+            config["lr"] = args.lr
+        for item in args.set:
+            key, _, value = item.partition("=")
+            config[key] = yaml.safe_load(value)
+        protocol = {**base_protocol, "stop_at_plateau": not fixed, "budget_flops": None if fixed else budget}
+        print(f"{dataset} seed {seed}: {name} ...", file=sys.stderr, flush=True)
+        mine[name] = run(config, dataset_dir / f"{name}-s{seed}", protocol, code_version(), cores)  # the code as
+        # it is when this run starts (an edit made while the benchmark runs reaches the runs after it)
+    return mine
+
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--weights")
@@ -529,6 +577,10 @@ def main(argv=None) -> int:
     ap.add_argument("--datasets", default="fmnist,digits")
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     ap.add_argument("--train-images", type=int, default=2000, help="Fashion-MNIST training images")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="seeds run at once, each its own chain of runs (a seed's budget comes from its own full "
+                         "run, so seeds are independent); each chain is pinned to its share of the CPU cores. 2 "
+                         "with OMP_NUM_THREADS=1 on a 2-core host; on a GPU host, as many as its memory holds")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run-file key for every run")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "tta")
     ap.add_argument("--markdown", type=Path, metavar="FILE",
@@ -544,6 +596,8 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"--methods: unknown {', '.join(unknown)} (known: {', '.join(METHODS)}, each also as "
                  f"NAME{LR_SUFFIX}VALUE with VALUE in (0, 1])")
+    if args.jobs < 1:
+        ap.error(f"--jobs must be 1 or more, got {args.jobs}")
     if args.eval_images < 1000:
         print(f"warning: --eval-images {args.eval_images} < 1000: the protocol evaluates on at least 1000 images or "
               "the whole validation set", file=sys.stderr)
@@ -553,32 +607,25 @@ def main(argv=None) -> int:
             "digits": lambda: write_digits(args.out / "data-digits")}
     base_protocol = {"window": args.window, "patience": args.patience, "min_gain": args.min_gain}
     order = run_order(methods)
+    slots: queue.Queue = queue.Queue()  # the core shares no chain is using
+    for share in core_shares(args.jobs):
+        slots.put(share)
+
+    def chain(dataset: str, root: Path, seed: int) -> dict[str, dict]:
+        cores = slots.get()
+        try:
+            return seed_runs(args, order, base_protocol, dataset, root, seed, cores)
+        finally:
+            slots.put(cores)
+
     results: dict[tuple[str, str], list[dict]] = {}
+    seeds = list(map(int, args.seeds.split(",")))
     for dataset in args.datasets.split(","):
-        root, dataset_dir = data[dataset](), args.out / dataset
-        seeds = list(map(int, args.seeds.split(",")))
-        for name in order:  # full for every seed first: its plateau sets the budget
-            for seed in seeds:
-                full_run = results[(dataset, "full")][seeds.index(seed)] if name != "full" else None
-                budget = None if full_run is None else budget_flops([full_run], args.budget_factor)
-                done = {m: results[(dataset, m)][seeds.index(seed)] for m in needs(name)}
-                settings = resolve(settings_of(name), dataset_dir, seed, done)
-                fixed = "steps" in settings  # a run of a given length (the remedy): no plateau or budget stop
-                config = {"data": str(root / "train"), "val_data": str(root / "val"), "model": args.model,
-                          "weights": args.weights, "img_size": args.img_size, "batch_size": args.batch_size,
-                          "steps": args.max_steps, "seed": seed, "precision": "fp32", "eval_every": args.eval_every,
-                          "eval_images": args.eval_images, "export": False, "augment": "none", **settings}
-                if args.lr is not None:
-                    config["lr"] = args.lr
-                for item in args.set:
-                    key, _, value = item.partition("=")
-                    config[key] = yaml.safe_load(value)
-                protocol = {**base_protocol, "stop_at_plateau": not fixed,
-                            "budget_flops": None if fixed else budget}
-                print(f"{dataset} seed {seed}: {name} ...", file=sys.stderr, flush=True)
-                results.setdefault((dataset, name), []).append(
-                    run(config, dataset_dir / f"{name}-s{seed}", protocol, code_version()))  # the code as it
-                # is when this run starts (a change made while the benchmark runs reaches the runs after it)
+        root = data[dataset]()
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            per_seed = list(pool.map(chain, repeat(dataset), repeat(root), seeds))
+        for name in order:
+            results[(dataset, name)] = [runs[name] for runs in per_seed]
     stored = {f"{d}/{m}": results[(d, m)] for d in args.datasets.split(",") for m in order if (d, m) in results}
     (args.out / "results.json").write_text(json.dumps(stored, indent=1))
     print(markdown(stored))
