@@ -519,14 +519,13 @@ def choose_default(results: dict[str, list[dict]], t_ref: float, window: int) ->
     if seeds < 2:
         return rows, None, f"{seeds} seed: no seed spread, so the rule cannot decide yet"
     best_plateau = max(row["plateau"] for row in rows)
-    for row in rows:
-        if best_plateau - row["plateau"] <= row["spread"]:
-            passed = [r["name"] for r in rows[:rows.index(row)]]
-            why = (f"best accuracy at {DEFAULT_AT:.0%} of full's time" if not passed else
-                   f"{', '.join(passed)} ranked higher at {DEFAULT_AT:.0%} of full's time but plateau(s) lower than "
-                   f"the best candidate's by more than their seed spread")
-            return rows, row["name"], why
-    return rows, None, "every candidate's plateau is below the best by more than its spread"  # unreachable: the best
+    # the first within its spread of the best plateau; there is one: the best plateau's own candidate
+    rank, winner = next((i, row) for i, row in enumerate(rows) if best_plateau - row["plateau"] <= row["spread"])
+    passed = [row["name"] for row in rows[:rank]]
+    why = (f"best accuracy at {DEFAULT_AT:.0%} of full's time" if not passed else
+           f"{', '.join(passed)} ranked higher at {DEFAULT_AT:.0%} of full's time but plateau(s) lower than the best "
+           f"candidate's by more than their seed spread")
+    return rows, winner["name"], why
 
 
 # -------------------------------------------------------------------------------------------- main
@@ -552,7 +551,6 @@ def seed_runs(args: argparse.Namespace, order: Sequence[str], base_protocol: dic
         mine[name] = run(config, dataset_dir / f"{name}-s{seed}", protocol, code_version(), cores)  # the code as
         # it is when this run starts (an edit made while the benchmark runs reaches the runs after it)
     return mine
-
 
 
 def main(argv=None) -> int:
