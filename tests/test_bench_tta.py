@@ -225,3 +225,24 @@ def test_a_pinned_child_runs_on_its_cores_only():
     out = subprocess.run([sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
                          capture_output=True, text=True, check=True, preexec_fn=bt._pinned({core}))
     assert out.stdout.strip() == f"[{core}]"
+
+
+def test_a_run_interrupted_from_outside_is_not_cached_and_resumes(tmp_path, monkeypatch):
+    """train exits 75 when SIGTERM stops it (checkpoint written): that run is unfinished, so the tool must stop
+    without caching it; it once accepted 75 as a finished run (from when it stopped runs with SIGTERM itself)."""
+    class Interrupted:
+        def __init__(self, *args, **kwargs):
+            self.stdout = iter([json.dumps({"event": "eval", "step": 50, "val_accuracy": 0.5, "val_loss": 1.0,
+                                            "elapsed_seconds": 5.0, "flops_total": 1e12}) + "\n"])
+            self.stderr = iter(())
+
+        def wait(self):
+            return bt.EXIT_INTERRUPTED
+    monkeypatch.setattr(bt.subprocess, "Popen", Interrupted)
+    config, out = {"method": "full", "steps": 100, "eval_images": 1000}, tmp_path / "full-s0"
+    protocol = {"window": 3, "patience": 4, "min_gain": 0.005, "stop_at_plateau": True, "budget_flops": None}
+    code = {"commit": "0" * 40, "dirty": False}
+    with pytest.raises(SystemExit, match="interrupted.*resumes"):
+        bt.run(config, out, protocol, code)
+    assert not out.with_suffix(".json").exists()
+    assert json.loads((out / "bench_key.json").read_text()) == bt.cache_key(config, protocol, code)  # it resumes

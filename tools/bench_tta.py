@@ -67,6 +67,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from edge_alast.config import LightPeftConfig  # noqa: E402
+from edge_alast.errors import EXIT_INTERRUPTED  # noqa: E402
 from edge_alast.methods import METHODS as METHOD_SPECS  # noqa: E402
 from edge_alast.runfolder import METRICS_FILE, read_metrics  # noqa: E402
 
@@ -314,7 +315,10 @@ def run(config: dict, out: Path, protocol: dict, code: dict, cores: set[int] | N
             stop_index = len(curve) - 1
             proc.send_signal(signal.SIGUSR1)  # end after this step as a finished run: evaluated, model saved
     exit_code = proc.wait()
-    if exit_code not in (0, 75):
+    if exit_code == EXIT_INTERRUPTED:  # stopped from outside (SIGTERM, SIGHUP): unfinished, so nothing is cached
+        raise SystemExit(f"{out.name} was interrupted (exit {exit_code}) before it finished: nothing cached; its "
+                         "checkpoint is kept, and running the benchmark again resumes it")
+    if exit_code != 0:
         raise SystemExit(f"{out.name} failed ({exit_code}):\n{proc.stderr.read()[-3000:]}")
     steps = [r for r in read_metrics(out / METRICS_FILE) if r.get("event") == "step"]
     curve = counted(evals, config)
