@@ -126,6 +126,8 @@ class _Section:
     """Shared by the run-file sections: number coercion and errors that name the key as the user wrote it."""
 
     SECTION = ""
+    # What a checkpoint written before a key existed ran with, where that is not the key's default now.
+    PREDATES: dict[str, Any] = {}
 
     def __post_init__(self):
         _check_numbers(self, self.name)
@@ -143,6 +145,7 @@ class AlastConfig(_Section):
     each default."""
 
     SECTION = "alast"
+    PREDATES = {"anneal_last": 0.0}  # before annealing existed, and its default since, training never annealed
 
     b_init: float = option(0.9, flag="--alast-b-init",
                            help="Initial budget (keep ratio) of every block. --alast-b-init 1 --alast-b-min 1 keeps "
@@ -154,10 +157,12 @@ class AlastConfig(_Section):
     freeze: bool = option(True, flag="--alast-freeze/--no-alast-freeze",
                           help="Freeze all but K blocks each step; --no-alast-freeze trains every block every step "
                                "(token dropping only, an ablation).")
-    anneal_last: float = option(0.0, flag="--alast-anneal-last",
-                                help="Share of the run's last steps over which every block's keep ratio rises "
-                                     "linearly to 1, so training ends on the all-token view evaluation uses (0: off; "
-                                     "this project's remedy, not the paper's).")
+    anneal_last: float | None = option(None, flag="--alast-anneal-last",
+                                       help="Share of the run's last steps over which every block's keep ratio "
+                                            "rises linearly to 1, so training ends on the all-token view evaluation "
+                                            "uses (this project's remedy, not the paper's; 0: off). Default: the "
+                                            "method's for the reference update (0.2 for alast, chosen by the "
+                                            "time-to-accuracy rule, docs/benchmarks.md), else 0.")
     sampling: str = "softmax"
     temperature: float = 1.0
     seed: int | None = option(None, min=0, max=SEED_MAX)  # layer sampling's seed; default: the run's --seed
@@ -198,7 +203,7 @@ class AlastConfig(_Section):
             raise self.bad("smoothing", "must be in [0, 1)")
         if not isinstance(self.freeze, bool):
             raise self.bad("freeze", "must be true or false")
-        if not 0.0 <= self.anneal_last < 1.0:
+        if self.anneal_last is not None and not 0.0 <= self.anneal_last < 1.0:
             raise self.bad("anneal_last", "must be in [0, 1)")
         if self.keep_ratios is not None and (
                 not all(isinstance(r, (int, float)) and 0 < r <= 1 for r in self.keep_ratios)
@@ -410,6 +415,11 @@ class TrainConfig:
             self.weight_decay = 0.0 if coauthors else 0.05
         if self.train_embeddings is None and coauthors:
             self.train_embeddings = True
+        # No alast.anneal_last: the method's (methods.MethodSpec.default_anneal_last), for the update it was measured
+        # with (reference); the other updates reproduce a method (coauthors) or are matched-cost baselines.
+        if self.alast.anneal_last is None:
+            measured = self.method in METHODS and self.alast.update == "reference"
+            self.alast.anneal_last = METHODS[self.method].default_anneal_last if measured else 0.0
 
     def name(self, key: str) -> str:
         return field_name(TrainConfig, key)
@@ -462,14 +472,14 @@ class TrainConfig:
     def resume_differs(self, saved: dict[str, Any], precision: str | None = None) -> list[str]:
         """The settings in which a checkpoint's ``saved`` resume key differs from this config's. A setting the
         checkpoint predates (added since: ``max_image_pixels``, or a section key such as ``alast.anneal_last``)
-        counts as its default."""
+        counts as its default, or as what runs did before it existed where that differs (``_Section.PREDATES``)."""
         saved = dict(saved)
         for f in dataclasses.fields(self):
             if f.name not in saved and f.name not in SECTIONS and f.default is not dataclasses.MISSING:
                 saved[f.name] = f.default
         for key, cls in SECTIONS.items():
             if isinstance(saved.get(key), dict):
-                saved[key] = {**dataclasses.asdict(cls()), **saved[key]}
+                saved[key] = {**dataclasses.asdict(cls()), **cls.PREDATES, **saved[key]}
         return sorted(k for k, v in self.resume_key(precision).items() if saved.get(k) != v)
 
     def to_dict(self) -> dict[str, Any]:

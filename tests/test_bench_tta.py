@@ -227,6 +227,17 @@ def test_a_pinned_child_runs_on_its_cores_only():
     assert out.stdout.strip() == f"[{core}]"
 
 
+def test_only_the_remedy_anneals_whatever_the_product_default():
+    """alast anneals by default since the rule chose the remedy: every other ALaST row pins annealing off, so it
+    still measures what its name says (the paper's update, an ablation, a baseline)."""
+    from edge_alast.config import TrainConfig
+
+    annealing = {name: TrainConfig(data="d", out="o", method=s["method"], alast=dict(s.get("alast", {}))
+                                   ).alast.anneal_last for name, s in bt.METHODS.items()}
+    assert {name for name, share in annealing.items() if share > 0} == {"alast-anneal"}
+    assert annealing["alast-anneal"] == 0.2
+
+
 def test_a_run_interrupted_from_outside_is_not_cached_and_resumes(tmp_path, monkeypatch):
     """train exits 75 when SIGTERM stops it (checkpoint written): that run is unfinished, so the tool must stop
     without caching it; it once accepted 75 as a finished run (from when it stopped runs with SIGTERM itself)."""

@@ -187,13 +187,31 @@ def test_image_limit_defaults_are_the_data_layers():
 
 def test_a_checkpoint_predating_new_settings_resumes_and_a_changed_setting_is_named():
     """A checkpoint's resume key written before max_image_pixels, max_aspect_ratio and alast.anneal_last/freeze
-    existed: those count as their defaults, so it resumes; a setting that really differs is named."""
-    config = TrainConfig(data="d", out="o", method="alast")
+    existed: those count as their defaults (anneal_last as 0, what runs did then), so it resumes; a setting that
+    really differs is named."""
+    config = TrainConfig(data="d", out="o", method="alast", alast={"anneal_last": 0.0})
     saved = config.resume_key("fp32")
     for new_key in ("max_image_pixels", "max_aspect_ratio"):
         saved.pop(new_key)
     saved["alast"] = {k: v for k, v in saved["alast"].items() if k not in ("anneal_last", "freeze")}
     assert config.resume_differs(saved, "fp32") == []
-    assert TrainConfig(data="d", out="o", method="alast", max_aspect_ratio=5.0).resume_differs(saved, "fp32") == [
+    # today's default anneals: that checkpoint did not, so resuming it under the default would change the run
+    assert TrainConfig(data="d", out="o", method="alast").resume_differs(saved, "fp32") == ["alast"]
+    assert TrainConfig(data="d", out="o", method="alast", alast={"anneal_last": 0.0},
+                       max_aspect_ratio=5.0).resume_differs(saved, "fp32") == [
         "max_aspect_ratio"]
     assert config.resume_differs({**saved, "seed": 7}, "fp32") == ["seed"]
+
+
+@pytest.mark.parametrize("method,alast,expected", [
+    ("alast", {}, 0.2),                                   # the default: reference, annealed (the stated rule's pick)
+    ("alast", {"update": "relative"}, 0.0),               # not measured with annealing
+    ("alast", {"update": "coauthors"}, 0.0),              # reproduces the co-authors' code, which does not anneal
+    ("alast", {"update": "static"}, 0.0),                 # matched-cost baselines stay at their run's keep ratios
+    ("alast", {"anneal_last": 0.0}, 0.0),                 # given: kept, off included
+    ("alast", {"update": "relative", "anneal_last": 0.3}, 0.3),
+    ("alast-lora", {}, 0.0),                              # adapters: not measured with annealing
+    ("light-peft+alast", {}, 0.0),
+])
+def test_anneal_last_defaults_per_method_and_update(method, alast, expected):
+    assert TrainConfig(data="d", out="o", method=method, alast=alast).alast.anneal_last == expected

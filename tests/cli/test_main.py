@@ -327,7 +327,8 @@ def test_ablation_flags_reach_the_plan(image_folder, tmp_path):
         assert r["tokens/per_block"] == [17] * 4 and len(r["blocks/trainable"]) == 2
     tokens = tmp_path / "tokens"
     result = CliRunner().invoke(main, ["train", "--config", str(run_file(tmp_path, image_folder, tokens,
-                                                                          model_args=deep)), "--no-alast-freeze"])
+                                                                          model_args=deep)), "--no-alast-freeze",
+                                       "--alast-anneal-last", "0"])  # the default's last steps see every token
     assert result.exit_code == 0, result.output
     for r in _step_lines(tokens):
         assert r["blocks/trainable"] == [0, 1, 2, 3] and r["tokens/per_block"][-1] < 17
