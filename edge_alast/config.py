@@ -145,7 +145,7 @@ class AlastConfig(_Section):
     each default."""
 
     SECTION = "alast"
-    PREDATES = {"anneal_last": 0.0}  # before annealing existed, and its default since, training never annealed
+    PREDATES = {"anneal_last": 0.0}  # checkpoints from before annealing became alast's default never annealed
 
     b_init: float = option(0.9, flag="--alast-b-init",
                            help="Initial budget (keep ratio) of every block. --alast-b-init 1 --alast-b-min 1 keeps "
@@ -405,10 +405,11 @@ class TrainConfig:
         # No --lr: the method's own (methods.MethodSpec.default_lr), resolved here so that everything downstream,
         # the resume key included, sees one number; lr_source tells summary.json which it was.
         self.lr_source = "given" if self.lr is not None else "method default"
-        if self.lr is None and self.method in METHODS:
-            self.lr = METHODS[self.method].default_lr
+        spec = METHODS.get(self.method)  # None: an unknown method, refused by validate()
+        if self.lr is None and spec is not None:
+            self.lr = spec.default_lr
         # alast.update coauthors reproduces the co-authors' set-up: Adam without weight decay, embeddings trained.
-        coauthors = self.method in METHODS and METHODS[self.method].alast and self.alast.update == COAUTHORS
+        coauthors = spec is not None and spec.alast and self.alast.update == COAUTHORS
         if self.optimizer is None:
             self.optimizer = "adam" if coauthors else "adamw"
         if self.weight_decay is None:
@@ -418,8 +419,8 @@ class TrainConfig:
         # No alast.anneal_last: the method's (methods.MethodSpec.default_anneal_last), for the update it was measured
         # with (reference); the other updates reproduce a method (coauthors) or are matched-cost baselines.
         if self.alast.anneal_last is None:
-            measured = self.method in METHODS and self.alast.update == "reference"
-            self.alast.anneal_last = METHODS[self.method].default_anneal_last if measured else 0.0
+            measured = spec is not None and self.alast.update == "reference"
+            self.alast.anneal_last = spec.default_anneal_last if measured else 0.0
 
     def name(self, key: str) -> str:
         return field_name(TrainConfig, key)
