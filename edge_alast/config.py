@@ -68,7 +68,7 @@ def field_name(cls, name: str, section: str | None = None) -> str:
     """How a user names ``cls.name``: its CLI flag, or its run-file key (``section.name``)."""
     meta = {f.name: f.metadata for f in dataclasses.fields(cls)}.get(name, {})
     if meta.get("flag"):
-        return meta["flag"]
+        return meta["flag"].split("/")[0]  # a switch by its "on" spelling: --export, not --export/--no-export
     return f"{section}.{name}" if section else name
 
 
@@ -331,6 +331,22 @@ class TrainConfig:
                                      help="Cap every evaluation at N validation images, spread evenly over them "
                                           "(every class): the final one (default: all) and the --eval-every points "
                                           "(default: 256).")
+    # The stop rules (edge_alast.training.stopping): read in the loop at the step they refer to, so a run ends at the
+    # same step on every rerun. Where a run ends is its result: a resume keeps them (resume_key).
+    stop_at_plateau: bool = option(False, flag="--stop-at-plateau/--no-stop-at-plateau",
+                                   help="End the run as a finished one (evaluated, saved, exported) at the "
+                                        "--eval-every point where the validation curve has plateaued: its mean "
+                                        "over the last plateau_window (3) evaluations has not gained plateau_min_gain "
+                                        "(0.005) over plateau_patience (4) evaluations. An ALaST run that anneals "
+                                        "(--alast-anneal-last) anneals from there first, ending once its last "
+                                        "share of steps has. Needs --eval-every.")
+    plateau_window: int = option(3, min=1)
+    plateau_patience: int = option(4, min=1)
+    plateau_min_gain: float = option(0.005, min=0)
+    max_tflops: float | None = option(None, flag="--max-tflops", min=0, min_open=True,
+                                      help="A compute budget: end the run as a finished one once its training "
+                                           "steps have spent this many TFLOPs, checked at each --eval-every point "
+                                           "(so the last step is evaluated), or after each step without it.")
     lr: float | None = option(None, flag="--lr", min=0, max=1, min_open=True,
                               help="Learning rate, in (0, 1]; default: the method's (3e-5 for full and alast, 1e-3 "
                                    "for head and the LoRA/Light-PEFT methods).")
@@ -436,10 +452,14 @@ class TrainConfig:
             choices, value = f.metadata.get("choices"), getattr(self, f.name)
             if choices and value is not None and value not in choices:
                 raise bad(f.name, f"must be one of {', '.join(choices)}, got {value!r}")
+            if str(f.type).replace(" ", "") in ("bool", "bool|None") and not isinstance(value, (bool, type(None))):
+                raise bad(f.name, f"must be true or false, got {value!r}")
         if self.steps is not None and self.epochs is not None:
             raise bad("steps", "give --steps or --epochs, not both")
         if self.lr is None:
             raise bad("lr", "no learning rate and no method default")
+        if self.stop_at_plateau and not self.eval_every:
+            raise bad("stop_at_plateau", "needs --eval-every N: the plateau is read from the validation curve")
         _check_ranges(self, self.name)
         if any(not isinstance(i, int) or i < 0 for i in self.recompute_blocks):
             raise bad("recompute_blocks", f"must be block indices >= 0, got {self.recompute_blocks}")
@@ -466,6 +486,8 @@ class TrainConfig:
         """The settings a checkpoint must share with this config to be resumed by it; ``precision``: the one
         ``auto`` resolved to (a timing probe decides it, so another day may pick another)."""
         key = {k: v for k, v in self.to_dict().items() if k not in self.RESUME_FREE}
+        if self.stop_at_plateau or self.max_tflops is not None:  # the stop rules read the curve: its points count
+            key["eval_every"], key["eval_images"] = self.eval_every, self.eval_images
         if precision is not None:
             key["precision_resolved"] = precision
         return key
@@ -476,12 +498,15 @@ class TrainConfig:
         counts as its default, or as what runs did before it existed where that differs (``_Section.PREDATES``)."""
         saved = dict(saved)
         for f in dataclasses.fields(self):
-            if f.name not in saved and f.name not in SECTIONS and f.default is not dataclasses.MISSING:
+            if (f.name not in saved and f.name not in SECTIONS and f.name not in self.RESUME_FREE
+                    and f.default is not dataclasses.MISSING):
                 saved[f.name] = f.default
         for key, cls in SECTIONS.items():
             if isinstance(saved.get(key), dict):
                 saved[key] = {**dataclasses.asdict(cls()), **cls.PREDATES, **saved[key]}
-        return sorted(k for k, v in self.resume_key(precision).items() if saved.get(k) != v)
+        # a free setting is in a key only where the stop rules make it count: compared where both keys hold it
+        return sorted(k for k, v in self.resume_key(precision).items()
+                      if (k in saved or k not in self.RESUME_FREE) and saved.get(k) != v)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -77,6 +77,13 @@ class _Printer:
             click.echo(f"\ninterrupted after step {event['steps']}: checkpoint written; run the same command to resume")
         elif kind == "warning":
             click.echo(f"\nwarning: {event['message']}", err=True)
+        elif kind == "anneal":
+            click.echo(f"\nplateau after step {event['step']}: annealing keep ratios to 1, finishing at step "
+                       f"{event['until']}")
+        elif kind == "finish":
+            why = {"plateau": "the validation curve plateaued", "budget": "the --max-tflops budget is spent",
+                   "signal": "SIGUSR1"}.get(event.get("reason"), event.get("reason"))
+            click.echo(f"\nfinishing after step {event['step']} of {event['steps']}: {why}")
         elif kind == "eval":
             acc = event["val_accuracy"]
             click.echo(f"\nval accuracy {acc:.4f}" if acc is not None else "\nno validation images")

@@ -29,6 +29,7 @@ from ..device.allocator import allocator_in_use
 from ..device.memory import PeakTracker, rss_bytes, trim_heap
 from ..device.precision import autocast as autocast_for
 from ..errors import ConfigError, NonFiniteError
+from ..methods import METHODS
 from ..model.trainable import load_trainable
 from ..runfolder import save_model, steady, truncate_metrics
 from .checkpoint import checkpoints, save_checkpoint
@@ -36,6 +37,7 @@ from .evaluate import evaluate
 from .objective import ProximalTerm, penalties
 from .run import Run, make_loader, setup_run
 from .stage import Stage, first_stage, next_stage, pruning_summary
+from .stopping import PLATEAU, annealed_end, stop_reason
 
 CHECKPOINT_FORMAT = 1
 HISTORY = ("step_seconds", "step_flops", "losses", "step_peak_bytes")
@@ -67,12 +69,17 @@ class LoopState:
         step: Steps done: the next step to run.
         history: Per step run, in order: ``step_seconds``, ``step_flops``, ``losses`` (the cross-entropy) and
             ``step_peak_bytes``.
+        curve: The ``--eval-every`` validation accuracies the stop rules read (Light-PEFT: those after pruning).
+        end_step: Where an annealing ALaST run that plateaued ends (it anneals from the plateau up to it); None:
+            the run's last step.
     """
 
     caps: PolicyCaps
     scaler: torch.amp.GradScaler
     step: int = 0
     history: dict[str, list] = field(default_factory=lambda: {k: [] for k in HISTORY})
+    curve: list[float] = field(default_factory=list)
+    end_step: int | None = None
 
     def record(self, step: int, seconds: float, flops: float, loss: float, peak_bytes: int) -> None:
         """Step ``step`` is done."""
@@ -82,7 +89,8 @@ class LoopState:
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "caps": self.caps.state_dict(), "scaler": self.scaler.state_dict(),
-                "history": {k: list(v) for k, v in self.history.items()}}
+                "history": {k: list(v) for k, v in self.history.items()}, "curve": list(self.curve),
+                "end_step": self.end_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
@@ -90,6 +98,9 @@ class LoopState:
         self.scaler.load_state_dict(state["scaler"])
         # step_peak_bytes: absent from checkpoints written before it was kept (those steps' peaks are not known)
         self.history = {k: list(state["history"].get(k, ())) for k in HISTORY}
+        # curve: absent from checkpoints written before the stop rules (a plateau is then read from the resume on)
+        self.curve = [float(a) for a in state.get("curve", ())]
+        self.end_step = state.get("end_step")
 
 
 def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
@@ -108,7 +119,9 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
             adds ``mu/2 * |w - w_start|^2`` over the trainable tensors (metric ``loss/proximal``).
         return_state: Also return the trainable tensors and the policy state (:class:`TrainResult`).
         should_finish: Polled after each step; True ends the run there as a finished one (evaluated, saved,
-            summary ``finished_early_at`` = the steps done), e.g. a benchmark stopping a run at its plateau.
+            summary ``finished_early_at`` = the steps done, ``finished_by`` = ``signal``), e.g. on SIGUSR1. The
+            config's stop rules (``stop_at_plateau``, ``max_tflops``) end it the same way, at the step they read
+            (``finished_by``: ``plateau``, ``budget``).
 
     Returns:
         The summary (as written to ``summary.json``), the run folder and the loop's history.
@@ -145,7 +158,8 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
     emit(started)
 
     # ---------------------------------------------------------------- training loop
-    interrupted, finished_early = False, None
+    interrupted, finished_early, finished_by = False, None, None
+    counts_for_plateau = _curve_filter(config)
     # Trimming the heap each step keeps RSS between steps low, which a memory ceiling's guard needs; without a
     # ceiling it only costs time (the freed pages are faulted in again by the next step).
     trim = config.trim_memory if config.trim_memory is not None else run.guard is not None
@@ -170,7 +184,9 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
                 t0 = time.perf_counter()
                 plan = stage.policy.decide(loop.caps)
                 # alast.anneal_last: over the run's last steps, keep ratios rise to 1 (a function of the step alone)
-                plan = anneal_plan(plan, anneal_progress(step, run.total_steps, run.alast.anneal_last), loop.caps)
+                # (a plateau brings the end forward: loop.end_step)
+                plan = anneal_plan(plan, anneal_progress(step, loop.end_step or run.total_steps,
+                                                         run.alast.anneal_last), loop.caps)
                 budgets = stage.policy.budgets  # as decided: observe() replaces them
                 stage.handle.set_plan(plan)
                 x, y = loader.get(step)
@@ -200,12 +216,19 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
                      # optimizer (on CUDA: until the kernels are queued), and the rest (policy update, memory
                      # readings, guard)
                      "time/data_seconds": t_data - t0, "time/compute_seconds": t_compute - t_data})
-                if config.eval_every and loop.step % config.eval_every == 0:  # a point of the validation curve
-                    log(_validation_point(run, stage, loop, autocast, warn))
+                evaluated = bool(config.eval_every) and loop.step % config.eval_every == 0
+                if evaluated:  # a point of the validation curve
+                    point = _validation_point(run, stage, loop, autocast, warn)
+                    log(point)
+                    if counts_for_plateau(loop.step):
+                        loop.curve.append(point["val_accuracy"])
                 metrics.flush()
-                if should_finish is not None and should_finish() and loop.step < run.total_steps:
-                    finished_early = loop.step
-                    log({"event": "finish", "step": loop.step, "steps": run.total_steps})
+                reason = _end_here(config, run, loop, evaluated, log)  # the stop rules (--stop-at-plateau, ...)
+                if reason is None and should_finish is not None and should_finish():
+                    reason = "signal"
+                if reason is not None and loop.step < run.total_steps:
+                    finished_early, finished_by = loop.step, reason
+                    log({"event": "finish", "step": loop.step, "steps": run.total_steps, "reason": reason})
                     break
                 if should_stop is not None and should_stop() and loop.step < run.total_steps:
                     _save(config, run, stage, loop, emit)
@@ -254,7 +277,8 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
 
     # ---------------------------------------------------------------- summary
     summary = _summary(config, run, stage, loop, val_accuracy, val_loss, pruned, peaks, train_peak)
-    summary["finished_early_at"] = finished_early  # should_finish ended the run after this many steps (else None)
+    summary["finished_early_at"] = finished_early  # a stop rule or should_finish ended the run after this many steps
+    summary["finished_by"] = finished_by  # which: plateau, budget or signal (None: it ran all its steps)
     atomic_write_json(run.run_dir / "summary.json", summary)
 
     # ---------------------------------------------------------------- export
@@ -381,6 +405,37 @@ def _step_record(run: Run, stage: Stage, loop: LoopState, plan, budgets: list[fl
     # "loss" stays the cross-entropy, comparable across methods; each penalty has its own name
     record.update({name: float(term.detach()) for name, term in terms.items()})
     return record
+
+
+def _curve_filter(config: TrainConfig) -> Callable[[int], bool]:
+    """Whether the validation point after step N counts for the plateau: Light-PEFT's only after its pruning (before
+    it the unpruned model is evaluated, whose accuracy would start the plateau clock that then stops the run in the
+    dip that follows the pruning); every point for the other methods."""
+    if not METHODS[config.method].light_peft:
+        return lambda step: True
+    return lambda step: step > config.light_peft.estimation_steps
+
+
+def _end_here(config: TrainConfig, run: Run, loop: LoopState, evaluated: bool, log: Callable[[dict], None]
+              ) -> str | None:
+    """Why the config's stop rules end the run after ``loop.step`` steps (``plateau``, ``budget``), else None. They
+    are read at each validation point (after each step without ``--eval-every``). An annealing ALaST run that
+    plateaus is not ended there, on its token-dropped view: its end comes forward (``loop.end_step``, logged as an
+    ``anneal`` event) and it anneals up to it first."""
+    reason = None
+    if evaluated or not config.eval_every:
+        reason = stop_reason(loop.curve, sum(loop.history["step_flops"]), at_plateau=config.stop_at_plateau,
+                             window=config.plateau_window, patience=config.plateau_patience,
+                             min_gain=config.plateau_min_gain,
+                             max_flops=config.max_tflops * 1e12 if config.max_tflops is not None else None)
+    if reason == PLATEAU and METHODS[config.method].alast and run.alast.anneal_last > 0:
+        if loop.end_step is None:
+            loop.end_step = annealed_end(loop.step, run.total_steps, run.alast.anneal_last)
+            log({"event": "anneal", "step": loop.step, "until": loop.end_step})
+        reason = None
+    if loop.end_step is not None and loop.step >= loop.end_step:
+        reason = PLATEAU
+    return reason
 
 
 def _validation_point(run: Run, stage: Stage, loop: LoopState, autocast, on_warning) -> dict:

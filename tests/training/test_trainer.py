@@ -508,19 +508,24 @@ def test_loop_state_round_trips():
 
 FORMAT_1_KEYS = {"format", "step", "config", "model", "optimizer", "scheduler", "policy", "pruning", "estimation",
                  "rng", "history", "caps", "batch_size", "scaler", "guard", "bad_images"}
+# Added to format 1 since, each optional (a checkpoint without it resumes): the stop rules' curve and end step.
+FORMAT_1_ADDED = {"curve", "end_step"}
 
 
 def test_checkpoint_keeps_format_1_and_a_format_1_checkpoint_resumes(image_folder, tmp_path):
-    """The checkpoint is built from named state with the keys format 1 always had; one written before the loop kept
-    step peaks (no history/step_peak_bytes) resumes to the same losses."""
+    """The checkpoint is built from named state with the keys format 1 always had, plus optional ones; one written
+    before the loop kept step peaks (no history/step_peak_bytes) or the stop rules' state resumes to the same
+    losses."""
     from edge_alast.training.checkpoint import checkpoints, load_latest, save_checkpoint
 
     train(tiny_config(image_folder, tmp_path / "ref", steps=5))
     calls = iter(range(100))
     train(tiny_config(image_folder, tmp_path / "r", steps=5), should_stop=lambda: next(calls) == 1)
     checkpoint, _ = load_latest(tmp_path / "r")
-    assert set(checkpoint) == FORMAT_1_KEYS and checkpoint["format"] == 1 and checkpoint["step"] == 2
+    assert set(checkpoint) == FORMAT_1_KEYS | FORMAT_1_ADDED and checkpoint["format"] == 1 and checkpoint["step"] == 2
     del checkpoint["history"]["step_peak_bytes"]
+    for key in FORMAT_1_ADDED:
+        del checkpoint[key]
     [(step, path)] = checkpoints(tmp_path / "r")
     path.unlink()
     save_checkpoint(tmp_path / "r", step, checkpoint)
@@ -737,6 +742,72 @@ def test_should_finish_ends_the_run_as_a_finished_one(image_folder, tmp_path):
     assert [r["step"] for r in lines if r["event"] == "step"] == [1, 2]
     assert [(r["step"], r["steps"]) for r in lines if r["event"] == "finish"] == [(2, 6)]
     assert train(tiny_config(image_folder, tmp_path / "p", steps=2)).summary["finished_early_at"] is None
+
+
+def _events(run_dir, kind):
+    return [r for r in (json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines())
+            if r["event"] == kind]
+
+
+def test_stop_at_plateau_ends_the_run_at_the_evaluation_it_read(image_folder, tmp_path):
+    """The rule is read in the loop, so the run ends at the evaluated step itself (not a step later, as a signal
+    sent after reading the evaluation could), on every rerun."""
+    # window 1, patience 1, a gain no curve makes: the plateau is the second evaluation (step 4); no annealing
+    rule = dict(eval_every=2, stop_at_plateau=True, plateau_window=1, plateau_patience=1, plateau_min_gain=1.0,
+                alast={"anneal_last": 0.0})
+    for name in ("a", "b"):
+        summary = train(tiny_config(image_folder, tmp_path / name, steps=10, **rule)).summary
+        assert (summary["steps"], summary["finished_early_at"], summary["finished_by"]) == (4, 4, "plateau")
+        assert [r["step"] for r in _events(tmp_path / name, "eval") if "step" in r] == [2, 4]
+        assert [(r["step"], r["reason"]) for r in _events(tmp_path / name, "finish")] == [(4, "plateau")]
+        assert (tmp_path / name / "model.safetensors").exists() and summary["val_accuracy"] is not None
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+    # a plateau at the last step is no early finish: the run took all its steps
+    summary = train(tiny_config(image_folder, tmp_path / "c", steps=4, **rule)).summary
+    assert (summary["finished_early_at"], summary["finished_by"]) == (None, None)
+
+
+def test_an_annealing_run_anneals_from_its_plateau_then_finishes(image_folder, tmp_path):
+    """Stopping at the plateau would end alast's default run on the token-dropped view annealing exists to leave:
+    the plateau brings the end forward instead, and the run anneals up to it (here: plateau after step 4, anneal
+    half the run, so it ends after step 8, its last step on every token)."""
+    rule = dict(eval_every=2, stop_at_plateau=True, plateau_window=1, plateau_patience=1, plateau_min_gain=1.0)
+    summary = train(tiny_config(image_folder, tmp_path / "r", steps=20, alast={"anneal_last": 0.5}, **rule)).summary
+    assert (summary["steps"], summary["finished_early_at"], summary["finished_by"]) == (8, 8, "plateau")
+    assert [(r["step"], r["until"]) for r in _events(tmp_path / "r", "anneal")] == [(4, 8)]
+    keep = {r["step"]: r["plan/keep_ratio"] for r in _events(tmp_path / "r", "step")}
+    assert min(keep[4]) < 1.0 and keep[8] == [1.0] * len(keep[8])
+    # from the plateau on, a share t = 1/4, 2/4, 3/4 of the way from the policy's ratio (>= b_min 0.5) to 1
+    assert [min(keep[s]) >= 0.5 + 0.5 * t - 1e-9 for s, t in ((5, 0.25), (6, 0.5), (7, 0.75))] == [True] * 3
+    # the same run stopped between its plateau and its end resumes to the same end
+    calls = iter(range(100))
+    train(tiny_config(image_folder, tmp_path / "i", steps=20, alast={"anneal_last": 0.5}, **rule),
+          should_stop=lambda: next(calls) == 5)
+    again = train(tiny_config(image_folder, tmp_path / "i", steps=20, alast={"anneal_last": 0.5}, **rule)).summary
+    assert (again["steps"], again["finished_by"]) == (8, "plateau")
+    assert _losses(tmp_path / "i") == pytest.approx(_losses(tmp_path / "r"), rel=1e-6)
+
+
+def test_max_tflops_ends_the_run_once_its_steps_have_spent_it(image_folder, tmp_path):
+    flops = train(tiny_config(image_folder, tmp_path / "probe", steps=1, method="full")).history["step_flops"][0]
+    budget = 2.5 * flops / 1e12  # spent during step 3
+    summary = train(tiny_config(image_folder, tmp_path / "r", steps=10, method="full", max_tflops=budget)).summary
+    assert (summary["steps"], summary["finished_by"]) == (3, "budget")  # checked after each step
+    summary = train(tiny_config(image_folder, tmp_path / "e", steps=10, method="full", max_tflops=budget,
+                                eval_every=2)).summary
+    assert (summary["steps"], summary["finished_by"]) == (4, "budget")  # at the evaluation after it: step 4
+
+
+def test_a_resumed_run_keeps_its_validation_curve_for_the_plateau(image_folder, tmp_path):
+    """The curve is in the checkpoint: stopped after the first evaluation and resumed, the run still ends at the
+    second, as the uninterrupted run does (from an empty curve it would end at the third)."""
+    rule = dict(eval_every=2, stop_at_plateau=True, plateau_window=1, plateau_patience=1, plateau_min_gain=1.0,
+                alast={"anneal_last": 0.0})
+    calls = iter(range(100))
+    first = train(tiny_config(image_folder, tmp_path / "r", steps=10, **rule), should_stop=lambda: next(calls) == 1)
+    assert first.summary["interrupted"] and first.summary["steps"] == 2
+    summary = train(tiny_config(image_folder, tmp_path / "r", steps=10, **rule)).summary
+    assert (summary["steps"], summary["finished_by"]) == (4, "plateau")
 
 
 def test_the_heap_is_trimmed_each_step_only_under_a_memory_ceiling_unless_asked(image_folder, tmp_path, monkeypatch):
