@@ -64,14 +64,16 @@ bench-peft: $(STAMP) assets
 # Time to accuracy (issue 21's protocol): full, head, ALaST's updates, the static/random baselines, the ablations and
 # the anneal remedy, 3 seeds on Fashion-MNIST and scikit-learn's digits at 112 px (about 25 core-minutes per
 # ALaST run: a day on 2 cores); then full, the default, the remedy and random at 224 px, 3 seeds of Fashion-MNIST
-# (days on 2 CPU cores; on a GPU host raise TTA_JOBS). Finished runs are cached under runs/ by config and code.
+# (days on 2 CPU cores; on a GPU host raise TTA_JOBS and pass TTA_ARGS='--set device=cuda'). Finished runs are cached
+# under runs/ by config and code.
 TTA_JOBS ?= 2
+TTA_ARGS ?=
 bench-tta: $(STAMP) assets
 	$(BIN)/pip install --quiet -c $(CONSTRAINTS) scikit-learn
 	OMP_NUM_THREADS=1 $(BIN)/python tools/bench_tta.py --weights $(SHARED_WEIGHTS) --img-size 112 --seeds 0,1,2 \
-		--datasets fmnist,digits --jobs $(TTA_JOBS) --out runs/tta
+		--datasets fmnist,digits --jobs $(TTA_JOBS) --out runs/tta $(TTA_ARGS)
 	OMP_NUM_THREADS=1 $(BIN)/python tools/bench_tta.py --weights $(SHARED_WEIGHTS) --img-size 224 --seeds 0,1,2 \
-		--datasets fmnist --methods full,alast-reference,alast-anneal,random --jobs $(TTA_JOBS) --out runs/tta224
+		--datasets fmnist --methods full,alast-reference,alast-anneal,random --jobs $(TTA_JOBS) --out runs/tta224 $(TTA_ARGS)
 
 # The README's Raspberry Pi install (requirements/aarch64.txt) and the oldest torch claimed
 # (requirements/aarch64-oldest.txt), each installed for aarch64 and run under qemu-aarch64-static in a Debian

@@ -1,4 +1,4 @@
-"""tools/bench_tta.py's protocol on synthetic curves: smoothing, plateau, the FLOP budget, accuracy at equal time
+"""tools/bench_tta.py's protocol on synthetic curves: smoothing, the FLOP budget, accuracy at equal time
 and FLOPs, how a run ended, the cache key and the run order. No training here."""
 from __future__ import annotations
 
@@ -20,23 +20,12 @@ def evals(accs, seconds=10.0, flops=1e12):
              "flops_total": flops * (i + 1)} for i, a in enumerate(accs)]
 
 
-def test_smoothing_trailing_and_centred():
-    assert bt.smooth([0.0, 3.0, 6.0, 3.0], 3) == pytest.approx([0.0, 1.5, 3.0, 4.0])
+def test_curves_are_read_on_a_centred_mean():
+    """Accuracy at a given time or FLOP count is read on a centred moving average (no lag on a rising curve); the
+    plateau rule's trailing mean lives with train's stop rules (tests/training/test_stopping.py)."""
     # centred: (0+3)/2, (0+3+6)/3, (3+6+3)/3, (6+3)/2
     assert bt.smooth_centred([0.0, 3.0, 6.0, 3.0], 3) == pytest.approx([1.5, 3.0, 4.0, 4.5])
-    assert bt.smooth([1.0, 2.0], 1) == [1.0, 2.0]
-
-
-def test_plateau_on_the_smoothed_curve_not_on_single_evaluations():
-    # A rising curve, then flat at 0.80 with +-0.02 noise. Window 3, patience 2, min gain 0.005.
-    # trailing means: 0.5, 0.6, 0.7, 0.8, 0.8067, 0.7933, 0.8067, 0.7933
-    accs = [0.5, 0.7, 0.9, 0.8, 0.82, 0.78, 0.82, 0.78]
-    # at i = 6 the last two means (0.7933, 0.8067) have not beaten the best before them (0.8067) by 0.005
-    assert bt.plateau_at(accs, window=3, patience=2, min_gain=0.005) == 6
-    assert bt.plateau_at(accs[:6], window=3, patience=2, min_gain=0.005) is None
-    steady = [0.1 * i for i in range(10)]  # always gaining: never a plateau
-    assert bt.plateau_at(steady, window=3, patience=4, min_gain=0.005) is None
-    assert bt.plateau_value(accs, 3) == pytest.approx((0.78 + 0.82 + 0.78) / 3)
+    assert bt.plateau_value([0.5, 0.7, 0.9, 0.8, 0.82, 0.78, 0.82, 0.78], 3) == pytest.approx((0.78 + 0.82 + 0.78) / 3)
     assert bt.plateau_value([], 3) is None
 
 
@@ -144,6 +133,11 @@ def test_each_seeds_budget_comes_from_its_own_full_run(tmp_path, monkeypatch):
 
     def fake_run(config, out, protocol, code, cores=None):
         budgets[(config["method"], config["seed"])] = protocol["budget_flops"]
+        # train applies the rules itself: the budget in TFLOPs, the plateau with the protocol's settings
+        assert config["stop_at_plateau"] and (config["plateau_window"], config["plateau_patience"],
+                                               config["plateau_min_gain"]) == (3, 4, 0.005)
+        assert config["max_tflops"] == (None if protocol["budget_flops"] is None
+                                        else pytest.approx(protocol["budget_flops"] / 1e12))
         flops = full_flops[config["seed"]] if config["method"] == "full" else 1e12
         return {"key": {"config": config, "protocol": protocol, "code": code}, "config": config, "ended": "plateau",
                 "evals": [{**e, "val_images": 1000} for e in evals([0.5, 0.8], flops=flops / 2)],
@@ -257,3 +251,34 @@ def test_a_run_interrupted_from_outside_is_not_cached_and_resumes(tmp_path, monk
         bt.run(config, out, protocol, code)
     assert not out.with_suffix(".json").exists()
     assert json.loads((out / "bench_key.json").read_text()) == bt.cache_key(config, protocol, code)  # it resumes
+
+
+def test_a_run_ends_where_train_says_and_records_its_machine(tmp_path, monkeypatch):
+    """train ends a run at the evaluation its stop rule read and says why in its finish event; the tool takes the
+    ending from there (it once signalled the process, which could end it a step later) and records the machine."""
+    out = tmp_path / "full-s0"
+    point = lambda step, acc: {"event": "eval", "step": step, "val_accuracy": acc, "val_loss": 1.0,  # noqa: E731
+                               "elapsed_seconds": step / 10, "flops_total": step * 1e11}
+    events = [point(50, 0.5), point(100, 0.8), {"event": "finish", "step": 100, "steps": 3000, "reason": "budget"},
+              {"event": "eval", "val_accuracy": 0.81, "val_loss": 0.9, "val_images": 1000}]  # the final one: no step
+
+    class Finished:
+        def __init__(self, args, **kwargs):
+            out.mkdir(exist_ok=True)
+            steps = [{"event": "step", "step": i, "flops/step": 1e11, "mem/peak_rss_bytes": 7} for i in (1, 2)]
+            (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
+            (out / "summary.json").write_text(json.dumps({"val_accuracy": 0.81}))
+            self.stdout = iter([json.dumps(e) + "\n" for e in events])
+            self.stderr = iter(())
+
+        def wait(self):
+            return 0
+    monkeypatch.setattr(bt.subprocess, "Popen", Finished)
+    protocol = {"window": 3, "patience": 4, "min_gain": 0.005, "stop_at_plateau": True, "budget_flops": 1e13}
+    result = bt.run({"method": "full", "batch_size": 16}, out, protocol, {"commit": "0" * 40, "dirty": False},
+                    cores={0})
+    assert (result["ended"], result["stop_index"], result["final_val_accuracy"]) == ("budget", 1, 0.81)
+    assert [e["step"] for e in result["evals"]] == [50, 100]
+    assert result["machine"]["cores"] == [0] and result["machine"]["cpu_threads"] >= 1
+    assert result["machine"]["torch"] and result["machine"]["platform"]["machine"]
+    assert json.loads(out.with_suffix(".json").read_text())["ended"] == "budget"  # cached as it ended

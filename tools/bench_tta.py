@@ -8,9 +8,9 @@ The protocol (issue 21), in order:
    gets more of them. The budget is per seed, so a seed's runs keep their cache key whichever other seeds an
    invocation names. Each run ends as ``plateau``, ``budget`` or ``max`` (the ``ended`` column); a run of a
    given length (the remedy) that took all its steps shows ``fixed``.
-3. Plateau: the moving average of the last ``--window`` evaluations has not gained ``--min-gain`` over ``--patience``
-   evaluations. Evaluations use ``--eval-images`` (1000) validation images, or the whole validation set when it
-   is smaller (digits: 400).
+3. Plateau (train applies it: ``--stop-at-plateau``, ``edge_alast.training.stopping``): the moving average of the
+   last ``--window`` evaluations has not gained ``--min-gain`` over ``--patience`` evaluations. Evaluations use
+   ``--eval-images`` (1000) validation images, or the whole validation set when it is smaller (digits: 400).
 4. Final accuracy: the run's plateau value, the mean of its last ``--window`` evaluations (not the best single
    evaluation).
 5. Accuracy at equal training time and at equal FLOPs, at 25/50/100 % of full's mean time (and FLOPs) to plateau:
@@ -18,9 +18,11 @@ The protocol (issue 21), in order:
    stopped at its plateau (or a ``fixed`` run that finished) before that point counts with its plateau value, one
    that ended otherwise shows ``-``.
 
-Each run is its own ``edge-alast train`` process with ``--eval-every``; the tool stops it with SIGUSR1 when it
-plateaus or reaches the budget, which ends the run as a finished one (evaluated on the whole validation set, model
-saved). Every ALaST run's final model is then evaluated again with its training-time token view
+Each run is its own ``edge-alast train`` process with ``--eval-every``, ``--stop-at-plateau`` (the rule above) and
+``--max-tflops`` (the budget): train applies both at the evaluation they read and ends there as a finished run
+(evaluated on the whole validation set, model saved), so a rerun ends at the same step (the figures up to code
+57932ad were stopped from outside with SIGUSR1, which ended a run one step late when the signal arrived during the
+next step). Every ALaST run's final model is then evaluated again with its training-time token view
 (``edge-alast eval --train-view``): the third table sets it against the all-token accuracy. A run is cached in ``OUT/DATASET/NAME-sSEED.json``
 under a key of its config, the protocol settings that stop it (budget included) and the code version (the last
 git commit touching ``edge_alast/``, whether that folder differs from it, and a hash of the difference): a rerun
@@ -54,7 +56,6 @@ import hashlib
 import json
 import os
 import queue
-import signal
 import statistics
 import subprocess
 import sys
@@ -69,6 +70,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from edge_alast.config import LightPeftConfig  # noqa: E402
+from edge_alast.device import host  # noqa: E402
 from edge_alast.errors import EXIT_INTERRUPTED  # noqa: E402
 from edge_alast.methods import METHODS as METHOD_SPECS  # noqa: E402
 from edge_alast.runfolder import METRICS_FILE, read_metrics  # noqa: E402
@@ -106,27 +108,11 @@ ENDINGS = ("plateau", "budget", "fixed", "max")
 
 
 # -------------------------------------------------------------------------------------------- the protocol (pure)
-def smooth(values: Sequence[float], window: int) -> list[float]:
-    """Trailing moving average: each point is the mean of it and the ``window`` - 1 before it (fewer at the start)."""
-    return [float(np.mean(values[max(0, i - window + 1):i + 1])) for i in range(len(values))]
-
-
 def smooth_centred(values: Sequence[float], window: int) -> list[float]:
     """Centred moving average over ``window`` points (truncated at both ends): no lag on a rising curve, for
     reading the curve at a given time or FLOP count."""
     half = window // 2
     return [float(np.mean(values[max(0, i - half):i + window - half])) for i in range(len(values))]
-
-
-def plateau_at(accuracies: Sequence[float], window: int, patience: int, min_gain: float) -> int | None:
-    """The first evaluation at which the trailing average over ``window`` evaluations has not gained ``min_gain``
-    over the best it reached before the last ``patience`` evaluations (full windows only), or None."""
-    s = smooth(accuracies, window)
-    for i in range(window - 1 + patience, len(s)):
-        before = max(s[window - 1:i - patience + 1])
-        if max(s[i - patience + 1:i + 1]) < before + min_gain:
-            return i
-    return None
 
 
 def plateau_value(accuracies: Sequence[float], window: int) -> float | None:
@@ -294,7 +280,7 @@ def run(config: dict, out: Path, protocol: dict, code: dict, cores: set[int] | N
     proc = subprocess.Popen([sys.executable, "-m", "edge_alast.cli", "train", "--config", str(path), "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                             preexec_fn=_pinned(cores))
-    evals, stopped_by, stop_index = [], None, None
+    evals, stopped_by = [], None
     for line in proc.stdout:
         try:
             event = json.loads(line)
@@ -303,20 +289,10 @@ def run(config: dict, out: Path, protocol: dict, code: dict, cores: set[int] | N
         if event.get("event") == "start" and event.get("resumed_from_step"):  # the curve up to the checkpoint
             evals = [e for e in read_metrics(out / METRICS_FILE)
                      if e.get("event") == "eval" and "step" in e and e["step"] <= event["resumed_from_step"]]
-        if event.get("event") != "eval" or "step" not in event or stopped_by:
-            continue
-        evals.append(event)
-        curve = counted(evals, config)
-        budget = protocol.get("budget_flops")
-        if budget is not None and event["flops_total"] >= budget:
-            stopped_by = "budget"
-        elif protocol["stop_at_plateau"] and curve and plateau_at(
-                [e["val_accuracy"] for e in curve], protocol["window"], protocol["patience"],
-                protocol["min_gain"]) is not None:
-            stopped_by = "plateau"
-        if stopped_by:
-            stop_index = len(curve) - 1
-            proc.send_signal(signal.SIGUSR1)  # end after this step as a finished run: evaluated, model saved
+        elif event.get("event") == "eval" and "step" in event:  # (the final evaluation has no step)
+            evals.append(event)
+        elif event.get("event") == "finish":  # train's stop rules ended it at the evaluation they read
+            stopped_by = event.get("reason")
     exit_code = proc.wait()
     if exit_code == EXIT_INTERRUPTED:  # stopped from outside (SIGTERM, SIGHUP): unfinished, so nothing is cached
         raise SystemExit(f"{out.name} was interrupted (exit {exit_code}) before it finished: nothing cached; its "
@@ -327,15 +303,24 @@ def run(config: dict, out: Path, protocol: dict, code: dict, cores: set[int] | N
     curve = counted(evals, config)
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
     result = {"key": key, "config": config, "evals": curve, "all_evals": len(evals), "ended": ended_as(stopped_by),
-              "stop_index": stop_index if stop_index is not None else len(curve) - 1, "steps": len(steps),
+              "stop_index": len(curve) - 1, "steps": len(steps),
               "peak_rss_bytes": max((r["mem/peak_rss_bytes"] for r in steps), default=None),
               "flops_per_step": sum(r["flops/step"] for r in steps) / max(1, len(steps)),
               "final_val_accuracy": summary.get("val_accuracy"),  # the final model, every token, whole val set
               "train_view": train_view(out, config, cores) if summary and METHOD_SPECS[config["method"]].alast
               else None,
-              "torch_threads": os.environ.get("OMP_NUM_THREADS")}
+              "torch_threads": os.environ.get("OMP_NUM_THREADS"), "machine": machine(cores)}
     done.write_text(json.dumps(result, indent=1))
     return result
+
+
+def machine(cores: set[int] | None = None) -> dict:
+    """Where a run ran (not part of its cache key): the same seed is not the same run on every machine (a machine
+    of the same kind parted from another at step 50, in the sixth decimal of the loss), so merged results must say
+    which machine gave each run."""
+    return {"cpu": host.cpu_model(), "board": host.board_model()["model"], "cpu_threads": host.cpu_threads(),
+            "cores": sorted(cores) if cores else None,
+            "torch": host.distribution_version("torch"), "platform": host.platform_summary()}
 
 
 def train_view(run_dir: Path, config: dict, cores: set[int] | None = None) -> dict:
@@ -554,6 +539,10 @@ def seed_runs(args: argparse.Namespace, order: Sequence[str], base_protocol: dic
             key, _, value = item.partition("=")
             config[key] = yaml.safe_load(value)
         protocol = {**base_protocol, "stop_at_plateau": not fixed, "budget_flops": None if fixed else budget}
+        # train applies the stop rules itself, at the evaluation they read, so a rerun ends at the same step
+        config.update({"stop_at_plateau": not fixed, "plateau_window": args.window,
+                       "plateau_patience": args.patience, "plateau_min_gain": args.min_gain,
+                       "max_tflops": None if fixed or budget is None else budget / 1e12})
         print(f"{dataset} seed {seed}: {name} ...", file=sys.stderr, flush=True)
         mine[name] = run(config, dataset_dir / f"{name}-s{seed}", protocol, code_version(), cores)  # the code as
         # it is when this run starts (an edit made while the benchmark runs reaches the runs after it)
