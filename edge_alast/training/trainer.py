@@ -159,7 +159,7 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
 
     # ---------------------------------------------------------------- training loop
     interrupted, finished_early, finished_by = False, None, None
-    counts_for_plateau = _curve_filter(config)
+    curve_from = _curve_from(config)
     # Trimming the heap each step keeps RSS between steps low, which a memory ceiling's guard needs; without a
     # ceiling it only costs time (the freed pages are faulted in again by the next step).
     trim = config.trim_memory if config.trim_memory is not None else run.guard is not None
@@ -220,7 +220,7 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
                 if evaluated:  # a point of the validation curve
                     point = _validation_point(run, stage, loop, autocast, warn)
                     log(point)
-                    if counts_for_plateau(loop.step):
+                    if loop.step > curve_from:
                         loop.curve.append(point["val_accuracy"])
                 metrics.flush()
                 reason = _end_here(config, run, loop, evaluated, log)  # the stop rules (--stop-at-plateau, ...)
@@ -407,13 +407,11 @@ def _step_record(run: Run, stage: Stage, loop: LoopState, plan, budgets: list[fl
     return record
 
 
-def _curve_filter(config: TrainConfig) -> Callable[[int], bool]:
-    """Whether the validation point after step N counts for the plateau: Light-PEFT's only after its pruning (before
-    it the unpruned model is evaluated, whose accuracy would start the plateau clock that then stops the run in the
-    dip that follows the pruning); every point for the other methods."""
-    if not METHODS[config.method].light_peft:
-        return lambda step: True
-    return lambda step: step > config.light_peft.estimation_steps
+def _curve_from(config: TrainConfig) -> int:
+    """The validation points after this many steps count for the plateau: Light-PEFT's only after its pruning
+    (before it the unpruned model is evaluated, whose accuracy would start the plateau clock that then stops the run
+    in the dip that follows the pruning); every point for the other methods."""
+    return config.light_peft.estimation_steps if METHODS[config.method].light_peft else 0
 
 
 def _end_here(config: TrainConfig, run: Run, loop: LoopState, evaluated: bool, log: Callable[[dict], None]
