@@ -340,7 +340,8 @@ class AlastPolicy:
     def worst_plans(self, caps: PolicyCaps | None = None) -> list[StepPlan]:
         """The plans :meth:`decide` can return under ``caps`` at their most expensive, for a planner to cost.
 
-        Budgets sit at their caps (every token without one; fixed keep ratios stay as they are) and the lowest
+        Budgets sit at their caps (every token without one; fixed keep ratios stay as they are unless they anneal,
+        ``anneal_last``, which raises them to their caps by the run's last step) and the lowest
         trainable block is ``caps.lowest_trainable``. The other K-1 trainable blocks are placed three ways (the
         costliest is the planner's to find): on the lowest non-recomputed blocks (the most tokens, so the most
         stored activations: a recomputed block keeps only its input whether it trains or not), on the lowest blocks
@@ -350,7 +351,8 @@ class AlastPolicy:
         caps = caps or PolicyCaps()
         depth = self.depth
         recompute = tuple(caps.recompute) if caps.recompute is not None else (False,) * depth
-        ceiling = list(self.budgets) if self.update in ("static", "random") else [1.0] * depth
+        fixed = self.update in ("static", "random") and not self.config.anneal_last  # None before config fills it
+        ceiling = list(self.budgets) if fixed else [1.0] * depth
         keep = tuple(min(b, c) for b, c in zip(ceiling, caps.max_keep or ceiling))
         if self.update == "static":
             return [replace(self.decide(caps), keep_ratios=keep, recompute=recompute)]

@@ -213,6 +213,20 @@ def test_static_and_random_baselines_keep_their_ratios():
         AlastPolicy(4, AlastConfig(update="random"))
 
 
+def test_fixed_keep_ratios_are_costed_at_their_caps_when_they_anneal():
+    """A planner costs the worst step: annealing (``anneal_last``) raises static/random's fixed ratios to 1 (or the
+    caps) by the last step, so that step is what must fit, not the ratios they start from."""
+    keep = [0.9, 0.7, 0.8, 0.6]
+    for update, extra in (("static", {"trainable_blocks": [1, 3]}), ("random", {})):
+        plain = AlastPolicy(4, AlastConfig(update=update, keep_ratios=keep, k_trainable=2, **extra))
+        assert {p.keep_ratios for p in plain.worst_plans()} == {tuple(keep)}
+        annealing = AlastPolicy(4, AlastConfig(update=update, keep_ratios=keep, k_trainable=2, anneal_last=0.2,
+                                               **extra))
+        assert {p.keep_ratios for p in annealing.worst_plans()} == {(1.0,) * 4}
+        caps = PolicyCaps(max_keep=(1.0, 0.8, 0.75, 0.7))
+        assert {p.keep_ratios for p in annealing.worst_plans(caps)} == {caps.max_keep}
+
+
 # ---------------------------------------------------------------------------------------------- co-authors' code
 # Federico-Alvetreti/Split-Learning_ADC, methods/alast.py at 4b02f27 (Delta_Block): each block starts with
 # budget 0.9 and delta 0; in every forward, delta = torch.norm(cls_out - cls_in, p=2).item() ** 2 over the whole
