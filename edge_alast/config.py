@@ -344,9 +344,9 @@ class TrainConfig:
     plateau_patience: int = option(4, min=1)
     plateau_min_gain: float = option(0.005, min=0)
     max_tflops: float | None = option(None, flag="--max-tflops", min=0, min_open=True,
-                                      help="A compute budget: end the run as a finished one once its training "
-                                           "steps have spent this many TFLOPs, checked at each --eval-every point "
-                                           "(so the last step is evaluated), or after each step without it.")
+                                      help="A compute budget: end the run as a finished one after the step that "
+                                           "spends this many TFLOPs in training steps (checked after each step; "
+                                           "with --eval-every, that step is a validation point too).")
     lr: float | None = option(None, flag="--lr", min=0, max=1, min_open=True,
                               help="Learning rate, in (0, 1]; default: the method's (3e-5 for full and alast, 1e-3 "
                                    "for head and the LoRA/Light-PEFT methods).")

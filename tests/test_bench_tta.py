@@ -282,3 +282,14 @@ def test_a_run_ends_where_train_says_and_records_its_machine(tmp_path, monkeypat
     assert result["machine"]["cores"] == [0] and result["machine"]["cpu_threads"] >= 1
     assert result["machine"]["torch"] and result["machine"]["platform"]["machine"]
     assert json.loads(out.with_suffix(".json").read_text())["ended"] == "budget"  # cached as it ended
+
+
+def test_the_stored_curve_is_the_one_trains_plateau_rule_reads():
+    """Light-PEFT's evaluations before its pruning (of the unpruned model) are not its curve; every method else keeps
+    them all. The rule is train's own (curve_start), so the tool and train cannot disagree on where a run ended."""
+    curve = evals([0.9, 0.5, 0.6, 0.7])  # steps 25, 50, 75, 100
+    pruned = {"method": "light-peft+alast", "light_peft": {"estimation_steps": 50}}
+    assert [e["step"] for e in bt.counted(curve, pruned)] == [75, 100]
+    default = bt.LightPeftConfig().estimation_steps  # 200 steps: every point of this curve is before its pruning
+    assert bt.counted(curve, {"method": "light-peft"}) == [e for e in curve if e["step"] > default] == []
+    assert bt.counted(curve, {"method": "full"}) == curve

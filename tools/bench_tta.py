@@ -19,8 +19,9 @@ The protocol (issue 21), in order:
    that ended otherwise shows ``-``.
 
 Each run is its own ``edge-alast train`` process with ``--eval-every``, ``--stop-at-plateau`` (the rule above) and
-``--max-tflops`` (the budget): train applies both at the evaluation they read and ends there as a finished run
-(evaluated on the whole validation set, model saved), so a rerun ends at the same step (the figures up to code
+``--max-tflops`` (the budget): train applies both at the step they refer to (the plateau at an evaluation, the
+budget after the step that spends it, evaluated there) and ends there as a finished run (evaluated on the whole
+validation set, model saved), so a rerun ends at the same step (the figures up to code
 57932ad were stopped from outside with SIGUSR1, which ended a run one step late when the signal arrived during the
 next step). Every ALaST run's final model is then evaluated again with its training-time token view
 (``edge-alast eval --train-view``): the third table sets it against the all-token accuracy. A run is cached in ``OUT/DATASET/NAME-sSEED.json``
@@ -74,6 +75,7 @@ from edge_alast.device import host  # noqa: E402
 from edge_alast.errors import EXIT_INTERRUPTED  # noqa: E402
 from edge_alast.methods import METHODS as METHOD_SPECS  # noqa: E402
 from edge_alast.runfolder import METRICS_FILE, read_metrics  # noqa: E402
+from edge_alast.training.stopping import curve_start  # noqa: E402
 
 # name -> run-file settings on top of the common ones. "{run:NAME}" is the same seed's run folder of method NAME,
 # "{steps:NAME}" the steps that run took to its last evaluation; such a method runs after NAME.
@@ -234,13 +236,11 @@ def write_fmnist(root: Path, train: int, val: int) -> Path:
 
 # -------------------------------------------------------------------------------------------- running
 def counted(evals: list[dict], config: dict) -> list[dict]:
-    """The evaluations of the model the run delivers: for Light-PEFT, those after its pruning (before it, the
-    unpruned model is evaluated; its accuracy would otherwise start the plateau clock, which then stops the run in
-    the dip that follows pruning)."""
-    if not str(config.get("method", "")).startswith("light-peft"):
-        return evals
-    pruned_at = int((config.get("light_peft") or {}).get("estimation_steps", LightPeftConfig().estimation_steps))
-    return [e for e in evals if e["step"] > pruned_at]
+    """The evaluations of the model the run delivers: those train's plateau rule reads (for Light-PEFT, only those
+    after its pruning: :func:`edge_alast.training.stopping.curve_start`)."""
+    estimation = (config.get("light_peft") or {}).get("estimation_steps", LightPeftConfig().estimation_steps)
+    start = curve_start(config["method"], int(estimation))
+    return [e for e in evals if e["step"] > start]
 
 
 def core_shares(jobs: int) -> list[set[int] | None]:

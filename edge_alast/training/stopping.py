@@ -18,8 +18,17 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+from ..methods import METHODS
+
 PLATEAU = "plateau"
 BUDGET = "budget"
+
+
+def curve_start(method: str, estimation_steps: int) -> int:
+    """The validation points after this many steps count for the plateau: Light-PEFT's only after its pruning at
+    ``estimation_steps`` (before it the unpruned model is evaluated, whose accuracy would start the plateau clock that
+    then stops the run in the dip that follows the pruning); every point for the other methods."""
+    return estimation_steps if METHODS[method].light_peft else 0
 
 
 def smooth(values: Sequence[float], window: int) -> list[float]:

@@ -37,7 +37,7 @@ from .evaluate import evaluate
 from .objective import ProximalTerm, penalties
 from .run import Run, make_loader, setup_run
 from .stage import Stage, first_stage, next_stage, pruning_summary
-from .stopping import PLATEAU, annealed_end, stop_reason
+from .stopping import PLATEAU, annealed_end, curve_start, stop_reason
 
 CHECKPOINT_FORMAT = 1
 HISTORY = ("step_seconds", "step_flops", "losses", "step_peak_bytes")
@@ -159,7 +159,7 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
 
     # ---------------------------------------------------------------- training loop
     interrupted, finished_early, finished_by = False, None, None
-    curve_from = _curve_from(config)
+    curve_from = curve_start(config.method, config.light_peft.estimation_steps)
     # Trimming the heap each step keeps RSS between steps low, which a memory ceiling's guard needs; without a
     # ceiling it only costs time (the freed pages are faulted in again by the next step).
     trim = config.trim_memory if config.trim_memory is not None else run.guard is not None
@@ -216,8 +216,11 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
                      # optimizer (on CUDA: until the kernels are queued), and the rest (policy update, memory
                      # readings, guard)
                      "time/data_seconds": t_data - t0, "time/compute_seconds": t_compute - t_data})
-                evaluated = bool(config.eval_every) and loop.step % config.eval_every == 0
-                if evaluated:  # a point of the validation curve
+                # a point of the validation curve: every --eval-every steps, and where --max-tflops is spent (the
+                # run ends there, so its curve ends on the step the budget ran out)
+                evaluated = bool(config.eval_every) and (loop.step % config.eval_every == 0
+                                                         or _over_budget(config, loop))
+                if evaluated:
                     point = _validation_point(run, stage, loop, autocast, warn)
                     log(point)
                     if loop.step > curve_from:
@@ -407,25 +410,27 @@ def _step_record(run: Run, stage: Stage, loop: LoopState, plan, budgets: list[fl
     return record
 
 
-def _curve_from(config: TrainConfig) -> int:
-    """The validation points after this many steps count for the plateau: Light-PEFT's only after its pruning
-    (before it the unpruned model is evaluated, whose accuracy would start the plateau clock that then stops the run
-    in the dip that follows the pruning); every point for the other methods."""
-    return config.light_peft.estimation_steps if METHODS[config.method].light_peft else 0
+def _budget_flops(config: TrainConfig) -> float | None:
+    return config.max_tflops * 1e12 if config.max_tflops is not None else None
+
+
+def _over_budget(config: TrainConfig, loop: LoopState) -> bool:
+    """``--max-tflops`` is spent: checked after every step, so a run overshoots it by less than one step."""
+    budget = _budget_flops(config)
+    return budget is not None and sum(loop.history["step_flops"]) >= budget
 
 
 def _end_here(config: TrainConfig, run: Run, loop: LoopState, evaluated: bool, log: Callable[[dict], None]
               ) -> str | None:
     """Why the config's stop rules end the run after ``loop.step`` steps (``plateau``, ``budget``), else None. They
-    are read at each validation point (after each step without ``--eval-every``). An annealing ALaST run that
-    plateaus is not ended there, on its token-dropped view: its end comes forward (``loop.end_step``, logged as an
-    ``anneal`` event) and it anneals up to it first."""
+    are read at each validation point (after each step without ``--eval-every``; a spent budget makes one). An
+    annealing ALaST run that plateaus is not ended there, on its token-dropped view: its end comes forward
+    (``loop.end_step``, logged as an ``anneal`` event) and it anneals up to it first."""
     reason = None
     if evaluated or not config.eval_every:
         reason = stop_reason(loop.curve, sum(loop.history["step_flops"]), at_plateau=config.stop_at_plateau,
                              window=config.plateau_window, patience=config.plateau_patience,
-                             min_gain=config.plateau_min_gain,
-                             max_flops=config.max_tflops * 1e12 if config.max_tflops is not None else None)
+                             min_gain=config.plateau_min_gain, max_flops=_budget_flops(config))
     if reason == PLATEAU and METHODS[config.method].alast and run.alast.anneal_last > 0:
         if loop.end_step is None:
             loop.end_step = annealed_end(loop.step, run.total_steps, run.alast.anneal_last)

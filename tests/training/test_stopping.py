@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from edge_alast.training.stopping import BUDGET, PLATEAU, annealed_end, plateau_at, smooth, stop_reason
+from edge_alast.training.stopping import BUDGET, PLATEAU, annealed_end, curve_start, plateau_at, smooth, stop_reason
 
 
 def test_smoothing_is_a_trailing_mean():
@@ -47,3 +47,10 @@ def test_a_plateau_brings_an_annealing_runs_end_forward_by_its_annealing_share()
     end = annealed_end(400, 3000, 0.2)  # the annealing starts with the first step after the plateau (0-based 400)
     assert anneal_progress(399, end, 0.2) == 0.0 and anneal_progress(400, end, 0.2) > 0.0
     assert anneal_progress(end - 1, end, 0.2) == 1.0
+
+
+def test_light_peft_curves_count_from_its_pruning_and_every_other_methods_from_the_start():
+    assert curve_start("light-peft", 40) == 40
+    assert curve_start("light-peft+alast", 25) == 25
+    for method in ("full", "head", "alast", "lora", "alast-lora"):
+        assert curve_start(method, 40) == 0

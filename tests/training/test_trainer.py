@@ -793,9 +793,12 @@ def test_max_tflops_ends_the_run_once_its_steps_have_spent_it(image_folder, tmp_
     budget = 2.5 * flops / 1e12  # spent during step 3
     summary = train(tiny_config(image_folder, tmp_path / "r", steps=10, method="full", max_tflops=budget)).summary
     assert (summary["steps"], summary["finished_by"]) == (3, "budget")  # checked after each step
-    summary = train(tiny_config(image_folder, tmp_path / "e", steps=10, method="full", max_tflops=budget,
-                                eval_every=2)).summary
-    assert (summary["steps"], summary["finished_by"]) == (4, "budget")  # at the evaluation after it: step 4
+    run = train(tiny_config(image_folder, tmp_path / "e", steps=10, method="full", max_tflops=budget, eval_every=2))
+    assert (run.summary["steps"], run.summary["finished_by"]) == (3, "budget")  # not at the next point, step 4
+    lines = [json.loads(x) for x in (tmp_path / "e" / "metrics.jsonl").read_text().splitlines()]
+    points = [r for r in lines if r["event"] == "eval"]
+    assert [p["step"] for p in points] == [2, 3]  # the step it ran out on is a validation point: the curve ends there
+    assert points[-1]["flops_total"] == pytest.approx(3 * flops, rel=1e-6)
 
 
 def test_a_resumed_run_keeps_its_validation_curve_for_the_plateau(image_folder, tmp_path):
