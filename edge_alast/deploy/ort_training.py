@@ -44,7 +44,7 @@ from ..model.names import block_index, is_final_norm, is_head
 from ..runfolder import (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, budget_metric, load_run_model,
                          metric, read_metrics, steady)
 from .onnxmeta import (MAX_IR_VERSION, build_metadata, decode_metadata, image_args, limit_ir_version,
-                       set_metadata)
+                       load_model_file, set_metadata, validate_metadata)
 from .predict import import_onnxruntime
 
 ARTIFACTS_DIR = "ort_training"
@@ -256,6 +256,42 @@ class _Loader:
 
 
 # ---------------------------------------------------------------------------------------------- training loop
+ARTIFACT_MODELS = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx")
+MAX_META_BYTES = 2**20  # meta.json: a few KiB (metadata, block lists, parameter names)
+
+
+def _read_artifacts(art: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``meta.json`` of an artifacts folder and its validated model metadata, with each ONNX file checked as
+    ``predict`` checks a model (:func:`~edge_alast.deploy.onnxmeta.load_model_file`: a regular, self-contained file
+    of at most 2 GiB) before onnxruntime opens it: the training API takes paths, not bytes, and would follow a
+    tensor's external-data location to any file.
+
+    Raises:
+        ConfigError: naming ``--artifacts`` and the file: missing, oversized, not JSON/ONNX, a key or metadata
+            field missing or out of bounds.
+    """
+    where = f"--artifacts: {art}"
+    path = art / META_FILE
+    try:
+        size = path.stat().st_size
+        if size > MAX_META_BYTES:
+            raise ConfigError(f"{where}: {META_FILE} is {size} bytes, over the {MAX_META_BYTES} an artifacts "
+                              "folder's holds")
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{where} is not an edge-alast ORT training folder ({META_FILE}: {e})") from None
+    blocks = info.get("trainable_blocks") if isinstance(info, dict) else None
+    if not (isinstance(blocks, list) and all(isinstance(b, int) and not isinstance(b, bool) for b in blocks)):
+        raise ConfigError(f"{where}: {META_FILE} has no trainable_blocks list of block indices")
+    if not isinstance(info.get("metadata"), dict):
+        raise ConfigError(f"{where}: {META_FILE} has no metadata object (export the run again with "
+                          "`edge-alast export --format ort-training`)")
+    meta = validate_metadata(decode_metadata(info["metadata"], f"{path}"), f"{path}")
+    for name in ARTIFACT_MODELS:
+        load_model_file(art / name)
+    return info, meta
+
+
 def train_ort(artifacts_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *, steps: int,
               val_data: str | os.PathLike | None = None, batch_size: int = 16, lr: float = 1e-4, seed: int = 0,
               val_fraction: float = 0.2, on_event: Callable[[dict], None] | None = None) -> dict[str, Any]:
@@ -281,11 +317,7 @@ def train_ort(artifacts_dir: str | os.PathLike, data: str | os.PathLike, out: st
     if not lr > 0:
         raise ConfigError(f"--lr: must be > 0, got {lr}")
     art = Path(artifacts_dir)
-    try:
-        info = json.loads((art / META_FILE).read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"--artifacts: {art} is not an edge-alast ORT training folder ({META_FILE}: {e})") from e
-    meta = decode_metadata(info["metadata"])
+    info, meta = _read_artifacts(art)
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -92,6 +92,44 @@ def test_train_ort_bad_inputs(artifacts, tmp_path):
     assert result.exit_code == 3 and "--data" in result.output
 
 
+def _copy(folder, dst):
+    import shutil
+
+    shutil.copytree(folder, dst)
+    return dst
+
+
+def test_train_ort_refuses_a_damaged_or_hostile_artifacts_folder_naming_the_file(artifacts, tmp_path):
+    """The training API opens models by path, so each file is checked first as predict checks a model: a tensor
+    stored as external data would make onnxruntime read whatever file it names."""
+    folder, data = artifacts
+    bare = _copy(folder, tmp_path / "no-metadata")
+    info = json.loads((bare / "meta.json").read_text())
+    (bare / "meta.json").write_text(json.dumps({k: v for k, v in info.items() if k != "metadata"}))
+    with pytest.raises(ConfigError, match=r"no-metadata: meta.json has no metadata object"):
+        train_ort(bare, data, tmp_path / "o", steps=1)
+    wrong = _copy(folder, tmp_path / "bad-size")
+    info["metadata"]["edge_alast.img_size"] = "0"
+    (wrong / "meta.json").write_text(json.dumps(info))
+    with pytest.raises(ConfigError, match=r"meta.json: metadata edge_alast.img_size must be an integer"):
+        train_ort(wrong, data, tmp_path / "o", steps=1)
+    hostile = _copy(folder, tmp_path / "hostile")
+    model = onnx.load(str(hostile / "training_model.onnx"))
+    tensor = model.graph.initializer.add()
+    tensor.name, tensor.data_type = "planted", onnx.TensorProto.FLOAT
+    tensor.dims.append(4)
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value="../../../etc/shadow")
+    onnx.save(model, str(hostile / "training_model.onnx"))
+    with pytest.raises(ConfigError, match=r"training_model.onnx: tensor planted is stored as external data"):
+        train_ort(hostile, data, tmp_path / "o", steps=1)
+    (hostile / "eval_model.onnx").unlink()
+    (hostile / "training_model.onnx").write_bytes((folder / "training_model.onnx").read_bytes())
+    with pytest.raises(ConfigError, match=r"eval_model.onnx: no such model file"):
+        train_ort(hostile, data, tmp_path / "o", steps=1)
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()  # refused before anything was trained or written
+
+
 @pytest.mark.assets
 def test_ort_training_on_fashion_mnist(fashion_mnist, tmp_path):
     run = make_run(fashion_mnist / "train", tmp_path / "run", val_data=fashion_mnist / "val", steps=1)
