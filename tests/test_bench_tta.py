@@ -3,6 +3,7 @@ and FLOPs, how a run ended, the cache key and the run order. No training here.""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -281,6 +282,7 @@ def test_a_run_ends_where_train_says_and_records_its_machine(tmp_path, monkeypat
     assert [e["step"] for e in result["evals"]] == [50, 100]
     assert result["machine"]["cores"] == [0] and result["machine"]["cpu_threads"] >= 1
     assert result["machine"]["torch"] and result["machine"]["platform"]["machine"]
+    assert bt.machine()["cores"] == sorted(os.sched_getaffinity(0))  # unpinned by the tool: the process's own
     assert json.loads(out.with_suffix(".json").read_text())["ended"] == "budget"  # cached as it ended
 
 

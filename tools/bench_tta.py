@@ -317,7 +317,10 @@ def run(config: dict, out: Path, protocol: dict, code: dict, cores: set[int] | N
 def machine(cores: set[int] | None = None) -> dict:
     """Where a run ran (not part of its cache key): the same seed is not the same run on every machine (a machine
     of the same kind parted from another at step 50, in the sixth decimal of the loss), so merged results must say
-    which machine gave each run."""
+    which machine gave each run. ``cores``: those the run was pinned to; else those this process may use (its
+    runs inherit them: ``taskset -c 1 bench_tta.py ...`` records [1])."""
+    if not cores and hasattr(os, "sched_getaffinity"):
+        cores = os.sched_getaffinity(0)
     return {"cpu": host.cpu_model(), "board": host.board_model()["model"], "cpu_threads": host.cpu_threads(),
             "cores": sorted(cores) if cores else None,
             "torch": host.distribution_version("torch"), "platform": host.platform_summary()}
