@@ -295,3 +295,36 @@ def test_the_stored_curve_is_the_one_trains_plateau_rule_reads():
     default = bt.LightPeftConfig().estimation_steps  # 200 steps: every point of this curve is before its pruning
     assert bt.counted(curve, {"method": "light-peft"}) == [e for e in curve if e["step"] > default] == []
     assert bt.counted(curve, {"method": "full"}) == curve
+
+
+def test_collect_tables_the_runs_finished_so_far_naming_a_methods_seeds(tmp_path, capsys):
+    """A benchmark that spans sessions: --collect writes results.json from the cached runs that exist, runs nothing,
+    and a method on fewer seeds than full says which."""
+    def record(name, seed, accs):
+        config = {"model": "vit_small_patch14_dinov2", "img_size": 224, "batch_size": 16, "eval_every": 25,
+                  "seed": seed, "method": "full" if name == "full" else "alast"}
+        protocol = {"window": 2, "patience": 1, "min_gain": 0.005, "stop_at_plateau": True, "budget_flops": None}
+        return {"key": {"config": config, "protocol": protocol, "code": {"commit": "7e2d446" + "0" * 33,
+                                                                         "dirty": False}},
+                "config": config, "evals": [{**e, "val_images": 1000} for e in evals(accs)], "ended": "plateau",
+                "stop_index": len(accs) - 1,
+                "steps": 25 * len(accs), "peak_rss_bytes": 2**31, "flops_per_step": 594e9}
+
+    runs = tmp_path / "fmnist"
+    runs.mkdir()
+    for name, seed in (("full", 0), ("full", 1), ("alast-reference", 1)):
+        (runs / f"{name}-s{seed}.json").write_text(json.dumps(record(name, seed, [0.7, 0.8, 0.8])))
+    assert bt.main(["--collect", "--out", str(tmp_path), "--datasets", "fmnist", "--seeds", "0,1,2",
+                    "--methods", "full,alast-reference,alast-anneal"]) == 0
+    stored = json.loads((tmp_path / "results.json").read_text())
+    assert list(stored) == ["fmnist/full", "fmnist/alast-reference"]  # anneal: nothing finished, left out
+    assert [r["config"]["seed"] for r in stored["fmnist/full"]] == [0, 1]
+    printed = capsys.readouterr().out
+    assert "seeds 0,1, code 7e2d446." in printed and "| full | 0.800" in printed
+    assert "| alast-reference (seed 1) | 0.800 |" in printed
+    assert not any((tmp_path / "fmnist").glob("*anneal*"))  # nothing was started
+    (runs / "full-s2.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="full-s2.json is not a run record"):
+        bt.main(["--collect", "--out", str(tmp_path), "--datasets", "fmnist", "--methods", "full"])
+    with pytest.raises(SystemExit, match="no finished run"):
+        bt.main(["--collect", "--out", str(tmp_path), "--datasets", "digits"])

@@ -29,7 +29,8 @@ under a key of its config, the protocol settings that stop it (budget included) 
 git commit touching ``edge_alast/``, whether that folder differs from it, and a hash of the difference): a rerun
 skips only runs of the same settings on the same code, and a run it started and lost (the benchmark stopped, the machine
 went down) continues from its last checkpoint, which ends it where it would have ended (resume is exact). ``results.json`` holds every run; ``--markdown FILE`` prints
-the tables from it, running nothing. ``--jobs N`` runs N seeds at once, each seed's chain of runs pinned to its
+the tables from it, running nothing; ``--collect`` writes it from the runs finished so far (a benchmark that spans
+days), a method on fewer seeds than full named with its seeds. ``--jobs N`` runs N seeds at once, each seed's chain of runs pinned to its
 share of the CPU cores (the figures in docs/benchmarks.md: ``--jobs 2`` with ``OMP_NUM_THREADS=1`` on 2 cores).
 
 Methods: ``full``, ``head``, ALaST with each update (``alast-reference``, the paper's, not annealed;
@@ -406,6 +407,16 @@ def endings(runs: list[dict]) -> str:
     return ", ".join(f"{e} {n}" for e, n in counts.items() if n)
 
 
+def labels(results: dict[str, list[dict]]) -> dict[str, str]:
+    """Each method's row name, with its seeds where they are not the first method's (full's): a table of a
+    benchmark still under way (``--collect``) has methods on fewer seeds."""
+    seeds = {name: [r["config"]["seed"] for r in runs] for name, runs in results.items()}
+    common = seeds.get("full", next(iter(seeds.values()), []))
+    return {name: name if mine == common else f"{name} (seed{'s' if len(mine) > 1 else ''} "
+                                                f"{','.join(map(str, mine))})"
+            for name, mine in seeds.items()}
+
+
 def markdown(stored: dict) -> str:
     """The tables of a ``results.json`` ("DATASET/METHOD" -> that method's runs, one per seed), two per data set:
     how each method ended, and its accuracy at equal training time and FLOPs."""
@@ -435,13 +446,14 @@ def markdown(stored: dict) -> str:
                        f"{mean_std(f_full, 1e12, '{:.1f}')} TFLOPs; budget for the others "
                        f"{mean_std(list(budgets.values()), 1e12, '{:.1f}')} TFLOPs (each seed's from its own "
                        f"full run).\n")
+        label = labels(results)
         out.append("| method | final acc (mean of last evals) | ended | steps | training s | TFLOPs | "
                    "GFLOPs/step | peak RSS MiB |")
         out.append("|---|---|---|---|---|---|---|---|")
         for name, runs in results.items():
             finals = [plateau_value([e["val_accuracy"] for e in r["evals"]], window) for r in runs]
             last = [r["evals"][-1] if r["evals"] else {} for r in runs]
-            out.append(f"| {name} | {mean_std(finals)} | {endings(runs)} | "
+            out.append(f"| {label[name]} | {mean_std(finals)} | {endings(runs)} | "
                        f"{mean_std([r['steps'] for r in runs], fmt='{:.0f}')} | "
                        f"{mean_std([e.get('elapsed_seconds') for e in last], fmt='{:.0f}')} | "
                        f"{mean_std([e.get('flops_total') for e in last], 1e12, '{:.1f}')} | "
@@ -457,7 +469,7 @@ def markdown(stored: dict) -> str:
             for name, runs in viewed.items():
                 pairs = [(r.get("final_val_accuracy"), (r.get("train_view") or {}).get("accuracy")) for r in runs]
                 gaps = [100 * (a - v) if a is not None and v is not None else None for a, v in pairs]
-                out.append(f"| {name} | {mean_std([a for a, _ in pairs])} | {mean_std([v for _, v in pairs])} | "
+                out.append(f"| {label[name]} | {mean_std([a for a, _ in pairs])} | {mean_std([v for _, v in pairs])} | "
                            f"{mean_std(gaps, fmt='{:+.1f}')} |")
         if not full:
             continue
@@ -475,7 +487,7 @@ def markdown(stored: dict) -> str:
                      for f in FRACTIONS]
             cells += [mean_std([value_at(r["evals"], f * f_ref, "flops_total", window, ending(r)) for r in runs])
                       for f in FRACTIONS]
-            out.append(f"| {name} | " + " | ".join(cells) + " |")
+            out.append(f"| {label[name]} | " + " | ".join(cells) + " |")
         rows, winner, why = choose_default(results, t_ref, window)
         if rows:
             out.append(f"\nThe default by the stated rule: best accuracy at equal training time at "
@@ -552,6 +564,26 @@ def seed_runs(args: argparse.Namespace, order: Sequence[str], base_protocol: dic
     return mine
 
 
+def collect(out: Path, datasets: Sequence[str], methods: Sequence[str], seeds: Sequence[int]) -> dict:
+    """A ``results.json`` of the finished runs cached in ``out`` (``OUT/DATASET/NAME-sSEED.json``), in the order
+    given; a run not (yet) finished is left out, and a method or data set without any."""
+    stored = {}
+    for dataset in datasets:
+        for name in methods:
+            runs = []
+            for seed in seeds:
+                path = out / dataset / f"{name}-s{seed}.json"
+                try:
+                    runs.append(json.loads(path.read_text()))
+                except FileNotFoundError:
+                    continue
+                except ValueError as e:
+                    raise SystemExit(f"--collect: {path} is not a run record ({e})") from None
+            if runs:
+                stored[f"{dataset}/{name}"] = runs
+    return stored
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--weights")
@@ -582,9 +614,21 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "tta")
     ap.add_argument("--markdown", type=Path, metavar="FILE",
                     help="print the tables of a results.json (OUT/results.json) and exit, running nothing")
+    ap.add_argument("--collect", action="store_true",
+                    help="write OUT/results.json from the runs of --datasets/--methods/--seeds already finished "
+                         "in OUT (as cached, whatever their code version; missing ones are left out) and print "
+                         "its tables, running nothing: the tables so far of a benchmark still under way")
     args = ap.parse_args(argv)
     if args.markdown:
         print(markdown(json.loads(args.markdown.read_text())))
+        return 0
+    if args.collect:
+        stored = collect(args.out, args.datasets.split(","), run_order(args.methods.split(",")),
+                         list(map(int, args.seeds.split(","))))
+        if not stored:
+            raise SystemExit(f"--collect: no finished run of those data sets, methods and seeds in {args.out}")
+        (args.out / "results.json").write_text(json.dumps(stored, indent=1))
+        print(markdown(stored))
         return 0
     if not args.weights:
         ap.error("--weights is required")
