@@ -21,17 +21,18 @@ The protocol (issue 21), in order:
 Each run is its own ``edge-alast train`` process with ``--eval-every``, ``--stop-at-plateau`` (the rule above) and
 ``--max-tflops`` (the budget): train applies both at the step they refer to (the plateau at an evaluation, the
 budget after the step that spends it, evaluated there) and ends there as a finished run (evaluated on the whole
-validation set, model saved), so a rerun ends at the same step (the figures up to code
-57932ad were stopped from outside with SIGUSR1, which ended a run one step late when the signal arrived during the
-next step). Every ALaST run's final model is then evaluated again with its training-time token view
-(``edge-alast eval --train-view``): the third table sets it against the all-token accuracy. A run is cached in ``OUT/DATASET/NAME-sSEED.json``
-under a key of its config, the protocol settings that stop it (budget included) and the code version (the last
-git commit touching ``edge_alast/``, whether that folder differs from it, and a hash of the difference): a rerun
-skips only runs of the same settings on the same code, and a run it started and lost (the benchmark stopped, the machine
-went down) continues from its last checkpoint, which ends it where it would have ended (resume is exact). ``results.json`` holds every run; ``--markdown FILE`` prints
-the tables from it, running nothing; ``--collect`` writes it from the runs finished so far (a benchmark that spans
-days), a method on fewer seeds than full named with its seeds. ``--jobs N`` runs N seeds at once, each seed's chain of runs pinned to its
-share of the CPU cores (the figures in docs/benchmarks.md: ``--jobs 2`` with ``OMP_NUM_THREADS=1`` on 2 cores).
+validation set, model saved), so a rerun ends at the same step (the figures up to code 57932ad were stopped from
+outside with SIGUSR1, which ended a run one step late when the signal arrived during the next step). Every ALaST
+run's final model is then evaluated again with its training-time token view (``edge-alast eval --train-view``): the
+third table sets it against the all-token accuracy. A run is cached in ``OUT/DATASET/NAME-sSEED.json`` under a key
+of its config, the protocol settings that stop it (budget included) and the code version (the last git commit
+touching ``edge_alast/``, whether that folder differs from it, and a hash of the difference): a rerun skips only
+runs of the same settings on the same code, and a run it started and lost (the benchmark stopped, the machine went
+down) continues from its last checkpoint, which ends it where it would have ended (resume is exact).
+``results.json`` holds every run; ``--markdown FILE`` prints the tables from it, running nothing; ``--collect``
+writes it from the runs finished so far (a benchmark that spans days), a method on fewer seeds than full named with
+its seeds. ``--jobs N`` runs N seeds at once, each seed's chain of runs pinned to its share of the CPU cores (the
+figures in docs/benchmarks.md: ``--jobs 2`` with ``OMP_NUM_THREADS=1`` on 2 cores).
 
 Methods: ``full``, ``head``, ALaST with each update (``alast-reference``, the paper's, not annealed;
 ``alast-coauthors``, the co-authors' code; ``alast-relative``), the ``static`` and ``random`` baselines built from
