@@ -490,10 +490,12 @@ def markdown(stored: dict) -> str:
                       for f in FRACTIONS]
             out.append(f"| {label[name]} | " + " | ".join(cells) + " |")
         rows, winner, why = choose_default(results, t_ref, window)
+        absent = [name for name in DEFAULT_CANDIDATES if name not in results]  # the rule chose among the others
         if rows:
             out.append(f"\nThe default by the stated rule: best accuracy at equal training time at "
                        f"{DEFAULT_AT:.0%} of full's time to plateau, unless its plateau is below the best candidate "
-                       f"plateau by more than its seed spread (candidates: {', '.join(DEFAULT_CANDIDATES)}).\n")
+                       f"plateau by more than its seed spread (candidates: {', '.join(DEFAULT_CANDIDATES)}"
+                       + (f"; not run here: {', '.join(absent)}" if absent else "") + ").\n")
             out.append(f"| candidate | seeds | acc @ {DEFAULT_AT:.0%} s | plateau acc | seed spread (sd) |")
             out.append("|---|---|---|---|---|")
             for row in rows:
