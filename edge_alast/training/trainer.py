@@ -87,6 +87,11 @@ class LoopState:
             self.history[key].append(value)
         self.step = step + 1
 
+    @property
+    def flops_spent(self) -> float:
+        """Training FLOPs of the steps run so far (what ``--max-tflops`` caps and the validation points report)."""
+        return sum(self.history["step_flops"])
+
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "caps": self.caps.state_dict(), "scaler": self.scaler.state_dict(),
                 "history": {k: list(v) for k, v in self.history.items()}, "curve": list(self.curve),
@@ -417,7 +422,7 @@ def _budget_flops(config: TrainConfig) -> float | None:
 def _over_budget(config: TrainConfig, loop: LoopState) -> bool:
     """``--max-tflops`` is spent: checked after every step, so a run overshoots it by less than one step."""
     budget = _budget_flops(config)
-    return budget is not None and sum(loop.history["step_flops"]) >= budget
+    return budget is not None and loop.flops_spent >= budget
 
 
 def _end_here(config: TrainConfig, run: Run, loop: LoopState, evaluated: bool, log: Callable[[dict], None]
@@ -428,7 +433,7 @@ def _end_here(config: TrainConfig, run: Run, loop: LoopState, evaluated: bool, l
     (``loop.end_step``, logged as an ``anneal`` event) and it anneals up to it first."""
     reason = None
     if evaluated or not config.eval_every:
-        reason = stop_reason(loop.curve, sum(loop.history["step_flops"]), at_plateau=config.stop_at_plateau,
+        reason = stop_reason(loop.curve, loop.flops_spent, at_plateau=config.stop_at_plateau,
                              window=config.plateau_window, patience=config.plateau_patience,
                              min_gain=config.plateau_min_gain, max_flops=_budget_flops(config))
     if reason == PLATEAU and METHODS[config.method].alast and run.alast.anneal_last > 0:
@@ -448,7 +453,7 @@ def _validation_point(run: Run, stage: Stage, loop: LoopState, autocast, on_warn
                                   autocast, bad=run.val_bad_images, on_warning=on_warning)
     return {"event": "eval", "step": loop.step, "val_accuracy": accuracy, "val_loss": val_loss,
             "val_images": len(run.eval_samples), "elapsed_seconds": sum(loop.history["step_seconds"]),
-            "flops_total": int(sum(loop.history["step_flops"]))}
+            "flops_total": int(loop.flops_spent)}
 
 
 # -------------------------------------------------------------------------------------------- checkpoints
