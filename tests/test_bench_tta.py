@@ -328,3 +328,28 @@ def test_collect_tables_the_runs_finished_so_far_naming_a_methods_seeds(tmp_path
         bt.main(["--collect", "--out", str(tmp_path), "--datasets", "fmnist", "--methods", "full"])
     with pytest.raises(SystemExit, match="no finished run"):
         bt.main(["--collect", "--out", str(tmp_path), "--datasets", "digits"])
+
+
+def test_a_signal_to_the_tool_stops_its_runs_at_a_checkpoint_and_starts_no_more():
+    """SIGTERM/SIGHUP/SIGINT to the tool go on to its train processes as SIGTERM (train: checkpoint, exit 75) while
+    the tool keeps reading them; no run starts after it. The tool once exited at once, and its children lost the
+    reader of their output in mid-run."""
+    import signal
+
+    children = bt.Children()
+    child = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(75)); "
+             "print('ready', flush=True); time.sleep(60)")
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    try:
+        children.forward_signals()
+        proc = children.start([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline() == "ready\n"
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert proc.wait(timeout=20) == 75 and children.stopping
+        children.done(proc)
+        assert not children.running
+        with pytest.raises(SystemExit, match="stopped by a signal"):
+            children.start([sys.executable, "-c", "pass"])
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)

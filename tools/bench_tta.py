@@ -33,6 +33,8 @@ down) continues from its last checkpoint, which ends it where it would have ende
 writes it from the runs finished so far (a benchmark that spans days), a method on fewer seeds than full named with
 its seeds. ``--jobs N`` runs N seeds at once, each seed's chain of runs pinned to its share of the CPU cores (the
 figures in docs/benchmarks.md: ``--jobs 2`` with ``OMP_NUM_THREADS=1`` on 2 cores).
+SIGTERM, SIGHUP or Ctrl-C to the tool stops the runs under way after their current step with a checkpoint (the
+tool waits for them, caches nothing unfinished and starts no further run); running it again resumes them.
 
 Methods: ``full``, ``head``, ALaST with each update (``alast-reference``, the paper's, not annealed;
 ``alast-coauthors``, the co-authors' code; ``alast-relative``), the ``static`` and ``random`` baselines built from
@@ -59,6 +61,7 @@ import hashlib
 import json
 import os
 import queue
+import signal
 import statistics
 import subprocess
 import sys
@@ -261,6 +264,45 @@ def _pinned(cores: set[int] | None):
     return None if cores is None else (lambda: os.sched_setaffinity(0, cores))
 
 
+class Children:
+    """The train processes running now. SIGTERM, SIGHUP or SIGINT to this tool (:meth:`forward_signals`) is passed
+    on to them as SIGTERM: each stops after its current step with a checkpoint and exits 75, while the tool keeps
+    reading their output, then stops with nothing cached and starts no further run. Were the tool to exit at once,
+    a child writing to its pipe would lose its reader (train then stops at a checkpoint too, but a run killed with
+    the tool would not)."""
+
+    def __init__(self):
+        self.running: set[subprocess.Popen] = set()
+        self.stopping = False
+
+    def start(self, args: list[str], **popen) -> subprocess.Popen:
+        if self.stopping:
+            raise SystemExit("stopped by a signal before every run had started (running again goes on from here)")
+        proc = subprocess.Popen(args, **popen)
+        self.running.add(proc)
+        if self.stopping:  # the signal came while it started
+            proc.send_signal(signal.SIGTERM)
+        return proc
+
+    def done(self, proc: subprocess.Popen) -> None:
+        self.running.discard(proc)
+
+    def stop(self, signum, frame) -> None:
+        if not self.stopping:
+            print(f"bench_tta: signal {signum}: the runs under way stop after their current step with a checkpoint; "
+                  "running the benchmark again resumes them", file=sys.stderr)
+        self.stopping = True
+        for proc in list(self.running):
+            proc.send_signal(signal.SIGTERM)
+
+    def forward_signals(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, self.stop)
+
+
+CHILDREN = Children()
+
+
 def run(config: dict, out: Path, protocol: dict, code: dict, cores: set[int] | None = None) -> dict:
     """Train until plateau, budget or ``config["steps"]``; the run's eval curve, how it ended and its peak (cached
     in ``OUT.json`` under :func:`cache_key`)."""
@@ -279,23 +321,26 @@ def run(config: dict, out: Path, protocol: dict, code: dict, cores: set[int] | N
         out.mkdir(parents=True, exist_ok=True)
         started.write_text(json.dumps(key))
     path.write_text(yaml.safe_dump({**config, "out": str(out), "resume": resume}))
-    proc = subprocess.Popen([sys.executable, "-m", "edge_alast.cli", "train", "--config", str(path), "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            preexec_fn=_pinned(cores))
+    proc = CHILDREN.start([sys.executable, "-m", "edge_alast.cli", "train", "--config", str(path), "--json"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                          preexec_fn=_pinned(cores))
     evals, stopped_by = [], None
-    for line in proc.stdout:
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if event.get("event") == "start" and event.get("resumed_from_step"):  # the curve up to the checkpoint
-            evals = [e for e in read_metrics(out / METRICS_FILE)
-                     if e.get("event") == "eval" and "step" in e and e["step"] <= event["resumed_from_step"]]
-        elif event.get("event") == "eval" and "step" in event:  # (the final evaluation has no step)
-            evals.append(event)
-        elif event.get("event") == "finish":  # train's stop rules ended it at the evaluation they read
-            stopped_by = event.get("reason")
-    exit_code = proc.wait()
+    try:
+        for line in proc.stdout:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("event") == "start" and event.get("resumed_from_step"):  # the curve up to the checkpoint
+                evals = [e for e in read_metrics(out / METRICS_FILE)
+                         if e.get("event") == "eval" and "step" in e and e["step"] <= event["resumed_from_step"]]
+            elif event.get("event") == "eval" and "step" in event:  # (the final evaluation has no step)
+                evals.append(event)
+            elif event.get("event") == "finish":  # train's stop rules ended it at the evaluation they read
+                stopped_by = event.get("reason")
+        exit_code = proc.wait()
+    finally:
+        CHILDREN.done(proc)
     if exit_code == EXIT_INTERRUPTED:  # stopped from outside (SIGTERM, SIGHUP): unfinished, so nothing is cached
         raise SystemExit(f"{out.name} was interrupted (exit {exit_code}) before it finished: nothing cached; its "
                          "checkpoint is kept, and running the benchmark again resumes it")
@@ -647,6 +692,7 @@ def main(argv=None) -> int:
               "the whole validation set", file=sys.stderr)
 
     args.out.mkdir(parents=True, exist_ok=True)
+    CHILDREN.forward_signals()
     data = {"fmnist": lambda: write_fmnist(args.out / "data-fmnist", args.train_images, 1000),
             "digits": lambda: write_digits(args.out / "data-digits")}
     base_protocol = {"window": args.window, "patience": args.patience, "min_gain": args.min_gain}

@@ -3,8 +3,8 @@
 Exit codes (README, "Exit codes"): 0 done, 1 unexpected failure, 2 usage/configuration error, 3 data error,
 4 ``update`` kept the current model (its gate refused the candidate), 5 training diverged (a NaN or infinite loss
 or weights; nothing published), 6 disk full (the newest complete checkpoint kept), 75 interrupted and resumable
-(SIGTERM/SIGINT: the current step finishes, a checkpoint is written, running the same command resumes). SIGUSR1
-ends ``train`` after the current step as a finished run (evaluated, saved, exit 0).
+(SIGTERM/SIGINT, or a broken pipe on stdout: the current step finishes, a checkpoint is written, running the
+same command resumes). SIGUSR1 ends ``train`` after the current step as a finished run (evaluated, saved, exit 0).
 """
 from __future__ import annotations
 
@@ -30,10 +30,14 @@ def device_key_option(command):
 
 
 def fail(error: Exception, code: int, as_json: bool = False) -> None:
-    """Exit with ``code``: one line on stderr, and an ``error`` event on stdout when printing JSON lines."""
-    if as_json:
-        click.echo(json.dumps({"event": "error", "exit_code": code, "message": str(error)}))
-    click.echo(f"error: {error}", err=True)
+    """Exit with ``code``: one line on stderr, and an ``error`` event on stdout when printing JSON lines (a reader
+    that has gone away does not change the exit code)."""
+    try:
+        if as_json:
+            click.echo(json.dumps({"event": "error", "exit_code": code, "message": str(error)}))
+        click.echo(f"error: {error}", err=True)
+    except OSError:
+        pass
     sys.exit(code)
 
 
@@ -80,6 +84,63 @@ class Watchdog:
             return False
         self._last = now
         return sd_notify("WATCHDOG=1")
+
+
+class EventPrinter:
+    """What the commands' event printers share: each event is a JSON line on stdout (``as_json``) or what
+    :meth:`show` makes of it for a terminal, a systemd status line (:meth:`notify`) and a watchdog ping.
+
+    When the reader of stdout goes away (the parent holding the pipe died: a benchmark or a daemon stopped before
+    its child), the next write fails with a broken pipe. The printer then sends stdout to /dev/null, says so once on
+    stderr, and :attr:`stdout_lost` turns true: the commands poll it beside SIGTERM, so the run stops after its
+    current step with a checkpoint (exit 75; the same command resumes). Training on with nobody reading would
+    leave an orphan holding the run folder, and a traceback from the next write would lose the steps since the
+    last checkpoint.
+    """
+
+    def __init__(self, as_json: bool):
+        self.as_json = as_json
+        self.watchdog = Watchdog()
+        self.stdout_lost = False
+
+    def __call__(self, event: dict) -> None:
+        self.watchdog.ping()  # every event (one per step at least): a hung step stops the pings
+        self.notify(event)
+        if self.stdout_lost:
+            return
+        try:
+            if self.as_json:
+                click.echo(json.dumps(event, default=str))
+            else:
+                self.show(event)
+        except BrokenPipeError:
+            self._lose_output()
+
+    def notify(self, event: dict) -> None:
+        """The systemd status line for ``event``, if any (:func:`sd_notify`)."""
+
+    def show(self, event: dict) -> None:
+        """``event`` for a person at a terminal."""
+
+    def _lose_output(self) -> None:
+        self.stdout_lost = True
+        _to_devnull(sys.stdout)
+        try:
+            click.echo("warning: the reader of this command's output went away (broken pipe): stopping after this "
+                       "step with a checkpoint (exit 75; the same command resumes)", err=True)
+        except OSError:  # stderr went to the same dead reader
+            _to_devnull(sys.stderr)
+
+
+def _to_devnull(stream) -> None:
+    """Point ``stream``'s file descriptor at /dev/null; what is still buffered for it goes there too."""
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):  # no file behind it (a test's capture)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 class StopOnSignal:

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from ..errors import ConfigError, DataError, EdgeAlastError
-from .common import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, FinishOnSignal, StopOnSignal, Watchdog,
+from .common import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, EventPrinter, FinishOnSignal, StopOnSignal,
                      fail, sd_notify)
 from .deploy import export, predict, train_ort
 from .doctor import doctor
@@ -42,21 +42,15 @@ main.add_command(update)
 main.add_command(store)
 
 
-class _Printer:
+class _Printer(EventPrinter):
     """JSON lines on stdout (for journald and daemons) or a one-line progress display on a terminal; a status
     line to systemd when ``NOTIFY_SOCKET`` is set."""
 
     def __init__(self, as_json: bool):
-        self.as_json = as_json
+        super().__init__(as_json)
         self._t0 = None
-        self.watchdog = Watchdog()
 
-    def __call__(self, event: dict) -> None:
-        self.watchdog.ping()  # every event (one per step at least): a hung step stops the pings
-        self._notify(event)
-        if self.as_json:
-            click.echo(json.dumps(event, default=str))
-            return
+    def show(self, event: dict) -> None:
         kind = event.get("event")
         if kind == "start":
             click.echo(f"training {event['model']} ({event['method']}, {event['precision']} on {event['device']}) "
@@ -91,8 +85,7 @@ class _Printer:
             click.echo(f"done: {event['steps']} steps, {event['mean_step_seconds']:.3f} s/step, "
                        f"peak RSS {event['peak_rss_bytes'] / 2**20:.0f} MiB")
 
-    @staticmethod
-    def _notify(event: dict) -> None:
+    def notify(self, event: dict) -> None:
         kind = event.get("event")
         if kind == "start":
             sd_notify(f"READY=1\nSTATUS=training {event['model']} ({event['method']}), step "
@@ -156,7 +149,8 @@ def train(config_file, as_json, **options):
                 raise ConfigError(f"--{required} is required (on the command line or in --config)")
         config = TrainConfig.from_dict(values, source=config_file or "options")
         with StopOnSignal() as stop, FinishOnSignal() as finish:  # SIGUSR1: end here, keep the model (exit 0)
-            result = run_training(config, on_event=printer, should_stop=stop, should_finish=finish)
+            result = run_training(config, on_event=printer, should_stop=lambda: stop() or printer.stdout_lost,
+                                  should_finish=finish)
     except EdgeAlastError as e:
         fail(e, e.exit_code, printer.as_json)
     except ValueError as e:  # a bad value found by a validator below the CLI

@@ -14,7 +14,7 @@ import click
 
 from ..field.update import UpdateConfig
 from ..errors import ConfigError, DiskFullError, EdgeAlastError
-from .common import EXIT_FAILURE, EXIT_USAGE, StopOnSignal, Watchdog, device_key_option, fail, sd_notify
+from .common import EXIT_FAILURE, EXIT_USAGE, EventPrinter, StopOnSignal, device_key_option, fail, sd_notify
 
 _CLICK_TYPES = {"int": int, "float": float, "str": str}
 
@@ -59,23 +59,18 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-class _Printer:
+class _Printer(EventPrinter):
     """JSON lines on stdout, or short lines on a terminal; systemd status and watchdog pings."""
 
-    def __init__(self, as_json: bool):
-        self.as_json = as_json
-        self.watchdog = Watchdog()
-
-    def __call__(self, event: dict) -> None:
-        self.watchdog.ping()
+    def notify(self, event: dict) -> None:
         kind = event.get("event")
         if kind == "stage":
             sd_notify(f"STATUS={event['stage']}: {event['message']}")
         elif kind == "step" and (event["step"] % 10 == 0 or event["step"] == event["steps"]):
             sd_notify(f"STATUS=train: step {event['step']}/{event['steps']} loss {event['loss']:.4f}")
-        if self.as_json:
-            click.echo(json.dumps(event, default=str))
-            return
+
+    def show(self, event: dict) -> None:
+        kind = event.get("event")
         if kind == "stage":
             click.echo(f"{event['stage']}: {event['message']}")
         elif kind == "step" and (event["step"] % 10 == 0 or event["step"] == event["steps"]):
@@ -131,7 +126,8 @@ def update(store_dir, data, as_json, **options):
     try:
         config = UpdateConfig(**{k: v for k, v in options.items() if v is not None})
         with StopOnSignal() as stop:
-            result = run_update(store_dir, data, config, on_event=printer, should_stop=stop,
+            result = run_update(store_dir, data, config, on_event=printer,
+                                should_stop=lambda: stop() or printer.stdout_lost,
                                 tick=printer.watchdog.ping)
     except DiskFullError as e:
         sd_notify(f"STOPPING=1\nSTATUS=error: {e}")

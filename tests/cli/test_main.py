@@ -141,6 +141,26 @@ def test_sigterm_checkpoints_and_exits_75_then_resumes(slow_data, tmp_path, refe
     assert _losses(tmp_path / "r") == pytest.approx(reference_run[0], rel=1e-6)
 
 
+def test_reader_gone_checkpoints_and_exits_75_then_resumes(slow_data, tmp_path, reference_run):
+    """The parent reading ``--json`` dies first (a benchmark or daemon stopped before its child): the next event
+    write hits a broken pipe, and the run stops there as on SIGTERM -- checkpoint, exit 75 -- not with a
+    traceback that loses the steps since the last checkpoint."""
+    cfg = run_file(tmp_path, slow_data, tmp_path / "r", steps=40, checkpoint_every_steps=1000)
+    proc = _spawn(cfg)
+    _wait_for_steps(tmp_path / "r", 3, proc)
+    proc.stdout.close()  # the reader goes away
+    assert proc.wait(timeout=30) == 75
+    err = proc.stderr.read()
+    assert "broken pipe" in err and "Traceback" not in err, err
+    [(step, path)] = checkpoints(tmp_path / "r")
+    assert verify(path) is None and 3 <= step < 40
+    assert not (tmp_path / "r" / "summary.json").exists()
+    resumed = subprocess.run([sys.executable, "-m", "edge_alast.cli", "train", "--config", str(cfg)],
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _losses(tmp_path / "r") == pytest.approx(reference_run[0], rel=1e-6)
+
+
 KILL_TRIALS = int(os.environ.get("EDGE_ALAST_KILL_TRIALS", "3"))
 
 
@@ -364,3 +384,25 @@ def test_sigusr1_asks_train_to_finish_and_sigterm_to_stop():
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop()
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # the handlers before are back
+
+
+@pytest.mark.parametrize("module", ["main", "store"])
+@pytest.mark.parametrize("as_json", [True, False])
+def test_printers_survive_a_reader_gone_and_ask_to_stop(module, as_json, monkeypatch, capsys):
+    """``train`` and ``update`` print through :class:`EventPrinter`: a broken pipe on stdout sets ``stdout_lost``
+    (which both commands poll beside SIGTERM), points the descriptor at /dev/null and says so on stderr; the events
+    after it are not written and raise nothing."""
+    import importlib
+
+    printer = importlib.import_module(f"edge_alast.cli.{module}")._Printer(as_json)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    monkeypatch.setattr(sys, "stdout", os.fdopen(write_end, "w"))
+    event = {"event": "step", "step": 10, "steps": 40, "loss": 0.5, "tokens/per_block": [5, 4]}
+    printer(event)
+    assert printer.stdout_lost
+    assert os.fstat(write_end).st_rdev == os.stat(os.devnull).st_rdev
+    printer(event)
+    printer({"event": "warning", "message": "after"})
+    assert "broken pipe" in capsys.readouterr().err
+    sys.stdout.close()
