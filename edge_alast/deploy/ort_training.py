@@ -25,6 +25,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import statistics
 import sys
 import tempfile
@@ -258,13 +259,14 @@ class _Loader:
 # ---------------------------------------------------------------------------------------------- training loop
 ARTIFACT_MODELS = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx")
 MAX_META_BYTES = 2**20  # meta.json: a few KiB (metadata, block lists, parameter names)
+MAX_CHECKPOINT_BYTES = 2**31 - 1  # a FlatBuffers file (ORT's checkpoint format) is never larger
 
 
 def _read_artifacts(art: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """``meta.json`` of an artifacts folder and its validated model metadata, with each ONNX file checked as
     ``predict`` checks a model (:func:`~edge_alast.deploy.onnxmeta.load_model_file`: a regular, self-contained file
     of at most 2 GiB) before onnxruntime opens it: the training API takes paths, not bytes, and would follow a
-    tensor's external-data location to any file.
+    tensor's external-data location to any file. The ``checkpoint`` must be a regular file of at most 2 GiB too.
 
     Raises:
         ConfigError: naming ``--artifacts`` and the file: missing, oversized, not JSON/ONNX, a key or metadata
@@ -289,6 +291,16 @@ def _read_artifacts(art: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     meta = validate_metadata(decode_metadata(info["metadata"], f"{path}"), f"{path}")
     for name in ARTIFACT_MODELS:
         load_model_file(art / name)
+    checkpoint = art / "checkpoint"
+    try:
+        status = checkpoint.stat()
+    except OSError as e:
+        raise ConfigError(f"{where}: no checkpoint file ({e.strerror})") from None
+    if not stat.S_ISREG(status.st_mode):  # a FIFO would block onnxruntime's read forever, a device never end
+        raise ConfigError(f"{where}: checkpoint is not a regular file")
+    if not 0 < status.st_size <= MAX_CHECKPOINT_BYTES:
+        raise ConfigError(f"{where}: checkpoint is {status.st_size} bytes; an ORT checkpoint holds 1 to "
+                          f"{MAX_CHECKPOINT_BYTES}")
     return info, meta
 
 

@@ -1,5 +1,6 @@
 """ONNX Runtime on-device training: block choice from budgets, artifacts, a torch-free loop whose loss falls."""
 import json
+import os
 
 import onnx
 import pytest
@@ -126,6 +127,18 @@ def test_train_ort_refuses_a_damaged_or_hostile_artifacts_folder_naming_the_file
     (hostile / "eval_model.onnx").unlink()
     (hostile / "training_model.onnx").write_bytes((folder / "training_model.onnx").read_bytes())
     with pytest.raises(ConfigError, match=r"eval_model.onnx: no such model file"):
+        train_ort(hostile, data, tmp_path / "o", steps=1)
+    (hostile / "eval_model.onnx").write_bytes((folder / "eval_model.onnx").read_bytes())
+    (hostile / "checkpoint").unlink()
+    os.mkfifo(hostile / "checkpoint")  # onnxruntime's read of it would block for ever
+    with pytest.raises(ConfigError, match=r"hostile: checkpoint is not a regular file"):
+        train_ort(hostile, data, tmp_path / "o", steps=1)
+    (hostile / "checkpoint").unlink()
+    (hostile / "checkpoint").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"hostile: checkpoint is 0 bytes"):
+        train_ort(hostile, data, tmp_path / "o", steps=1)
+    os.truncate(hostile / "checkpoint", 2**31)  # sparse: no disk used
+    with pytest.raises(ConfigError, match=r"hostile: checkpoint is 2147483648 bytes"):
         train_ort(hostile, data, tmp_path / "o", steps=1)
     assert not (tmp_path / "o" / "metrics.jsonl").exists()  # refused before anything was trained or written
 
