@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -59,7 +60,13 @@ class UpdateConfig:
     method: str = option("alast", flag="--method", choices=UPDATE_METHODS,
                          help="Fine-tuning method of the candidate (Light-PEFT is not offered: its pruned model does "
                               "not load into the store's architecture).")
-    steps: int = option(100, flag="--steps", help="Training steps of the candidate.")
+    steps: int = option(100, flag="--steps", help="Training steps of the candidate (the most it takes).")
+    max_tflops: float | None = option(None, flag="--max-tflops",
+                                      help="A compute budget for the candidate: its training ends as a finished run "
+                                           "after the step that spends this many TFLOPs, as train's --max-tflops "
+                                           "(default: none, --steps only). No plateau rule: update's only "
+                                           "validation images are the gate's holdout, and stopping on them would "
+                                           "pick the candidate on the images that judge it.")
     lr: float | None = option(None, flag="--lr", help="Learning rate in (0, 1]; default: the method's, as for train "
                                                       "(3e-5 for full/alast, 1e-3 for head and the adapter methods).")
     batch_size: int | None = option(None, flag="--batch-size", help="Batch size; default: the profile's (16 "
@@ -121,6 +128,8 @@ class UpdateConfig:
             raise bad("batch_size", "must be >= 1")
         if self.lr is not None and not 0 < self.lr <= 1:
             raise bad("lr", "must be in (0, 1]")
+        if self.max_tflops is not None and not 0 < self.max_tflops < math.inf:
+            raise bad("max_tflops", "must be a finite number > 0")
         if not 0.0 < self.holdout_fraction < 1.0:
             raise bad("holdout_fraction", "must be in (0, 1)")
         for key in ("replay_max_images", "replay_max_bytes"):
@@ -551,8 +560,8 @@ class _Update:
             data=str(self.work / "train"), val_data=str(self.work / "val"), out=str(run_dir),
             model=info["name"], model_args=dict(info.get("model_args") or {}), img_size=int(info["img_size"]),
             weights=str(self.work / "start.safetensors"), classes=list(plan["classes"]), method=config.method,
-            steps=config.steps, lr=config.lr, batch_size=config.batch_size, profile=config.profile,
-            device=config.device, precision=config.precision, seed=config.seed,
+            steps=config.steps, max_tflops=config.max_tflops, lr=config.lr, batch_size=config.batch_size,
+            profile=config.profile, device=config.device, precision=config.precision, seed=config.seed,
             max_bad_fraction=config.max_bad_fraction, checkpoint_every_seconds=config.checkpoint_every_seconds,
             checkpoint_every_steps=config.checkpoint_every_steps, export=True, device_key=config.device_key)
 
@@ -648,7 +657,7 @@ class _Update:
 
 def _train_facts(summary: dict[str, Any]) -> dict[str, Any]:
     """What the history keeps of the candidate's training summary."""
-    return {k: summary.get(k) for k in ("method", "steps", "val_accuracy", "final_loss", "mean_step_seconds",
+    return {k: summary.get(k) for k in ("method", "steps", "finished_by", "val_accuracy", "final_loss", "mean_step_seconds",
                                         "peak_rss_bytes", "train_peak_rss_bytes", "train_flops_per_step",
                                         "profile", "precision", "batch_size")}
 

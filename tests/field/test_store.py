@@ -213,6 +213,18 @@ def test_good_update_is_published_with_figures_and_history(store, tmp_path):
     assert "already_applied" not in other.record
 
 
+def test_a_compute_budget_ends_the_candidates_training_and_the_history_says_so(store, tmp_path):
+    """--max-tflops is train's budget: the candidate ends after the step that spends it, is exported and judged
+    as any other, and the history records how many steps it took and why it ended."""
+    make_image_folder(tmp_path / "new", ("a", "b"), per_class=6, seed=3)
+    result = update(store, tmp_path / "new", UpdateConfig(**{**FAST, "steps": 10, "max_tflops": 1e-9}))
+    assert result.decision in ("published", "kept")
+    assert (result.record["train"]["steps"], result.record["train"]["finished_by"]) == (1, "budget")
+    for bad in ("0", "-1", "nan", "inf"):
+        out = CliRunner().invoke(main, ["update", str(store), "--data", str(tmp_path / "new"), "--max-tflops", bad])
+        assert out.exit_code == 2 and "--max-tflops: must be a finite number > 0" in out.output, (bad, out.output)
+
+
 def test_holdout_images_are_not_in_the_training_folder(store, tmp_path):
     make_image_folder(tmp_path / "new", ("a", "c"), per_class=6, seed=9)
     stops = iter([True])
