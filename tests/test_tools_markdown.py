@@ -219,3 +219,16 @@ def test_bench_images_hostile_markdown_renders_every_run_as_a_column(tmp_path, c
                  "| tall-thin 1x100000 | 0.5 KiB | 32 | 577: decoded | 0: refused (aspect ratio) |",
                  "| tall-thin 1x100000 | 0.5 KiB | 224 | 2839: MemoryError at the cap | – |"):
         assert cell in printed, f"{cell!r} not in\n{printed}"
+
+
+@pytest.mark.parametrize("results", sorted(p.name for p in (REPO / "docs" / "results").glob("tta_*.json")))
+def test_every_time_to_accuracy_table_in_the_docs_is_the_tools_rendering_of_its_results_file(results):
+    """docs/benchmarks.md shows each committed time-to-accuracy results file as bench_tta prints it: every table
+    row and the default's line, verbatim. A figure typed or edited by hand, or a table left behind when the tool
+    changed how it renders (the seed-0 section kept 'max' for a fixed-length run), fails here."""
+    import bench_tta
+
+    docs = (REPO / "docs" / "benchmarks.md").read_text()
+    printed = bench_tta.markdown(json.loads((REPO / "docs" / "results" / results).read_text()))
+    lines = [line for line in printed.splitlines() if line.startswith(("|", "**Default", "**No default"))]
+    assert lines and not [line for line in lines if line not in docs], results
