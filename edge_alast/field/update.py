@@ -657,9 +657,9 @@ class _Update:
 
 def _train_facts(summary: dict[str, Any]) -> dict[str, Any]:
     """What the history keeps of the candidate's training summary."""
-    return {k: summary.get(k) for k in ("method", "steps", "finished_by", "val_accuracy", "final_loss", "mean_step_seconds",
-                                        "peak_rss_bytes", "train_peak_rss_bytes", "train_flops_per_step",
-                                        "profile", "precision", "batch_size")}
+    return {k: summary.get(k) for k in ("method", "steps", "finished_by", "val_accuracy", "final_loss",
+                                        "mean_step_seconds", "peak_rss_bytes", "train_peak_rss_bytes",
+                                        "train_flops_per_step", "profile", "precision", "batch_size")}
 
 
 def _read_json(path: Path) -> dict | None:
