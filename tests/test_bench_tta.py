@@ -182,6 +182,23 @@ def test_the_stated_rule_takes_the_fastest_candidate_unless_its_plateau_is_lower
     assert [r["name"] for r in rows] == ["alast-anneal"]
 
 
+def test_a_run_that_waited_for_its_cpu_is_named_under_the_table():
+    """Another process on a run's cores makes its steps slower without a trace in the step times; the runs' CPU
+    wait (train's time/wait_seconds, summed) names those over 5 % of their training seconds."""
+    steps = [{"time/step_seconds": 2.0, "time/wait_seconds": 0.5},
+             {"time/step_seconds": 3.0, "time/wait_seconds": 0.25}]
+    assert bt.cpu_wait(steps) == {"step_seconds": 5.0, "wait_seconds": 0.75}
+    assert bt.cpu_wait(steps + [{"time/step_seconds": 1.0}])["wait_seconds"] is None  # a step without a reading
+
+    def rec(seed, wait):
+        return {"config": {"seed": seed}, "step_seconds": 100.0, "wait_seconds": wait}
+    assert bt.contention({"full": [rec(0, None), rec(1, None)]}) is None  # results from before the reading
+    line = bt.contention({"full": [rec(0, 1.0), rec(1, 2.0)], "random": [rec(0, None)]})
+    assert "read for 2 of 3 runs" in line and "at most 2.0%" in line and "Contended" not in line
+    line = bt.contention({"full": [rec(0, 1.0)], "alast-anneal": [rec(0, 4.0), rec(1, 30.0)]})
+    assert line.startswith("\n**Contended:** alast-anneal s1 (30%) waited") and "full s0" not in line
+
+
 def test_a_fixed_length_run_that_finished_keeps_its_final_value_after_its_end():
     """The remedy runs a given number of steps (no plateau stop): once done, its model is what it has."""
     curve = evals([0.6, 0.8, 0.9])
@@ -266,7 +283,8 @@ def test_a_run_ends_where_train_says_and_records_its_machine(tmp_path, monkeypat
     class Finished:
         def __init__(self, args, **kwargs):
             out.mkdir(exist_ok=True)
-            steps = [{"event": "step", "step": i, "flops/step": 1e11, "mem/peak_rss_bytes": 7} for i in (1, 2)]
+            steps = [{"event": "step", "step": i, "flops/step": 1e11, "mem/peak_rss_bytes": 7,
+                      "time/step_seconds": 2.0, "time/wait_seconds": 0.25 * i} for i in (1, 2)]
             (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
             (out / "summary.json").write_text(json.dumps({"val_accuracy": 0.81}))
             self.stdout = iter([json.dumps(e) + "\n" for e in events])
@@ -280,6 +298,7 @@ def test_a_run_ends_where_train_says_and_records_its_machine(tmp_path, monkeypat
                     cores={0})
     assert (result["ended"], result["stop_index"], result["final_val_accuracy"]) == ("budget", 1, 0.81)
     assert [e["step"] for e in result["evals"]] == [50, 100]
+    assert (result["step_seconds"], result["wait_seconds"]) == (4.0, 0.75)  # summed over the steps
     assert result["machine"]["cores"] == [0] and result["machine"]["cpu_threads"] >= 1
     assert result["machine"]["torch"] and result["machine"]["platform"]["machine"]
     assert bt.machine()["cores"] == sorted(os.sched_getaffinity(0))  # unpinned by the tool: the process's own
@@ -308,7 +327,8 @@ def test_collect_tables_the_runs_finished_so_far_naming_a_methods_seeds(tmp_path
                                                                          "dirty": False}},
                 "config": config, "evals": [{**e, "val_images": 1000} for e in evals(accs)], "ended": "plateau",
                 "stop_index": len(accs) - 1,
-                "steps": 25 * len(accs), "peak_rss_bytes": 2**31, "flops_per_step": 594e9}
+                "steps": 25 * len(accs), "peak_rss_bytes": 2**31, "flops_per_step": 594e9,
+                "step_seconds": 100.0, "wait_seconds": 1.0 + seed}
 
     runs = tmp_path / "fmnist"
     runs.mkdir()
@@ -322,6 +342,7 @@ def test_collect_tables_the_runs_finished_so_far_naming_a_methods_seeds(tmp_path
     printed = capsys.readouterr().out
     assert "seeds 0,1, code 7e2d446." in printed and "| full | 0.800" in printed
     assert "| alast-reference (seed 1) | 0.800 |" in printed
+    assert "CPU wait (read for all 3 runs): at most 2.0% of a run's training seconds" in printed
     assert not any((tmp_path / "fmnist").glob("*anneal*"))  # nothing was started
     (runs / "full-s2.json").write_text("{not json")
     with pytest.raises(SystemExit, match="full-s2.json is not a run record"):

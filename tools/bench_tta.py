@@ -29,6 +29,8 @@ of its config, the protocol settings that stop it (budget included) and the code
 touching ``edge_alast/``, whether that folder differs from it, and a hash of the difference): a rerun skips only
 runs of the same settings on the same code, and a run it started and lost (the benchmark stopped, the machine went
 down) continues from its last checkpoint, which ends it where it would have ended (resume is exact).
+Each run also records how many of its training seconds its threads waited for a CPU that another process held
+(train's per-step ``time/wait_seconds``); a run that waited more than 5 % is named as contended under the tables.
 ``results.json`` holds every run; ``--markdown FILE`` prints the tables from it, running nothing; ``--collect``
 writes it from the runs finished so far (a benchmark that spans days), a method on fewer seeds than full named with
 its seeds. ``--jobs N`` runs N seeds at once, each seed's chain of runs pinned to its share of the CPU cores (the
@@ -112,6 +114,9 @@ DEFAULT_AT = 0.5  # the rule's budget: a share of full's time to plateau
 LR_SUFFIX = "@lr"  # "NAME@lrVALUE": method NAME at learning rate VALUE (the learning-rate sweep), e.g. full@lr1e-4
 FRACTIONS = (0.25, 0.5, 1.0)  # of full's time / FLOPs to plateau
 ENDINGS = ("plateau", "budget", "fixed", "max")
+# A run whose threads waited for a CPU held by another process for more than this share of its training seconds is
+# named as contended under its data set's first table (uncontended runs on this 2-core machine wait 1-2 %).
+CONTENDED = 0.05
 
 
 # -------------------------------------------------------------------------------------------- the protocol (pure)
@@ -353,12 +358,41 @@ def run(config: dict, out: Path, protocol: dict, code: dict, cores: set[int] | N
               "stop_index": len(curve) - 1, "steps": len(steps),
               "peak_rss_bytes": max((r["mem/peak_rss_bytes"] for r in steps), default=None),
               "flops_per_step": sum(r["flops/step"] for r in steps) / max(1, len(steps)),
+              **cpu_wait(steps),
               "final_val_accuracy": summary.get("val_accuracy"),  # the final model, every token, whole val set
               "train_view": train_view(out, config, cores) if summary and METHOD_SPECS[config["method"]].alast
               else None,
               "torch_threads": os.environ.get("OMP_NUM_THREADS"), "machine": machine(cores)}
     done.write_text(json.dumps(result, indent=1))
     return result
+
+
+def cpu_wait(steps: list[dict]) -> dict:
+    """A run's training seconds and how many of them its threads waited for a CPU another process held (each step's
+    ``time/wait_seconds``); ``wait_seconds`` None when a step has no reading (code before it, or no schedstat)."""
+    waits = [r.get("time/wait_seconds") for r in steps]
+    return {"step_seconds": sum(r["time/step_seconds"] for r in steps),
+            "wait_seconds": None if not waits or None in waits else sum(waits)}
+
+
+def contention(results: dict[str, list[dict]]) -> str | None:
+    """The line under a data set's first table on CPU contention, from the runs that have a wait reading: those
+    that waited more than :data:`CONTENDED` of their training seconds by name, else the largest share; None when no
+    run has a reading (results from code before it)."""
+    shares = [(f"{name} s{r['config']['seed']}", r["wait_seconds"] / r["step_seconds"])
+              for name, runs in results.items() for r in runs
+              if r.get("wait_seconds") is not None and r.get("step_seconds")]
+    if not shares:
+        return None
+    total = sum(len(runs) for runs in results.values())
+    counted = f"{len(shares)} of {total} runs" if len(shares) < total else f"all {total} runs"
+    contended = [f"{run} ({share:.0%})" for run, share in shares if share > CONTENDED]
+    if contended:
+        return (f"\n**Contended:** {', '.join(contended)} waited for a CPU held by another process for more than "
+                f"{CONTENDED:.0%} of their training seconds, which their time figures include (CPU wait read for "
+                f"{counted}).")
+    return (f"\nCPU wait (read for {counted}): at most {max(s for _, s in shares):.1%} of a run's training seconds "
+            f"went to waiting for a CPU held by another process (a run above {CONTENDED:.0%} would be named here).")
 
 
 def machine(cores: set[int] | None = None) -> dict:
@@ -505,6 +539,9 @@ def markdown(stored: dict) -> str:
                        f"{mean_std([e.get('flops_total') for e in last], 1e12, '{:.1f}')} | "
                        f"{mean_std([r['flops_per_step'] for r in runs], 1e9, '{:.1f}')} | "
                        f"{mean_std([r['peak_rss_bytes'] for r in runs], 2**20, '{:.0f}')} |")
+        waited = contention(results)
+        if waited:
+            out.append(waited)
         viewed = {name: runs for name, runs in results.items() if any(r.get("train_view") for r in runs)}
         if viewed:
             out.append("\nThe final model on the whole validation set, with every token (as evaluated) and with the "

@@ -138,6 +138,28 @@ def cpu_threads() -> int:
     return max(1, min(logical, physical) if physical else logical)
 
 
+def cpu_wait_seconds(task_dir: str | os.PathLike = "/proc/self/task") -> float | None:
+    """Seconds this process's threads have spent ready to run while the CPU ran something else: the run-queue wait,
+    the second field of each thread's ``schedstat``. Another process on a training run's cores shows up here and
+    nowhere else (the step only looks slower), so a benchmark can tell a contended run from a slow one.
+
+    Summed over the live threads (one that exited takes its wait with it). None where the kernel keeps no
+    schedstat (not Linux, or a kernel without ``CONFIG_SCHED_INFO``)."""
+    try:
+        threads = os.listdir(task_dir)
+    except OSError:
+        return None
+    total, read = 0, False
+    for tid in threads:
+        try:
+            with open(os.path.join(task_dir, tid, "schedstat"), "rb") as f:
+                total += int(f.read().split()[1])
+            read = True
+        except (OSError, ValueError, IndexError):  # the thread exited between listdir and open
+            continue
+    return total / 1e9 if read else None
+
+
 def cuda_device() -> tuple[str, int, int, tuple[int, int]] | None:
     """(name, total memory, SM count, compute capability) of CUDA device 0, or None without torch or CUDA."""
     try:

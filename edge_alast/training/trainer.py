@@ -26,6 +26,7 @@ from ..alast.policy import PolicyCaps, anneal_plan, anneal_progress
 from ..atomic import atomic_write_json, open_nofollow
 from ..config import TrainConfig
 from ..device.allocator import allocator_in_use
+from ..device.host import cpu_wait_seconds
 from ..device.memory import PeakTracker, rss_bytes, trim_heap
 from ..device.precision import autocast as autocast_for
 from ..errors import ConfigError, NonFiniteError
@@ -186,7 +187,7 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
                     # drops this line with the steps after its checkpoint)
                     log({"event": "prune", "step": step + 1,
                          **pruning_summary(run.model, stage.pruning, run.base_params)})
-                t0 = time.perf_counter()
+                t0, waited_before = time.perf_counter(), cpu_wait_seconds()
                 plan = stage.policy.decide(loop.caps)
                 # alast.anneal_last: over the run's last steps, keep ratios rise to 1 (a function of the step alone)
                 # (a plateau brings the end forward: loop.end_step)
@@ -220,7 +221,9 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
                      # where the step's time went: waiting for the batch (plan + loader), forward + backward +
                      # optimizer (on CUDA: until the kernels are queued), and the rest (policy update, memory
                      # readings, guard)
-                     "time/data_seconds": t_data - t0, "time/compute_seconds": t_compute - t_data})
+                     "time/data_seconds": t_data - t0, "time/compute_seconds": t_compute - t_data,
+                     # and how much of it the CPU ran another process (a contended benchmark, not a slow step)
+                     **_wait_record(waited_before, cpu_wait_seconds())})
                 # a point of the validation curve: every --eval-every steps, and where --max-tflops is spent (the
                 # run ends there, so its curve ends on the step the budget ran out)
                 evaluated = bool(config.eval_every) and (loop.step % config.eval_every == 0
@@ -390,6 +393,12 @@ def _step_flops(stage: Stage, plan, batch: int, img_size: int) -> float:
     return stage.flop_counter.step_flops(batch, img_size, stage.handle.tokens_in, plan.trainable,
                                          train_embeddings=trainable.embeddings, keep_ratios=plan.keep_ratios,
                                          train_final_norm=trainable.final_norm, recompute=plan.recompute)
+
+
+def _wait_record(before: float | None, after: float | None) -> dict:
+    """``time/wait_seconds``: the step's run-queue wait (:func:`~edge_alast.device.host.cpu_wait_seconds`); absent
+    where the kernel keeps no schedstat. Clamped at 0: a thread that exited within the step took its wait along."""
+    return {} if before is None or after is None else {"time/wait_seconds": max(0.0, after - before)}
 
 
 def _step_record(run: Run, stage: Stage, loop: LoopState, plan, budgets: list[float], terms: dict[str, torch.Tensor],

@@ -1,6 +1,11 @@
 """Host probes: cgroup v1/v2 limits of this process's own cgroup, board model strings, profile matching."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import pytest
+
 from edge_alast.device import host
 from edge_alast.device.profiles import match_host
 
@@ -72,3 +77,49 @@ def test_a_limit_on_an_ancestor_group_binds_and_the_least_headroom_wins(tmp_path
     assert found["version"] == 2 and found["path"] == str(tmp_path / "v2/unified/slice/app")
     write(tmp_path / "v2/unified/slice/app/memory.max", "max\n")  # v2's "no limit": the v1 ancestor binds again
     assert host.cgroup_memory(proc, (tmp_path / "v2", tmp_path / "v2/unified"), tmp_path / "v1")["version"] == 1
+
+
+def test_cpu_wait_sums_the_run_queue_wait_of_every_live_thread(tmp_path):
+    """schedstat: CPU ns, run-queue wait ns, timeslices. A thread gone between listing and reading is skipped."""
+    write(tmp_path / "101" / "schedstat", "5000000000 1500000000 40\n")
+    write(tmp_path / "102" / "schedstat", "7 250000000 3\n")
+    (tmp_path / "103").mkdir()  # exited: no schedstat left
+    write(tmp_path / "104" / "schedstat", "not numbers\n")
+    assert host.cpu_wait_seconds(tmp_path) == pytest.approx(1.75)
+    assert host.cpu_wait_seconds(tmp_path / "absent") is None  # not Linux
+    (tmp_path / "none").mkdir()
+    write(tmp_path / "none" / "1" / "other", "")
+    assert host.cpu_wait_seconds(tmp_path / "none") is None  # a kernel without schedstat
+
+
+RIVAL = """
+import os, sys, time
+os.sched_setaffinity(0, {int(sys.argv[1])})
+print("ready", flush=True)
+end = time.perf_counter() + 60
+while time.perf_counter() < end:
+    pass
+"""
+CONTENDED = """
+import os, subprocess, sys, time
+from edge_alast.device.host import cpu_wait_seconds
+core = min(os.sched_getaffinity(0))
+os.sched_setaffinity(0, {core})
+rival = subprocess.Popen([sys.executable, "-c", sys.argv[1], str(core)], stdout=subprocess.PIPE, text=True)
+assert rival.stdout.readline().strip() == "ready"
+before, end = cpu_wait_seconds(), time.perf_counter() + 1.0
+while time.perf_counter() < end:  # busy for 1 s of wall time on the core the rival spins on
+    pass
+print(cpu_wait_seconds() - before)
+rival.kill()
+"""
+
+
+@pytest.mark.skipif(host.cpu_wait_seconds() is None or not hasattr(host.os, "sched_setaffinity"),
+                    reason="no schedstat or no CPU affinity on this host")
+def test_a_rival_process_on_the_same_core_shows_as_cpu_wait():
+    """Two busy processes on one core share it, so about half of a busy second is spent waiting for it: the
+    reading a benchmark uses to name a contended run."""
+    proc = subprocess.run([sys.executable, "-c", CONTENDED, RIVAL], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout) > 0.25  # the scheduler's fair share: ~0.5 s

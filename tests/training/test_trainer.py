@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from edge_alast.config import TrainConfig
+from edge_alast.device.host import cpu_wait_seconds
 from edge_alast.methods import METHODS
 from edge_alast.errors import ConfigError, DataError
 from edge_alast.training.trainer import train
@@ -31,6 +32,9 @@ def test_every_method_runs_and_writes_run_folder(image_folder, tmp_path, method)
             "mem/peak_rss_bytes"} <= set(lines[0])
     for r in (x for x in lines if x["event"] == "step"):  # the step's phases lie within its time
         assert 0 < r["time/data_seconds"] + r["time/compute_seconds"] <= r["time/step_seconds"]
+        # the CPU wait: where the kernel keeps schedstat (Linux), a reading per step, never negative
+        assert ("time/wait_seconds" in r) == (cpu_wait_seconds() is not None)
+        assert r.get("time/wait_seconds", 0.0) >= 0.0
     kinds = [e["event"] for e in events]
     assert kinds[0] == "start" and kinds[-1] == "done" and kinds.count("step") == 3
     tokens = lines[0]["tokens/per_block"]
