@@ -351,6 +351,41 @@ def test_collect_tables_the_runs_finished_so_far_naming_a_methods_seeds(tmp_path
         bt.main(["--collect", "--out", str(tmp_path), "--datasets", "digits"])
 
 
+def test_restore_puts_a_results_files_runs_back_in_the_cache_where_the_benchmark_reuses_them(tmp_path, capsys):
+    """A benchmark that spans machines: --restore writes the chosen runs of a committed results file back as
+    OUT/DATASET/NAME-sSEED.json; run() then reuses one under its own key, not under another code version, and a
+    record already in OUT is kept."""
+    def record(name, seed, acc):
+        config = {"img_size": 224, "seed": seed, "method": "full" if name == "full" else "alast"}
+        key = {"config": config, "protocol": {"budget_flops": None}, "code": {"commit": "7e2d446" + "0" * 33,
+                                                                            "dirty": False}}
+        return {"key": key, "config": config, "evals": evals([acc]), "ended": "plateau", "steps": 50}
+
+    results = {"fmnist/full": [record("full", 0, 0.8), record("full", 1, 0.7)],
+               "fmnist/alast-relative": [record("alast-relative", 0, 0.6)], "digits/full": [record("full", 0, 0.9)]}
+    committed = tmp_path / "tta_224_fmnist.json"
+    committed.write_text(json.dumps(results))
+    out = tmp_path / "out"
+    (out / "fmnist").mkdir(parents=True)
+    (out / "fmnist" / "full-s1.json").write_text(json.dumps(record("full", 1, 0.75)))  # a run this machine made
+    assert bt.main(["--restore", str(committed), "--out", str(out), "--datasets", "fmnist", "--methods", "full",
+                    "--seeds", "0,1"]) == 0
+    assert capsys.readouterr().out.split() == ["restored", str(out / "fmnist" / "full-s0.json")]
+    # relative and digits were not chosen
+    assert sorted(p.name for p in (out / "fmnist").iterdir()) == ["full-s0.json", "full-s1.json"]
+    assert json.loads((out / "fmnist" / "full-s1.json").read_text())["evals"][0]["val_accuracy"] == 0.75  # kept
+    assert not (out / "digits").exists()
+    full0 = results["fmnist/full"][0]
+    key = full0["key"]
+    assert bt.run(key["config"], out / "fmnist" / "full-s0", key["protocol"], key["code"]) == full0  # no process
+    assert bt.cached(out / "fmnist" / "full-s0.json", {**key, "code": {"commit": "03cfa4f", "dirty": False}}) is None
+    assert bt.main(["--restore", str(committed), "--out", str(out), "--datasets", "fmnist", "--methods", "full"]) == 0
+    assert "nothing to restore" in capsys.readouterr().err
+    committed.write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="is not a results file"):
+        bt.main(["--restore", str(committed), "--out", str(out)])
+
+
 def test_a_signal_to_the_tool_stops_its_runs_at_a_checkpoint_and_starts_no_more():
     """SIGTERM/SIGHUP/SIGINT to the tool go on to its train processes as SIGTERM (train: checkpoint, exit 75) while
     the tool keeps reading them; no run starts after it. The tool once exited at once, and its children lost the

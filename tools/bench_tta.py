@@ -33,7 +33,9 @@ Each run also records how many of its training seconds its threads waited for a 
 (train's per-step ``time/wait_seconds``); a run that waited more than 5 % is named as contended under the tables.
 ``results.json`` holds every run; ``--markdown FILE`` prints the tables from it, running nothing; ``--collect``
 writes it from the runs finished so far (a benchmark that spans days), a method on fewer seeds than full named with
-its seeds. ``--jobs N`` runs N seeds at once, each seed's chain of runs pinned to its share of the CPU cores (the
+its seeds; ``--restore FILE`` writes a committed results file's runs back into OUT's cache, so a benchmark that
+spans machines goes on from them (records only: a ``relative`` run that ``static``/``random`` read must run again).
+``--jobs N`` runs N seeds at once, each seed's chain of runs pinned to its share of the CPU cores (the
 figures in docs/benchmarks.md: ``--jobs 2`` with ``OMP_NUM_THREADS=1`` on 2 cores).
 SIGTERM, SIGHUP or Ctrl-C to the tool stops the runs under way after their current step with a checkpoint (the
 tool waits for them, caches nothing unfinished and starts no further run); running it again resumes them.
@@ -669,6 +671,32 @@ def collect(out: Path, datasets: Sequence[str], methods: Sequence[str], seeds: S
     return stored
 
 
+def restore(results: dict, out: Path, datasets: Sequence[str], methods: Sequence[str],
+            seeds: Sequence[int]) -> list[Path]:
+    """Write the runs of a results file (``results.json``, or a committed copy) back into ``out``'s cache as
+    ``OUT/DATASET/NAME-sSEED.json``, those of ``datasets``/``methods``/``seeds`` only, so that a benchmark that
+    spans machines goes on from the runs it finished elsewhere. A record already in ``out`` is left as it is; a
+    restored record is reused only under its own key (same config, protocol and code), as any cached run. Only the
+    record comes back, not the run's folder: a run that another reads from its folder (``static``/``random`` read
+    their seed's ``alast-relative`` run) must run again. Returns the files written."""
+    written = []
+    for label, runs in results.items():
+        dataset, _, name = label.partition("/")
+        if dataset not in datasets or name not in methods:
+            continue
+        for record in runs:
+            seed = record.get("config", {}).get("seed")
+            if seed not in seeds:
+                continue
+            path = out / dataset / f"{name}-s{seed}.json"
+            if path.exists():
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(record))
+            written.append(path)
+    return written
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--weights")
@@ -703,7 +731,27 @@ def main(argv=None) -> int:
                     help="write OUT/results.json from the runs of --datasets/--methods/--seeds already finished "
                          "in OUT (as cached, whatever their code version; missing ones are left out) and print "
                          "its tables, running nothing: the tables so far of a benchmark still under way")
+    ap.add_argument("--restore", type=Path, metavar="RESULTS",
+                    help="write the runs of --datasets/--methods/--seeds in a results file (a committed "
+                         "docs/results/tta_*.json) back into OUT's cache, running nothing: the benchmark then goes "
+                         "on from them on another machine (records only: a relative run that static or random "
+                         "read from must run again)")
     args = ap.parse_args(argv)
+    if args.restore:
+        try:
+            results = json.loads(args.restore.read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--restore: cannot read {args.restore} as a results file ({e})") from None
+        if not isinstance(results, dict) or not all(isinstance(v, list) for v in results.values()):
+            raise SystemExit(f"--restore: {args.restore} is not a results file (a mapping of DATASET/METHOD to runs)")
+        written = restore(results, args.out, args.datasets.split(","), args.methods.split(","),
+                          list(map(int, args.seeds.split(","))))
+        for path in written:
+            print(f"restored {path}")
+        if not written:
+            print(f"--restore: nothing to restore from {args.restore} for those data sets, methods and seeds "
+                  f"(or OUT has them already)", file=sys.stderr)
+        return 0
     if args.markdown:
         print(markdown(json.loads(args.markdown.read_text())))
         return 0
