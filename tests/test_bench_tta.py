@@ -356,7 +356,8 @@ def test_restore_puts_a_results_files_runs_back_in_the_cache_where_the_benchmark
     OUT/DATASET/NAME-sSEED.json; run() then reuses one under its own key, not under another code version, and a
     record already in OUT is kept."""
     def record(name, seed, acc):
-        config = {"img_size": 224, "seed": seed, "method": "full" if name == "full" else "alast"}
+        config = {"img_size": 224, "seed": seed, "method": "full" if name == "full" else "alast",
+                  "data": "/elsewhere/tta224/data-fmnist/train"}
         key = {"config": config, "protocol": {"budget_flops": None}, "code": {"commit": "7e2d446" + "0" * 33,
                                                                             "dirty": False}}
         return {"key": key, "config": config, "evals": evals([acc]), "ended": "plateau", "steps": 50}
@@ -370,7 +371,9 @@ def test_restore_puts_a_results_files_runs_back_in_the_cache_where_the_benchmark
     (out / "fmnist" / "full-s1.json").write_text(json.dumps(record("full", 1, 0.75)))  # a run this machine made
     assert bt.main(["--restore", str(committed), "--out", str(out), "--datasets", "fmnist", "--methods", "full",
                     "--seeds", "0,1"]) == 0
-    assert capsys.readouterr().out.split() == ["restored", str(out / "fmnist" / "full-s0.json")]
+    printed = capsys.readouterr()
+    assert printed.out.split() == ["restored", str(out / "fmnist" / "full-s0.json")]
+    assert "made with --out /elsewhere/tta224; their keys hold that path" in printed.err
     # relative and digits were not chosen
     assert sorted(p.name for p in (out / "fmnist").iterdir()) == ["full-s0.json", "full-s1.json"]
     assert json.loads((out / "fmnist" / "full-s1.json").read_text())["evals"][0]["val_accuracy"] == 0.75  # kept

@@ -748,6 +748,12 @@ def main(argv=None) -> int:
                           list(map(int, args.seeds.split(","))))
         for path in written:
             print(f"restored {path}")
+        made_in = sorted({str(Path(r["config"]["data"]).parent.parent) for path in written
+                          for r in [json.loads(path.read_text())] if r.get("config", {}).get("data")})
+        elsewhere = [root for root in made_in if Path(root) != args.out.resolve()]
+        if elsewhere:  # a key holds the run's paths: a run reuses it only with that --out (and --weights)
+            print(f"note: the restored runs were made with --out {', '.join(elsewhere)}; their keys hold that path, "
+                  f"so run the benchmark with that --out (and the same --weights) to reuse them", file=sys.stderr)
         if not written:
             print(f"--restore: nothing to restore from {args.restore} for those data sets, methods and seeds "
                   f"(or OUT has them already)", file=sys.stderr)
