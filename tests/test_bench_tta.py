@@ -389,6 +389,19 @@ def test_restore_puts_a_results_files_runs_back_in_the_cache_where_the_benchmark
         bt.main(["--restore", str(committed), "--out", str(out)])
 
 
+def test_a_learning_rates_decimals_stay_in_its_record_name_so_seeds_do_not_share_one(tmp_path):
+    """run() caches a sweep run under the name --collect and --restore read (``full@lr0.001-s0.json``); it once cut
+    the name at the learning rate's dot (``full@lr0.json``, one file for every seed)."""
+    key = {"config": {"seed": 0, "lr": 0.001}, "protocol": {}, "code": {"commit": "c", "dirty": False}}
+    record = {"key": key, "config": key["config"], "evals": evals([0.8]), "ended": "plateau", "steps": 50}
+    folders = [bt.run_dir(tmp_path, "fmnist", "full@lr0.001", seed) for seed in (0, 1)]
+    assert [bt.beside(f, ".json").name for f in folders] == ["full@lr0.001-s0.json", "full@lr0.001-s1.json"]
+    (tmp_path / "fmnist").mkdir()
+    bt.beside(folders[0], ".json").write_text(json.dumps(record))
+    assert bt.run(key["config"], folders[0], key["protocol"], key["code"]) == record  # found: no process started
+    assert bt.collect(tmp_path, ["fmnist"], ["full@lr0.001"], [0, 1]) == {"fmnist/full@lr0.001": [record]}
+
+
 def test_a_signal_to_the_tool_stops_its_runs_at_a_checkpoint_and_starts_no_more():
     """SIGTERM/SIGHUP/SIGINT to the tool go on to its train processes as SIGTERM (train: checkpoint, exit 75) while
     the tool keeps reading them; no run starts after it. The tool once exited at once, and its children lost the

@@ -205,6 +205,17 @@ def _tree_hash(folder: Path) -> str:
     return digest.hexdigest()
 
 
+def run_dir(out: Path, dataset: str, name: str, seed: int) -> Path:
+    """A run's folder: ``OUT/DATASET/NAME-sSEED``; its record and run file lie beside it (:func:`beside`)."""
+    return out / dataset / f"{name}-s{seed}"
+
+
+def beside(folder: Path, suffix: str) -> Path:
+    """``folder``'s record (``.json``) or run file (``.yaml``): the suffix appended, since ``with_suffix`` would cut a
+    learning rate's decimals (``full@lr0.001-s0`` -> ``full@lr0.json``, one file for every seed)."""
+    return folder.parent / (folder.name + suffix)
+
+
 def cache_key(config: dict, protocol: dict, code: dict) -> dict:
     """What a cached run must match to be reused: its run config, the protocol settings that stop it, the code."""
     return {"config": config, "protocol": protocol, "code": code}
@@ -313,13 +324,13 @@ CHILDREN = Children()
 def run(config: dict, out: Path, protocol: dict, code: dict, cores: set[int] | None = None) -> dict:
     """Train until plateau, budget or ``config["steps"]``; the run's eval curve, how it ended and its peak (cached
     in ``OUT.json`` under :func:`cache_key`)."""
-    done = out.with_suffix(".json")
+    done = beside(out, ".json")
     key = cache_key(config, protocol, code)
     hit = cached(done, key)
     if hit is not None:
         return hit
     out.parent.mkdir(parents=True, exist_ok=True)
-    path = out.with_suffix(".yaml")
+    path = beside(out, ".yaml")
     # A run this tool started and lost (the benchmark stopped, the machine went down) continues from its last
     # checkpoint when that was written under the same key: resume is exact, so it stops where it would have.
     started = out / "bench_key.json"
@@ -428,7 +439,7 @@ def resolve(settings: dict, dataset_dir: Path, seed: int, done: dict[str, dict])
         if isinstance(value, dict):
             return {k: fill(v) for k, v in value.items()}
         if isinstance(value, str) and value.startswith("{run:"):
-            return str(dataset_dir / f"{value[5:-1]}-s{seed}")
+            return str(run_dir(dataset_dir.parent, dataset_dir.name, value[5:-1], seed))
         if isinstance(value, str) and value.startswith("{steps:"):  # to its last evaluation (where it stopped),
             source = done[value[7:-1]]                               # so the run's last step is evaluated too
             return int(source["evals"][-1]["step"] if source["evals"] else source["steps"])
@@ -646,7 +657,7 @@ def seed_runs(args: argparse.Namespace, order: Sequence[str], base_protocol: dic
                        "plateau_patience": args.patience, "plateau_min_gain": args.min_gain,
                        "max_tflops": None if fixed or budget is None else budget / 1e12})
         print(f"{dataset} seed {seed}: {name} ...", file=sys.stderr, flush=True)
-        mine[name] = run(config, dataset_dir / f"{name}-s{seed}", protocol, code_version(), cores)  # the code as
+        mine[name] = run(config, run_dir(args.out, dataset, name, seed), protocol, code_version(), cores)  # the code as
         # it is when this run starts (an edit made while the benchmark runs reaches the runs after it)
     return mine
 
@@ -659,7 +670,7 @@ def collect(out: Path, datasets: Sequence[str], methods: Sequence[str], seeds: S
         for name in methods:
             runs = []
             for seed in seeds:
-                path = out / dataset / f"{name}-s{seed}.json"
+                path = beside(run_dir(out, dataset, name, seed), ".json")
                 try:
                     runs.append(json.loads(path.read_text()))
                 except FileNotFoundError:
@@ -672,14 +683,14 @@ def collect(out: Path, datasets: Sequence[str], methods: Sequence[str], seeds: S
 
 
 def restore(results: dict, out: Path, datasets: Sequence[str], methods: Sequence[str],
-            seeds: Sequence[int]) -> list[Path]:
+            seeds: Sequence[int]) -> dict[Path, dict]:
     """Write the runs of a results file (``results.json``, or a committed copy) back into ``out``'s cache as
     ``OUT/DATASET/NAME-sSEED.json``, those of ``datasets``/``methods``/``seeds`` only, so that a benchmark that
     spans machines goes on from the runs it finished elsewhere. A record already in ``out`` is left as it is; a
     restored record is reused only under its own key (same config, protocol and code), as any cached run. Only the
     record comes back, not the run's folder: a run that another reads from its folder (``static``/``random`` read
-    their seed's ``alast-relative`` run) must run again. Returns the files written."""
-    written = []
+    their seed's ``alast-relative`` run) must run again. Returns the records written, by file."""
+    written = {}
     for label, runs in results.items():
         dataset, _, name = label.partition("/")
         if dataset not in datasets or name not in methods:
@@ -688,12 +699,12 @@ def restore(results: dict, out: Path, datasets: Sequence[str], methods: Sequence
             seed = record.get("config", {}).get("seed")
             if seed not in seeds:
                 continue
-            path = out / dataset / f"{name}-s{seed}.json"
+            path = beside(run_dir(out, dataset, name, seed), ".json")
             if path.exists():
                 continue
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(record))
-            written.append(path)
+            written[path] = record
     return written
 
 
@@ -748,8 +759,8 @@ def main(argv=None) -> int:
                           list(map(int, args.seeds.split(","))))
         for path in written:
             print(f"restored {path}")
-        made_in = sorted({str(Path(r["config"]["data"]).parent.parent) for path in written
-                          for r in [json.loads(path.read_text())] if r.get("config", {}).get("data")})
+        made_in = sorted({str(Path(r["config"]["data"]).parent.parent) for r in written.values()
+                          if r.get("config", {}).get("data")})
         elsewhere = [root for root in made_in if Path(root) != args.out.resolve()]
         if elsewhere:  # a key holds the run's paths: a run reuses it only with that --out (and --weights)
             print(f"note: the restored runs were made with --out {', '.join(elsewhere)}; their keys hold that path, "
