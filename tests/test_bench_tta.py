@@ -286,7 +286,8 @@ def test_a_run_ends_where_train_says_and_records_its_machine(tmp_path, monkeypat
             steps = [{"event": "step", "step": i, "flops/step": 1e11, "mem/peak_rss_bytes": 7,
                       "time/step_seconds": 2.0, "time/wait_seconds": 0.25 * i} for i in (1, 2)]
             (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
-            (out / "summary.json").write_text(json.dumps({"val_accuracy": 0.81}))
+            (out / "summary.json").write_text(json.dumps({"val_accuracy": 0.81, "train_flops_per_step": 1e11,
+                                                          "alast_schedule": None}))
             self.stdout = iter([json.dumps(e) + "\n" for e in events])
             self.stderr = iter(())
 
@@ -303,6 +304,7 @@ def test_a_run_ends_where_train_says_and_records_its_machine(tmp_path, monkeypat
     assert result["machine"]["torch"] and result["machine"]["platform"]["machine"]
     assert bt.machine()["cores"] == sorted(os.sched_getaffinity(0))  # unpinned by the tool: the process's own
     assert json.loads(out.with_suffix(".json").read_text())["ended"] == "budget"  # cached as it ended
+    assert (result["train_flops_per_step"], result["alast_schedule"]) == (1e11, None)  # full: no ALaST schedule
 
 
 def test_the_stored_curve_is_the_one_trains_plateau_rule_reads():
@@ -387,6 +389,36 @@ def test_restore_puts_a_results_files_runs_back_in_the_cache_where_the_benchmark
     committed.write_text("[1, 2]")
     with pytest.raises(SystemExit, match="is not a results file"):
         bt.main(["--restore", str(committed), "--out", str(out)])
+
+
+def test_a_restored_relative_record_gives_static_and_random_their_schedule(tmp_path, capsys):
+    """A record keeps its ALaST run's schedule (summary.json's alast_schedule); --restore writes it back as the run
+    folder's summary.json, which static/random read (baselines.read_alast_run), so the relative run need not run
+    again on a new machine. A record without one (older code) gets no folder; a folder's own summary is kept."""
+    from edge_alast.alast.baselines import read_alast_run
+
+    schedule = {"steps": 4, "mean_keep_ratios": [1.0, 0.8, 0.6], "trainable_counts": [4, 1, 3], "flops_per_step": 2e9}
+
+    def record(seed, **extra):
+        config = {"seed": seed, "method": "alast"}
+        key = {"config": config, "protocol": {}, "code": {"commit": "c", "dirty": False}}
+        return {"key": key, "config": config, "evals": evals([0.6]), "ended": "plateau", "steps": 4, **extra}
+
+    committed = tmp_path / "tta.json"
+    committed.write_text(json.dumps({"fmnist/alast-relative": [
+        record(0, alast_schedule=schedule, train_flops_per_step=2.1e9), record(1), record(2, alast_schedule=schedule)]}))
+    out = tmp_path / "out"
+    own = out / "fmnist" / "alast-relative-s2"
+    own.mkdir(parents=True)
+    (own / "summary.json").write_text(json.dumps({"val_accuracy": 0.6}))
+    assert bt.main(["--restore", str(committed), "--out", str(out), "--datasets", "fmnist", "--methods",
+                    "alast-relative", "--seeds", "0,1,2"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3  # three records restored
+    folder = out / "fmnist" / "alast-relative-s0"
+    assert read_alast_run(folder, 3, 2) == ([1.0, 0.8, 0.6], [0, 2], 2.1e9)  # the 2 most-trained blocks
+    assert json.loads((folder / "summary.json").read_text())["restored"].startswith("the schedule of this run's")
+    assert not (out / "fmnist" / "alast-relative-s1").exists()  # no schedule: that run must run again
+    assert json.loads((own / "summary.json").read_text()) == {"val_accuracy": 0.6}  # kept
 
 
 def test_a_learning_rates_decimals_stay_in_its_record_name_so_seeds_do_not_share_one(tmp_path):

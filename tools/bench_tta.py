@@ -34,7 +34,9 @@ Each run also records how many of its training seconds its threads waited for a 
 ``results.json`` holds every run; ``--markdown FILE`` prints the tables from it, running nothing; ``--collect``
 writes it from the runs finished so far (a benchmark that spans days), a method on fewer seeds than full named with
 its seeds; ``--restore FILE`` writes a committed results file's runs back into OUT's cache, so a benchmark that
-spans machines goes on from them (records only: a ``relative`` run that ``static``/``random`` read must run again).
+spans machines goes on from them (an ALaST record keeps its run's schedule, which ``--restore`` writes back as the
+run folder's ``summary.json``, so ``static``/``random`` can be built from a restored ``relative`` record; the older
+records, such as those of the 224 px table at code 7e2d446, have none, and such a ``relative`` run must run again).
 ``--jobs N`` runs N seeds at once, each seed's chain of runs pinned to its share of the CPU cores (the
 figures in docs/benchmarks.md: ``--jobs 2`` with ``OMP_NUM_THREADS=1`` on 2 cores).
 SIGTERM, SIGHUP or Ctrl-C to the tool stops the runs under way after their current step with a checkpoint (the
@@ -79,6 +81,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from edge_alast.alast.baselines import SCHEDULE  # noqa: E402
+from edge_alast.atomic import atomic_write_json  # noqa: E402
 from edge_alast.config import LightPeftConfig  # noqa: E402
 from edge_alast.device import host  # noqa: E402
 from edge_alast.errors import EXIT_INTERRUPTED  # noqa: E402
@@ -373,6 +377,8 @@ def run(config: dict, out: Path, protocol: dict, code: dict, cores: set[int] | N
               "flops_per_step": sum(r["flops/step"] for r in steps) / max(1, len(steps)),
               **cpu_wait(steps),
               "final_val_accuracy": summary.get("val_accuracy"),  # the final model, every token, whole val set
+              # what static/random read from an ALaST run's folder, kept so that --restore can write it back
+              SCHEDULE: summary.get(SCHEDULE), "train_flops_per_step": summary.get("train_flops_per_step"),
               "train_view": train_view(out, config, cores) if summary and METHOD_SPECS[config["method"]].alast
               else None,
               "torch_threads": os.environ.get("OMP_NUM_THREADS"), "machine": machine(cores)}
@@ -687,9 +693,11 @@ def restore(results: dict, out: Path, datasets: Sequence[str], methods: Sequence
     """Write the runs of a results file (``results.json``, or a committed copy) back into ``out``'s cache as
     ``OUT/DATASET/NAME-sSEED.json``, those of ``datasets``/``methods``/``seeds`` only, so that a benchmark that
     spans machines goes on from the runs it finished elsewhere. A record already in ``out`` is left as it is; a
-    restored record is reused only under its own key (same config, protocol and code), as any cached run. Only the
-    record comes back, not the run's folder: a run that another reads from its folder (``static``/``random`` read
-    their seed's ``alast-relative`` run) must run again. Returns the records written, by file."""
+    restored record is reused only under its own key (same config, protocol and code), as any cached run. The run's
+    folder does not come back, but what another run reads from it does: ``static``/``random`` read their seed's
+    ``alast-relative`` run's schedule, which its record keeps and which is written as that folder's ``summary.json``
+    (where the folder has none). A record without a schedule (older code) leaves that run to run again. Returns the
+    records written, by file."""
     written = {}
     for label, runs in results.items():
         dataset, _, name = label.partition("/")
@@ -705,6 +713,12 @@ def restore(results: dict, out: Path, datasets: Sequence[str], methods: Sequence
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(record))
             written[path] = record
+            folder = run_dir(out, dataset, name, seed)
+            if record.get(SCHEDULE) and not (folder / "summary.json").exists():
+                folder.mkdir(exist_ok=True)
+                atomic_write_json(folder / "summary.json", {
+                    SCHEDULE: record[SCHEDULE], "train_flops_per_step": record.get("train_flops_per_step"),
+                    "restored": "the schedule of this run's benchmark record (bench_tta --restore); no model"})
     return written
 
 

@@ -26,33 +26,63 @@ MAX_EXACT_COMBINATIONS = 2000  # beyond this many K-subsets, the random baseline
 SAMPLES = 1000
 
 
-def mean_keep_ratios(run_dir: str | Path, depth: int | None = None,
-                     option: str = "--alast-from") -> tuple[list[float], list[dict]]:
-    """An ALaST run's per-block keep ratio as its steps used it (``plan/keep_ratio``), averaged over its steps, and
-    those step lines. ``option`` names what the user gave in errors."""
-    run_dir = Path(run_dir)
-    steps = [r for r in read_metrics(run_dir / METRICS_FILE) if r.get("event") == "step"]
+SCHEDULE = "alast_schedule"  # summary.json's key for the schedule an ALaST run kept (:func:`schedule_of`)
+
+
+def schedule_of(steps: Sequence[dict], depth: int | None = None, where: str = "the run") -> dict:
+    """What the baselines take from an ALaST run, from its ``step`` lines: the per-block keep ratio as its steps
+    used it (``plan/keep_ratio``) averaged over its steps, how many steps each block trained (``blocks/trainable``)
+    and its mean FLOPs per step. ``summary.json`` keeps it (:data:`SCHEDULE`), so it outlives the step lines."""
     if not steps:
-        raise ConfigError(f"{option}: {run_dir} has no training steps in metrics.jsonl")
+        raise ConfigError(f"{where} has no training steps")
     ratios = [metric(r, "plan/keep_ratio") for r in steps]
     depth = depth if depth is not None else len(ratios[0]) if isinstance(ratios[0], list) else 0
     if not depth or any(not isinstance(x, list) or len(x) != depth for x in ratios):
-        raise ConfigError(f"{option}: {run_dir} is not a run of a {depth or 'ViT'}-block model with per-block keep "
-                          "ratios")
-    return [sum(x[i] for x in ratios) / len(ratios) for i in range(depth)], steps
+        raise ConfigError(f"{where} is not a run of a {depth or 'ViT'}-block model with per-block keep ratios")
+    return {"steps": len(steps),
+            "mean_keep_ratios": [sum(x[i] for x in ratios) / len(ratios) for i in range(depth)],
+            "trainable_counts": [sum(i in r.get("blocks/trainable", ()) for r in steps) for i in range(depth)],
+            "flops_per_step": sum(r.get("flops/step", 0) for r in steps) / len(steps)}
+
+
+def read_schedule(run_dir: str | Path, depth: int | None = None, option: str = "--alast-from") -> dict:
+    """An ALaST run's schedule (:func:`schedule_of`): from the step lines of its ``metrics.jsonl``, else from its
+    ``summary.json`` (a folder that holds only the summary, such as the benchmark's ``--restore`` writes). ``option``
+    names what the user gave in errors."""
+    run_dir = Path(run_dir)
+    steps = [r for r in read_metrics(run_dir / METRICS_FILE) if r.get("event") == "step"]
+    if steps:
+        return schedule_of(steps, depth, f"{option}: {run_dir}")
+    try:
+        schedule = json.loads((run_dir / "summary.json").read_text()).get(SCHEDULE)
+    except (OSError, ValueError, AttributeError):
+        schedule = None
+    if not schedule:
+        raise ConfigError(f"{option}: {run_dir} has no training steps in metrics.jsonl and no {SCHEDULE} in "
+                          "summary.json")
+    depth = depth if depth is not None else len(schedule.get("mean_keep_ratios") or ())
+    if not depth or any(len(schedule.get(k) or ()) != depth for k in ("mean_keep_ratios", "trainable_counts")):
+        raise ConfigError(f"{option}: {run_dir}/summary.json: {SCHEDULE} is not that of a {depth or 'ViT'}-block "
+                          "model (mean_keep_ratios and trainable_counts, one per block)")
+    return schedule
+
+
+def mean_keep_ratios(run_dir: str | Path, depth: int | None = None, option: str = "--alast-from") -> list[float]:
+    """An ALaST run's per-block keep ratio as its steps used it, averaged over its steps (:func:`read_schedule`)."""
+    return read_schedule(run_dir, depth, option)["mean_keep_ratios"]
 
 
 def read_alast_run(run_dir: str | Path, depth: int, k: int) -> tuple[list[float], list[int], float]:
     """An ALaST run's per-block mean keep ratio, its ``k`` most-trained blocks (ties: the higher mean keep ratio,
     then the lower index) and its mean FLOPs per step."""
     run_dir = Path(run_dir)
-    means, steps = mean_keep_ratios(run_dir, depth)
-    counts = [sum(i in r["blocks/trainable"] for r in steps) for i in range(depth)]
+    schedule = read_schedule(run_dir, depth)
+    means, counts = schedule["mean_keep_ratios"], schedule["trainable_counts"]
     blocks = sorted(sorted(range(depth), key=lambda i: (-counts[i], -means[i], i))[:k])
     try:
         flops = float(json.loads((run_dir / "summary.json").read_text())["train_flops_per_step"])
-    except (OSError, ValueError, KeyError):
-        flops = sum(r["flops/step"] for r in steps) / len(steps)
+    except (OSError, ValueError, KeyError, TypeError):
+        flops = float(schedule["flops_per_step"])
     return means, blocks, flops
 
 

@@ -195,7 +195,7 @@ def eval_command(run_dir, data, batch_size, as_json, train_view):
             from ..alast.baselines import mean_keep_ratios
             from ..config import COAUTHORS
 
-            keep_ratios, _ = mean_keep_ratios(run_dir, len(model.blocks), option="--train-view")
+            keep_ratios = mean_keep_ratios(run_dir, len(model.blocks), option="--train-view")
             alast = meta["config"].get("alast") or {}
             view = token_view(model, keep_ratios, count_prefix=alast.get("update") == COAUTHORS,
                               token_multiple=int(meta["config"].get("token_multiple") or 1))

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .. import __version__
 from ..adapters.lora import merge_lora
+from ..alast.baselines import SCHEDULE, schedule_of
 from ..alast.policy import PolicyCaps, anneal_plan, anneal_progress
 from ..atomic import atomic_write_json, open_nofollow
 from ..config import TrainConfig
@@ -32,7 +33,7 @@ from ..device.precision import autocast as autocast_for
 from ..errors import ConfigError, NonFiniteError
 from ..methods import METHODS
 from ..model.trainable import load_trainable
-from ..runfolder import save_model, steady, truncate_metrics
+from ..runfolder import METRICS_FILE, metric, read_metrics, save_model, steady, truncate_metrics
 from .checkpoint import checkpoints, save_checkpoint
 from .evaluate import evaluate
 from .objective import ProximalTerm, penalties
@@ -157,7 +158,7 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None,
         checkpoint, run.checkpoint = run.checkpoint, None  # no second copy of the weights once restored
         stage = _restore(run, stage, loop, checkpoint)
         del checkpoint
-    metrics_path = run.run_dir / "metrics.jsonl"
+    metrics_path = run.run_dir / METRICS_FILE
     truncate_metrics(metrics_path, loop.step)
     started = _start_event(config, run, loop.step)
     atomic_write_json(run.run_dir / "config.json", {"config": config.to_dict(), "resolved": started})
@@ -555,6 +556,7 @@ def _summary(config: TrainConfig, run: Run, stage: Stage, loop: LoopState, val_a
         "compile": {"on": run.compile, "reason": run.compile_reason,
                     "graphs": stage.compiled.graphs if stage.compiled is not None else 0},
         "baseline": run.baseline,
+        SCHEDULE: _alast_schedule(run),
         "classes": run.classes,
         "warnings": run.warnings,
     }
@@ -562,6 +564,20 @@ def _summary(config: TrainConfig, run: Run, stage: Stage, loop: LoopState, val_a
         summary["cuda_max_memory_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
         summary["cuda_memory_cap_bytes"] = run.cuda_memory_cap_bytes  # the allocator's cap (profile's ceiling)
     return summary
+
+
+def _alast_schedule(run: Run) -> dict | None:
+    """What the ``static``/``random`` baselines read from an ALaST run (``--alast-from``: mean keep ratios, steps
+    each block trained, FLOPs per step), kept in the summary so that it outlives ``metrics.jsonl``; None for other
+    methods, or where the step lines hold no one-depth per-block keep ratios."""
+    if not run.spec.alast:
+        return None
+    steps = [r for r in read_metrics(run.run_dir / METRICS_FILE)
+             if r.get("event") == "step" and isinstance(metric(r, "plan/keep_ratio"), list)]
+    try:
+        return schedule_of(steps) if steps else None
+    except ConfigError:  # e.g. a depth that changed between stages
+        return None
 
 
 def _flop_rate(run: Run, history: dict[str, list]) -> dict[str, Any]:

@@ -416,6 +416,36 @@ def test_baselines_run_at_the_flops_of_the_alast_run_they_come_from(image_folder
         train(tiny_config(image_folder, tmp_path / "bad", alast={"update": "static"}))
 
 
+def test_baselines_read_the_schedule_from_the_summary_when_the_step_lines_are_gone(image_folder, tmp_path):
+    """summary.json keeps what static/random read from their ALaST run, so a folder holding only the summary (the
+    benchmark's --restore of a committed record) still builds them, at the same plan as from metrics.jsonl."""
+    alast = {"update": "relative", "k_trainable": 2}
+    source = train(tiny_config(image_folder, tmp_path / "a", steps=5, alast=alast)).summary
+    lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if r["event"] == "step"]
+    schedule = source["alast_schedule"]
+    assert schedule["steps"] == 5 and len(schedule["mean_keep_ratios"]) == 3  # the tiny ViT's depth
+    assert schedule["mean_keep_ratios"][1] == pytest.approx(sum(r["plan/keep_ratio"][1] for r in steps) / 5)
+    assert schedule["trainable_counts"] == [sum(i in r["blocks/trainable"] for r in steps) for i in range(3)]
+    only = tmp_path / "restored"
+    only.mkdir()
+    (only / "summary.json").write_text(json.dumps({k: source[k] for k in ("alast_schedule", "train_flops_per_step")}))
+    for update in ("static", "random"):
+        plans = [train(tiny_config(image_folder, tmp_path / f"{update}-{i}", steps=2,
+                                   alast={**alast, "update": update, "from_run": str(folder)})).summary["baseline"]
+                 for i, folder in enumerate((tmp_path / "a", only))]
+        assert {k: v for k, v in plans[0].items() if k != "from_run"} == {
+            k: v for k, v in plans[1].items() if k != "from_run"}
+    assert train(tiny_config(image_folder, tmp_path / "f", method="full", steps=1)).summary["alast_schedule"] is None
+    (only / "summary.json").write_text(json.dumps({"alast_schedule": {**schedule, "trainable_counts": [1]}}))
+    with pytest.raises(ConfigError, match=r"--alast-from: .*restored/summary.json: alast_schedule is not that of a "
+                                          r"3-block model"):
+        train(tiny_config(image_folder, tmp_path / "bad", alast={**alast, "update": "static", "from_run": str(only)}))
+    (only / "summary.json").unlink()
+    with pytest.raises(ConfigError, match="has no training steps in metrics.jsonl and no alast_schedule"):
+        train(tiny_config(image_folder, tmp_path / "bad2", alast={**alast, "update": "static", "from_run": str(only)}))
+
+
 def test_a_model_alast_cannot_train_is_refused_at_start_and_others_still_train_it(image_folder, tmp_path):
     no_cls = {**TINY_ARGS, "class_token": False, "global_pool": "avg"}
     with pytest.raises(ConfigError, match="--model vit_tiny_patch16_224: .*has no class token"):
