@@ -2,6 +2,7 @@
 and FLOPs, how a run ended, the cache key and the run order. No training here."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -67,6 +68,31 @@ def test_cache_key_covers_config_protocol_and_code(tmp_path):
     assert bt.cached(path, bt.cache_key(config, protocol, {"commit": "b" * 40, "dirty": False})) is None
     assert bt.cached(path, bt.cache_key(config, protocol, {**code, "dirty": True, "diff_sha256": "x"})) is None
     assert bt.cached(tmp_path / "missing.json", bt.cache_key(config, protocol, code)) is None
+
+
+def test_a_key_holds_no_path_of_the_machine_that_made_it(tmp_path):
+    """Paths under OUT are written relative to it and the weights as their sha256: a run made under one --out (or
+    machine, or weights folder) matches the same run under another, and other weights at the same path do not."""
+    weights = tmp_path / "w" / "vit.safetensors"
+    weights.parent.mkdir()
+    weights.write_bytes(b"weights")
+    protocol, code = {"window": 3}, {"commit": "a" * 40, "dirty": False}
+
+    def config(out, weights):
+        return {"data": str(out / "data-fmnist" / "train"), "weights": str(weights), "seed": 0, "model": "vit",
+                "alast": {"update": "random", "from_run": str(out / "fmnist" / "alast-relative-s0")}}
+
+    key = bt.cache_key(config(tmp_path / "a", weights), protocol, code, tmp_path / "a")
+    assert key["config"]["data"] == "OUT/data-fmnist/train"
+    assert key["config"]["alast"]["from_run"] == "OUT/fmnist/alast-relative-s0"
+    assert key["config"]["weights"] == {"name": "vit.safetensors", "sha256": hashlib.sha256(b"weights").hexdigest()}
+    moved = tmp_path / "elsewhere" / "vit.safetensors"
+    moved.parent.mkdir()
+    moved.write_bytes(b"weights")
+    assert bt.cache_key(config(tmp_path / "b", moved), protocol, code, tmp_path / "b") == key
+    moved.write_bytes(b"other weights")
+    assert bt.cache_key(config(tmp_path / "b", moved), protocol, code, tmp_path / "b") != key
+    assert bt.cache_key(config(tmp_path / "a", weights), protocol, code, tmp_path / "c") != key  # a path outside OUT
 
 
 def test_code_version_names_the_commit_and_an_uncommitted_change(tmp_path):

@@ -25,7 +25,8 @@ validation set, model saved), so a rerun ends at the same step (the figures up t
 outside with SIGUSR1, which ended a run one step late when the signal arrived during the next step). Every ALaST
 run's final model is then evaluated again with its training-time token view (``edge-alast eval --train-view``): the
 third table sets it against the all-token accuracy. A run is cached in ``OUT/DATASET/NAME-sSEED.json`` under a key
-of its config, the protocol settings that stop it (budget included) and the code version (the last git commit
+of its config (paths under OUT relative to it, the weights by their sha256), the protocol settings that stop it
+(budget included) and the code version (the last git commit
 touching ``edge_alast/``, whether that folder differs from it, and a hash of the difference): a rerun skips only
 runs of the same settings on the same code, and a run it started and lost (the benchmark stopped, the machine went
 down) continues from its last checkpoint, which ends it where it would have ended (resume is exact).
@@ -63,6 +64,7 @@ co-authors' set-up (embeddings trained, Adam without weight decay). Data sets: F
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -82,7 +84,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from edge_alast.alast.baselines import SCHEDULE  # noqa: E402
-from edge_alast.atomic import atomic_write_json  # noqa: E402
+from edge_alast.atomic import atomic_write_json, sha256_file  # noqa: E402
 from edge_alast.config import LightPeftConfig  # noqa: E402
 from edge_alast.device import host  # noqa: E402
 from edge_alast.errors import EXIT_INTERRUPTED  # noqa: E402
@@ -220,9 +222,39 @@ def beside(folder: Path, suffix: str) -> Path:
     return folder.parent / (folder.name + suffix)
 
 
-def cache_key(config: dict, protocol: dict, code: dict) -> dict:
-    """What a cached run must match to be reused: its run config, the protocol settings that stop it, the code."""
-    return {"config": config, "protocol": protocol, "code": code}
+def cache_key(config: dict, protocol: dict, code: dict, out_root: Path | None = None) -> dict:
+    """What a cached run must match to be reused: its run config, the protocol settings that stop it, the code. The
+    config as :func:`portable` writes it, so that a key holds no path of the machine that made it."""
+    return {"config": portable(config, out_root), "protocol": protocol, "code": code}
+
+
+def portable(config: dict, out_root: Path | None) -> dict:
+    """A run config as its cache key holds it: a path under the benchmark's OUT (``out_root``: data, a run another
+    reads) written as ``OUT/...``, and the weights file as its name and sha256. So a results file restored under
+    another ``--out``, on another machine, or with the weights moved, matches its runs again, while other weights
+    at the same path do not (a key once held both paths as given)."""
+    root = str(Path(out_root).resolve()) + os.sep if out_root is not None else None
+
+    def under_out(value):
+        if isinstance(value, dict):
+            return {k: under_out(v) for k, v in value.items()}
+        if root and isinstance(value, str) and value.startswith(root):
+            return "OUT/" + value[len(root):]
+        return value
+
+    key = under_out(config)
+    weights = config.get("weights")
+    if weights and Path(weights).is_file():
+        stat = Path(weights).stat()
+        key["weights"] = {"name": Path(weights).name, "sha256": _sha256(str(Path(weights).resolve()), stat.st_size,
+                                                                         stat.st_mtime_ns)}
+    return key
+
+
+@functools.lru_cache(maxsize=None)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """A file's sha256, read once per (path, size, modification time) in this process."""
+    return sha256_file(path)
 
 
 def cached(path: Path, key: dict) -> dict | None:
@@ -329,7 +361,7 @@ def run(config: dict, out: Path, protocol: dict, code: dict, cores: set[int] | N
     """Train until plateau, budget or ``config["steps"]``; the run's eval curve, how it ended and its peak (cached
     in ``OUT.json`` under :func:`cache_key`)."""
     done = beside(out, ".json")
-    key = cache_key(config, protocol, code)
+    key = cache_key(config, protocol, code, out.parent.parent)  # out: OUT/DATASET/NAME-sSEED
     hit = cached(done, key)
     if hit is not None:
         return hit
@@ -773,10 +805,10 @@ def main(argv=None) -> int:
                           list(map(int, args.seeds.split(","))))
         for path in written:
             print(f"restored {path}")
-        made_in = sorted({str(Path(r["config"]["data"]).parent.parent) for r in written.values()
-                          if r.get("config", {}).get("data")})
+        made_in = sorted({str(Path(data).parent.parent) for r in written.values()  # keys of older code held paths
+                          if str(data := r.get("key", {}).get("config", {}).get("data", "")).startswith("/")})
         elsewhere = [root for root in made_in if Path(root) != args.out.resolve()]
-        if elsewhere:  # a key holds the run's paths: a run reuses it only with that --out (and --weights)
+        if elsewhere:  # such a key is reused only with that --out (and --weights)
             print(f"note: the restored runs were made with --out {', '.join(elsewhere)}; their keys hold that path, "
                   f"so run the benchmark with that --out (and the same --weights) to reuse them", file=sys.stderr)
         if not written:
