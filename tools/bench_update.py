@@ -141,7 +141,7 @@ def cli(args_list: list[str], log: Path, env: dict) -> dict:
 
 def evaluate(onnx: Path, test_root: Path, domains: list[str], cache: dict) -> dict:
     """Accuracy per (domain, class) of an exported model on the fixed test set, cached by the model's sha256."""
-    from edge_alast.field.store import sha256_file
+    from edge_alast.atomic import sha256_file
     from edge_alast.field.update import evaluate_onnx
 
     key = sha256_file(onnx)

@@ -37,7 +37,6 @@ covers the whole version. Without a key nothing is checked beyond the sha256s. T
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -48,7 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ..atomic import atomic_write_bytes, atomic_write_json, atomic_write_path, fsync_dir, open_nofollow
+from ..atomic import (atomic_write_bytes, atomic_write_json, atomic_write_path, fsync_dir, open_nofollow,
+                      sha256_file)
 from ..errors import EXIT_INTERRUPTED, ConfigError, EdgeAlastError, IntegrityError
 from ..integrity import check_seal, seal
 
@@ -69,14 +69,6 @@ class StoreBusy(EdgeAlastError):
     """Another process holds the store (an update or rollback in progress): try again later (exit 75)."""
 
     exit_code = EXIT_INTERRUPTED
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> Path:

@@ -36,14 +36,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..atomic import atomic_write_bytes, atomic_write_json
+from ..atomic import atomic_write_bytes, atomic_write_json, sha256_file
 from ..config import DEVICES, PRECISIONS, option
 from ..errors import EXIT_INTERRUPTED, EXIT_KEPT, EXIT_OK, ConfigError, DataError, NonFiniteError
 from ..integrity import read_device_key
 from ..methods import METHODS
 from . import replay
 from .store import (HOLDOUT, MANIFEST_FILE, MODEL_FILE, ONNX_FILE, REPLAY, STATE_FILE, WORK, Store, Version,
-                    copy_file, create_store, sha256_file)
+                    copy_file, create_store)
 
 MARKER = "update.json"
 NEW_CLASS_INITS = ("mean", "zeros")
