@@ -89,7 +89,7 @@ from edge_alast.config import LightPeftConfig  # noqa: E402
 from edge_alast.device import host  # noqa: E402
 from edge_alast.errors import EXIT_INTERRUPTED  # noqa: E402
 from edge_alast.methods import METHODS as METHOD_SPECS  # noqa: E402
-from edge_alast.runfolder import METRICS_FILE, read_metrics  # noqa: E402
+from edge_alast.runfolder import METRICS_FILE, SUMMARY_FILE, read_metrics  # noqa: E402
 from edge_alast.training.stopping import curve_start  # noqa: E402
 
 # name -> run-file settings on top of the common ones. "{run:NAME}" is the same seed's run folder of method NAME,
@@ -739,16 +739,16 @@ def restore(results: dict, out: Path, datasets: Sequence[str], methods: Sequence
             seed = record.get("config", {}).get("seed")
             if seed not in seeds:
                 continue
-            path = beside(run_dir(out, dataset, name, seed), ".json")
+            folder = run_dir(out, dataset, name, seed)
+            path = beside(folder, ".json")
             if path.exists():
                 continue
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(record))
             written[path] = record
-            folder = run_dir(out, dataset, name, seed)
-            if record.get(SCHEDULE) and not (folder / "summary.json").exists():
+            if record.get(SCHEDULE) and not (folder / SUMMARY_FILE).exists():
                 folder.mkdir(exist_ok=True)
-                atomic_write_json(folder / "summary.json", {
+                atomic_write_json(folder / SUMMARY_FILE, {
                     SCHEDULE: record[SCHEDULE], "train_flops_per_step": record.get("train_flops_per_step"),
                     "restored": "the schedule of this run's benchmark record (bench_tta --restore); no model"})
     return written

@@ -11,7 +11,6 @@ factor is recorded).
 from __future__ import annotations
 
 import itertools
-import json
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Callable, Sequence
 
 from ..config import AlastConfig
 from ..errors import ConfigError
-from ..runfolder import METRICS_FILE, metric, read_metrics
+from ..runfolder import METRICS_FILE, SUMMARY_FILE, metric, read_json_if_any, read_metrics
 
 TOLERANCE = 0.05
 MAX_EXACT_COMBINATIONS = 2000  # beyond this many K-subsets, the random baseline's FLOPs are averaged over a sample
@@ -47,23 +46,25 @@ def schedule_of(steps: Sequence[dict], depth: int | None = None, where: str = "t
 
 def read_schedule(run_dir: str | Path, depth: int | None = None, option: str = "--alast-from") -> dict:
     """An ALaST run's schedule (:func:`schedule_of`): from the step lines of its ``metrics.jsonl``, else from its
-    ``summary.json`` (a folder that holds only the summary, such as the benchmark's ``--restore`` writes). ``option``
-    names what the user gave in errors."""
+    ``summary.json`` (a folder that holds only the summary, such as the benchmark's ``--restore`` writes); its FLOPs
+    per step are the summary's ``train_flops_per_step`` where it has one. ``option`` names what the user gave in
+    errors."""
     run_dir = Path(run_dir)
+    summary = read_json_if_any(run_dir / SUMMARY_FILE) or {}
     steps = [r for r in read_metrics(run_dir / METRICS_FILE) if r.get("event") == "step"]
     if steps:
-        return schedule_of(steps, depth, f"{option}: {run_dir}")
-    try:
-        schedule = json.loads((run_dir / "summary.json").read_text()).get(SCHEDULE)
-    except (OSError, ValueError, AttributeError):
-        schedule = None
-    if not schedule:
-        raise ConfigError(f"{option}: {run_dir} has no training steps in metrics.jsonl and no {SCHEDULE} in "
-                          "summary.json")
-    depth = depth if depth is not None else len(schedule.get("mean_keep_ratios") or ())
-    if not depth or any(len(schedule.get(k) or ()) != depth for k in ("mean_keep_ratios", "trainable_counts")):
-        raise ConfigError(f"{option}: {run_dir}/summary.json: {SCHEDULE} is not that of a {depth or 'ViT'}-block "
-                          "model (mean_keep_ratios and trainable_counts, one per block)")
+        schedule = schedule_of(steps, depth, f"{option}: {run_dir}")
+    else:
+        schedule = dict(summary.get(SCHEDULE) or {})
+        if not schedule:
+            raise ConfigError(f"{option}: {run_dir} has no training steps in metrics.jsonl and no {SCHEDULE} in "
+                              f"{SUMMARY_FILE}")
+        depth = depth if depth is not None else len(schedule.get("mean_keep_ratios") or ())
+        if not depth or any(len(schedule.get(k) or ()) != depth for k in ("mean_keep_ratios", "trainable_counts")):
+            raise ConfigError(f"{option}: {run_dir}/{SUMMARY_FILE}: {SCHEDULE} is not that of a {depth or 'ViT'}-"
+                              "block model (mean_keep_ratios and trainable_counts, one per block)")
+    if isinstance(summary.get("train_flops_per_step"), (int, float)):
+        schedule["flops_per_step"] = float(summary["train_flops_per_step"])
     return schedule
 
 
@@ -75,15 +76,10 @@ def mean_keep_ratios(run_dir: str | Path, depth: int | None = None, option: str 
 def read_alast_run(run_dir: str | Path, depth: int, k: int) -> tuple[list[float], list[int], float]:
     """An ALaST run's per-block mean keep ratio, its ``k`` most-trained blocks (ties: the higher mean keep ratio,
     then the lower index) and its mean FLOPs per step."""
-    run_dir = Path(run_dir)
     schedule = read_schedule(run_dir, depth)
     means, counts = schedule["mean_keep_ratios"], schedule["trainable_counts"]
     blocks = sorted(sorted(range(depth), key=lambda i: (-counts[i], -means[i], i))[:k])
-    try:
-        flops = float(json.loads((run_dir / "summary.json").read_text())["train_flops_per_step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        flops = float(schedule["flops_per_step"])
-    return means, blocks, flops
+    return means, blocks, float(schedule["flops_per_step"])
 
 
 def expected_flops(update: str, keep_ratios: Sequence[float], blocks: Sequence[int], k: int,
