@@ -402,7 +402,7 @@ def run(config: dict, out: Path, protocol: dict, code: dict, cores: set[int] | N
         raise SystemExit(f"{out.name} failed ({exit_code}):\n{proc.stderr.read()[-3000:]}")
     steps = [r for r in read_metrics(out / METRICS_FILE) if r.get("event") == "step"]
     curve = counted(evals, config)
-    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+    summary = json.loads((out / SUMMARY_FILE).read_text()) if (out / SUMMARY_FILE).exists() else {}
     result = {"key": key, "config": config, "evals": curve, "all_evals": len(evals), "ended": ended_as(stopped_by),
               "stop_index": len(curve) - 1, "steps": len(steps),
               "peak_rss_bytes": max((r["mem/peak_rss_bytes"] for r in steps), default=None),
